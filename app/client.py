@@ -1,0 +1,120 @@
+"""Adding tasks from Python: what the `DurableTasks` dependency hands an endpoint."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from app.errors import InvalidSchedule
+from app.registry import Registry
+from store import tasks as store_tasks
+from store.engine import Database
+from store.models import Task
+from store.tasks import NewTask
+from store.timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+TaskRef = Callable[..., Any] | str
+
+
+class TaskClient:
+    """Enqueues tasks durably: the row is committed before `add_task` returns (or, inside the
+    caller's session, together with the caller's own data)."""
+
+    def __init__(self, db: Database, registry: Registry, wake: Callable[[], None] | None = None):
+        self.db = db
+        self.registry = registry
+        self._wake = wake or (lambda: None)
+
+    def add_task(
+        self,
+        fn: TaskRef,
+        /,
+        *args: Any,
+        session: Session | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Enqueue `fn(*args, **kwargs)` and return the task's id, like FastAPI's `add_task`.
+
+        The keyword names above are options, not arguments of `fn`; for a function with a
+        parameter of one of those names, use `enqueue(fn, args, kwargs, ...)`.
+        """
+        task = self.enqueue(
+            fn,
+            list(args),
+            kwargs,
+            session=session,
+            delay=delay,
+            run_at=run_at,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+        )
+        return task.id
+
+    def enqueue(
+        self,
+        fn: TaskRef,
+        args: list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        session: Session | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        now: datetime | None = None,
+    ) -> Task:
+        """Check and enqueue one task; returns the task as stored."""
+        spec = self.registry.resolve(fn)
+        checked_args, checked_kwargs = spec.check(list(args or []), dict(kwargs or {}))
+        now = now or utcnow()
+        if max_attempts is not None and max_attempts < 1:
+            raise InvalidSchedule("max_attempts must be at least 1")
+        new = NewTask(
+            name=spec.name,
+            args=checked_args,
+            kwargs=checked_kwargs,
+            queue=queue or spec.queue,
+            priority=spec.priority if priority is None else priority,
+            max_attempts=max_attempts or spec.max_attempts,
+            scheduled_at=scheduled_at(delay, run_at, now),
+        )
+        if session is not None:
+            # Join the caller's transaction: the task commits or rolls back with their data,
+            # and the local runner is woken only once it is committed.
+            task = store_tasks.enqueue(session.connection(), new, now=now)
+            event.listen(session, "after_commit", lambda _session: self._wake(), once=True)
+        else:
+            with self.db.write() as conn:
+                task = store_tasks.enqueue(conn, new, now=now)
+            self._wake()
+        log.debug("task %s (%s) enqueued", task.id, task.name)
+        return task
+
+
+def scheduled_at(delay: float | None, run_at: datetime | None, now: datetime) -> datetime | None:
+    """The run time that `delay` (seconds from now) or `run_at` (an aware time) asks for."""
+    if delay is not None and run_at is not None:
+        raise InvalidSchedule("give either delay or run_at, not both")
+    if delay is not None:
+        if delay < 0:
+            raise InvalidSchedule("delay must not be negative")
+        return now + timedelta(seconds=delay)
+    if run_at is not None:
+        if run_at.tzinfo is None:
+            raise InvalidSchedule("run_at needs a time zone (for example 2030-01-01T09:00:00Z)")
+        return run_at
+    return None

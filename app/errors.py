@@ -1,0 +1,42 @@
+"""Errors of the service layer; `app.handlers` turns them (and the store's) into HTTP answers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class BackstopError(Exception):
+    """Base class of every error a caller can cause with bad input."""
+
+
+class UnknownTask(BackstopError):
+    """No task is registered under this name."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(f"unknown task {name!r}; known tasks: {', '.join(self.known) or 'none'}")
+
+
+class NotATask(BackstopError):
+    """A function passed to `add_task` that was never decorated with `@task`."""
+
+    def __init__(self, fn: object) -> None:
+        name = getattr(fn, "__qualname__", repr(fn))
+        super().__init__(f"{name} is not a registered task: decorate it with @task")
+
+
+class InvalidArguments(BackstopError):
+    """Arguments that do not fit a task's signature or types, or are not JSON."""
+
+    def __init__(self, task: str, problem: str) -> None:
+        self.task = task
+        super().__init__(f"bad arguments for task {task!r}: {problem}")
+
+
+class InvalidSchedule(BackstopError):
+    """A `delay`/`run_at`/option combination that cannot be scheduled."""
+
+
+class TaskDefinitionError(BackstopError):
+    """A `@task` declaration that cannot work (a reserved parameter, a name taken twice)."""

@@ -1,0 +1,226 @@
+"""The `@task` decorator and the registry that maps task names to functions and policies."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
+from tenacity.retry import retry_base
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
+
+from app.context import TaskContext
+from app.errors import InvalidArguments, NotATask, TaskDefinitionError, UnknownTask
+from app.retry import DEFAULT_POLICY, RetryPolicy
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_SPEC_ATTRIBUTE = "__backstop_task__"
+_P = inspect.Parameter
+
+
+@dataclass(frozen=True)
+class _Param:
+    name: str
+    kind: inspect._ParameterKind
+    adapter: TypeAdapter[Any]
+
+
+def _problem(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{first['msg']}" + (f" (at {where})" if where else "")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: its function, defaults and retry policy, and its argument checks."""
+
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    queue: str
+    priority: int
+    timeout: float | None
+    policy: RetryPolicy
+    context_param: str | None
+    signature: inspect.Signature
+    params: dict[str, _Param] = field(repr=False)
+
+    @property
+    def max_attempts(self) -> int:
+        return self.policy.max_attempts
+
+    def _target(self, position: int | str) -> _Param:
+        """The parameter a positional index or a keyword lands on (the bind already passed)."""
+        params = list(self.params.values())
+        if isinstance(position, int):
+            positional = [p for p in params if p.kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)]
+            if position < len(positional):
+                return positional[position]
+            return next(p for p in params if p.kind is _P.VAR_POSITIONAL)
+        named = self.params.get(position)
+        if named is not None and named.kind in (_P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY):
+            return named
+        return next(p for p in params if p.kind is _P.VAR_KEYWORD)
+
+    def _dump(self, param: _Param, value: Any) -> Any:
+        try:
+            checked = param.adapter.validate_python(value)
+            dumped = param.adapter.dump_python(checked, mode="json")
+            json.dumps(dumped, allow_nan=False)
+        except ValidationError as exc:
+            raise InvalidArguments(self.name, f"argument {param.name!r}: {_problem(exc)}") from exc
+        except (PydanticSerializationError, TypeError, ValueError) as exc:
+            raise InvalidArguments(
+                self.name,
+                f"argument {param.name!r} is not JSON-serialisable ({type(value).__name__})",
+            ) from exc
+        return dumped
+
+    def check(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """Arguments checked against the signature and types, as the JSON the row will hold."""
+        if self.context_param is not None and self.context_param in kwargs:
+            raise InvalidArguments(
+                self.name, f"{self.context_param!r} is the task's context, filled in by the runner"
+            )
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArguments(self.name, str(exc)) from exc
+        return (
+            [self._dump(self._target(i), value) for i, value in enumerate(args)],
+            {key: self._dump(self._target(key), value) for key, value in kwargs.items()},
+        )
+
+    def load(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """The stored JSON arguments turned back into the types the function declares."""
+        return (
+            [self._target(i).adapter.validate_python(value) for i, value in enumerate(args)],
+            {key: self._target(key).adapter.validate_python(v) for key, v in kwargs.items()},
+        )
+
+
+def _params(fn: Callable[..., Any], name: str) -> tuple[inspect.Signature, str | None, dict[str, _Param]]:
+    signature = inspect.signature(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    context_param = None
+    kept: list[inspect.Parameter] = []
+    params: dict[str, _Param] = {}
+    for param in signature.parameters.values():
+        annotation = hints.get(param.name, Any)
+        if annotation is TaskContext:
+            if param.kind not in (_P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY):
+                raise TaskDefinitionError(f"task {name!r}: {param.name} must be passable by keyword")
+            context_param = param.name
+            continue
+        kept.append(param)
+        # For *args and **kwargs the annotation is that of each element, as Python reads it.
+        params[param.name] = _Param(param.name, param.kind, TypeAdapter(annotation))
+    return signature.replace(parameters=kept), context_param, params
+
+
+class Registry:
+    """Task names to their specs. `@task` fills the process-wide `registry`."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, TaskSpec] = {}
+
+    def add(self, spec: TaskSpec) -> None:
+        """Register `spec`; a name already taken by another function is an error."""
+        existing = self._specs.get(spec.name)
+        if existing is not None and _origin(existing.fn) != _origin(spec.fn):
+            raise TaskDefinitionError(
+                f"task name {spec.name!r} is taken by {_origin(existing.fn)}; "
+                f"pick another for {_origin(spec.fn)}"
+            )
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> TaskSpec:
+        """The spec registered under `name`, or `UnknownTask` listing the known ones."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownTask(name, self._specs) from None
+
+    def resolve(self, fn_or_name: Callable[..., Any] | str) -> TaskSpec:
+        """The spec of a decorated function or of a registered name."""
+        if isinstance(fn_or_name, str):
+            return self.get(fn_or_name)
+        spec = getattr(fn_or_name, _SPEC_ATTRIBUTE, None)
+        if not isinstance(spec, TaskSpec):
+            raise NotATask(fn_or_name)
+        return spec
+
+    def names(self) -> list[str]:
+        """Every registered name, sorted."""
+        return sorted(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[TaskSpec]:
+        return iter(self._specs.values())
+
+
+def _origin(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+registry = Registry()
+
+
+def task(
+    name: str | None = None,
+    *,
+    max_attempts: int = DEFAULT_POLICY.max_attempts,
+    timeout: float | None = None,
+    queue: str = "default",
+    priority: int = 0,
+    retry: retry_base | None = None,
+    wait: wait_base | None = None,
+    stop: stop_base | None = None,
+) -> Callable[[F], F]:
+    """Register a function as a durable task; the function itself is returned unchanged.
+
+    `retry`, `wait` and `stop` are tenacity strategies (`retry_if_exception_type(...)`,
+    `wait_exponential(...)`, `stop_after_delay(...)`); they are evaluated once per failed
+    attempt to decide the next run time, which is stored on the task's row.
+    """
+    if max_attempts < 1:
+        raise TaskDefinitionError("max_attempts must be at least 1")
+    if timeout is not None and timeout <= 0:
+        raise TaskDefinitionError("timeout must be positive")
+
+    def decorate(fn: F) -> F:
+        task_name = name or _origin(fn)
+        signature, context_param, params = _params(fn, task_name)
+        policy = RetryPolicy(
+            max_attempts=max_attempts,
+            retry=retry or DEFAULT_POLICY.retry,
+            wait=wait or DEFAULT_POLICY.wait,
+            stop=stop,
+        )
+        spec = TaskSpec(
+            name=task_name,
+            fn=fn,
+            is_async=inspect.iscoroutinefunction(fn),
+            queue=queue,
+            priority=priority,
+            timeout=timeout,
+            policy=policy,
+            context_param=context_param,
+            signature=signature,
+            params=params,
+        )
+        registry.add(spec)
+        setattr(fn, _SPEC_ATTRIBUTE, spec)
+        return fn
+
+    return decorate

@@ -1,0 +1,32 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from app.deps import Service
+from store import migrate
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """200 while the process lives."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=None)
+async def readyz(service: Service) -> dict[str, str] | JSONResponse:
+    """200 when the database answers and its schema is current, else 503."""
+    try:
+        current = await run_in_threadpool(migrate.is_current, service.db)
+    except Exception as exc:
+        return JSONResponse(
+            {"detail": f"database unavailable: {type(exc).__name__}: {exc}"}, status_code=503
+        )
+    if not current:
+        return JSONResponse({"detail": "database schema is not current"}, status_code=503)
+    return {"status": "ready"}

@@ -1,0 +1,86 @@
+"""`/tasks`: enqueue, read, list, and the attempt history."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
+
+from app.deps import DurableTasks, Service
+from app.schemas import AttemptOut, TaskIn, TaskOut, TaskPageOut
+from store import attempts as store_attempts
+from store import tasks as store_tasks
+from store.models import TaskStatus
+
+router = APIRouter(prefix="/tasks", tags=["tasks"])
+
+MAX_WAIT = 60.0
+# How often a waiting request re-reads a task that another process may finish; tasks this
+# process finishes wake it at once.
+WAIT_POLL = 0.25
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=TaskOut)
+def create_task(body: TaskIn, tasks: DurableTasks, response: Response) -> TaskOut:
+    """Enqueue a registered task; the row is committed before this answers."""
+    task = tasks.enqueue(
+        body.name,
+        body.args,
+        body.kwargs,
+        delay=body.delay,
+        run_at=body.run_at,
+        queue=body.queue,
+        priority=body.priority,
+        max_attempts=body.max_attempts,
+    )
+    response.headers["Location"] = f"/tasks/{task.id}"
+    return TaskOut.of(task)
+
+
+@router.get("", response_model=TaskPageOut)
+def list_tasks(
+    service: Service,
+    status: TaskStatus | None = None,
+    name: str | None = None,
+    queue: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> TaskPageOut:
+    """List tasks newest first, filtered by state, name and queue, a page at a time."""
+    with service.db.read() as conn:
+        page = store_tasks.list_tasks(
+            conn, status=status, name=name, queue=queue, limit=limit, cursor=cursor
+        )
+    return TaskPageOut(items=[TaskOut.of(task) for task in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{task_id}", response_model=TaskOut)
+async def get_task(
+    task_id: str,
+    service: Service,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0,
+) -> TaskOut:
+    """Read a task; with `?wait=S`, answer once it is terminal or S seconds have passed."""
+
+    def read() -> TaskOut:
+        with service.db.read() as conn:
+            return TaskOut.of(store_tasks.get_task(conn, task_id))
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        task = await run_in_threadpool(read)
+        remaining = deadline - loop.time()
+        if task.status.terminal or remaining <= 0:
+            return task
+        await service.finished.wait(min(remaining, WAIT_POLL))
+
+
+@router.get("/{task_id}/attempts", response_model=list[AttemptOut])
+def list_attempts(task_id: str, service: Service) -> list[AttemptOut]:
+    """Every attempt at a task, oldest first, with its outcome, error and traceback."""
+    with service.db.read() as conn:
+        attempts = store_attempts.list_attempts(conn, task_id)
+    return [AttemptOut.of(attempt) for attempt in attempts]

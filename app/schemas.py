@@ -1,0 +1,73 @@
+"""The HTTP API's request and response bodies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from store.models import Attempt, AttemptOutcome, Task, TaskStatus
+
+
+class TaskIn(BaseModel):
+    """`POST /tasks`: what to run and when."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    queue: str | None = Field(default=None, min_length=1, max_length=100)
+    priority: int | None = Field(default=None, ge=-1_000_000, le=1_000_000)
+    delay: float | None = Field(default=None, ge=0, le=10 * 365 * 86_400)
+    run_at: AwareDatetime | None = None
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+
+
+class TaskOut(BaseModel):
+    """A task as the API shows it."""
+
+    id: str
+    name: str
+    status: TaskStatus
+    queue: str
+    priority: int
+    args: list[Any]
+    kwargs: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    scheduled_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: Any
+    last_error: str | None
+    idempotency_key: str | None
+
+    @classmethod
+    def of(cls, task: Task) -> TaskOut:
+        return cls.model_validate(task, from_attributes=True)
+
+
+class TaskPageOut(BaseModel):
+    """`GET /tasks`: one page, newest first, and the cursor of the next page."""
+
+    items: list[TaskOut]
+    next_cursor: str | None
+
+
+class AttemptOut(BaseModel):
+    """One attempt at a task."""
+
+    number: int
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: AttemptOutcome | None
+    error: str | None
+    traceback: str | None
+    worker: str
+
+    @classmethod
+    def of(cls, attempt: Attempt) -> AttemptOut:
+        return cls.model_validate(attempt, from_attributes=True)

@@ -1,0 +1,75 @@
+"""One Backstop instance: settings, database, registry, task client and (maybe) a runner."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+
+from app.client import TaskClient
+from app.registry import Registry, registry
+from app.runner import Runner
+from app.settings import Settings
+from store import migrate
+from store.engine import Database, create_engine
+from store.models import Task
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODULES = ("app.builtins",)
+
+
+def import_task_modules(modules: list[str]) -> None:
+    """Import the modules whose `@task` functions should register (the built-ins first)."""
+    for name in (*BUILTIN_MODULES, *modules):
+        importlib.import_module(name)
+
+
+def open_database(settings: Settings) -> Database:
+    """The database the settings name, with their SQLite options."""
+    return Database(
+        create_engine(
+            settings.url,
+            synchronous=settings.sqlite_synchronous,
+            busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+        )
+    )
+
+
+class Pulse:
+    """Wakes every waiter when some task finishes (used by `GET /tasks/{id}?wait=`)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self, _task: Task | None = None) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+
+class Backstop:
+    """Everything one process needs, built from settings; `app.state.backstop` holds it."""
+
+    def __init__(self, settings: Settings, *, task_registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.registry = task_registry or registry
+        import_task_modules(settings.task_modules)
+        self.db = open_database(settings)
+        self.finished = Pulse()
+        self.runner = Runner(self.db, self.registry, settings, on_finished=self.finished.fire)
+        self.tasks = TaskClient(self.db, self.registry, wake=self.runner.notify)
+
+    def prepare(self) -> None:
+        """Create the data folder and bring the schema to the newest migration."""
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        migrate.upgrade(self.db)
+
+    def close(self) -> None:
+        """Close the database's connections."""
+        self.db.dispose()

@@ -1,0 +1,101 @@
+"""The engine factory and the transactions every store function runs in.
+
+On SQLite the pysqlite driver's own transaction handling is switched off and Backstop emits
+`BEGIN` itself (SQLAlchemy's documented recipe): writes open with `BEGIN IMMEDIATE`, which
+takes SQLite's write lock up front, so two writers queue on `busy_timeout` instead of one of
+them failing with "database is locked" when it upgrades a read lock; reads stay `DEFERRED`
+and, under WAL, never block or wait for a writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+_BEGIN_MODE = "backstop_begin"
+
+
+def default_url(data_dir: str | Path) -> str:
+    """The SQLite file Backstop uses when no database URL is set."""
+    return f"sqlite:///{Path(data_dir) / 'backstop.db'}"
+
+
+def create_engine(
+    url: str,
+    *,
+    synchronous: Synchronous = "NORMAL",
+    busy_timeout_ms: int = 10_000,
+    echo: bool = False,
+) -> Engine:
+    """An engine for `url`; on SQLite: WAL, `busy_timeout`, `synchronous`, explicit BEGINs."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return sa.create_engine(url, echo=echo, pool_pre_ping=True)
+
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        raise ValueError(f"Backstop needs a SQLite file, not {url!r}: other processes must see it")
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+    engine = sa.create_engine(
+        url,
+        echo=echo,
+        connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Autocommit at the driver level: the "begin" hook below decides how to BEGIN.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_BEGIN_MODE, "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+class Database:
+    """An engine plus the two kinds of transaction the store runs in."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Database:
+        """A database for `url`, with `create_engine`'s options."""
+        return cls(create_engine(url, **options))
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction (`BEGIN IMMEDIATE` on SQLite), committed on a clean exit."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read transaction (deferred on SQLite: it never waits for a writer)."""
+        with self.engine.connect() as conn:
+            conn.execution_options(**{_BEGIN_MODE: "DEFERRED"})
+            with conn.begin():
+                yield conn
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()

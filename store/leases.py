@@ -1,0 +1,194 @@
+"""Leases: claiming due tasks, keeping them, and taking them back.
+
+A running task is held by one runner under a lease: an owner, an expiry and a fencing token
+(`lease_token`, bumped by every claim). Outcomes are written only under the lease
+(`store.outcomes`), so a runner that lost its lease can never overwrite its successor's work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from store.models import (
+    CLAIMABLE,
+    AttemptOutcome,
+    Lease,
+    Task,
+    TaskStatus,
+    attempt_table,
+    lease_of,
+    task_table,
+)
+from store.outcomes import fail_attempt
+from store.tasks import to_task
+from store.timeutil import utcnow
+
+t = task_table
+a = attempt_table
+
+LEASE_EXPIRED = "lease expired"
+
+
+def claim_due(
+    conn: Connection,
+    owner: str,
+    limit: int,
+    *,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> list[Task]:
+    """Claim up to `limit` due tasks, highest priority then oldest first, in one statement.
+
+    Two runners can never take the same task. On SQLite the write transaction opened with
+    `BEGIN IMMEDIATE` holds the database's single write lock from before the subquery reads
+    until the commit, so claims run strictly one after the other and each sees the last one's
+    changes. On PostgreSQL the subquery's `FOR UPDATE SKIP LOCKED` row-locks what it picks and
+    skips rows another claim has locked, and the outer `status IN (...)` is re-checked on the
+    locked row. Each claim bumps `lease_token` and counts the attempt; the attempt rows are
+    inserted in the same transaction.
+    """
+    if limit <= 0:
+        return []
+    now = now or utcnow()
+    due = (
+        sa.select(t.c.id)
+        .where(t.c.status.in_(CLAIMABLE), t.c.scheduled_at <= now)
+        .order_by(t.c.priority.desc(), t.c.scheduled_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    claim = (
+        sa.update(t)
+        .where(t.c.id.in_(due.scalar_subquery()), t.c.status.in_(CLAIMABLE))
+        .values(
+            status=TaskStatus.RUNNING,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            lease_token=t.c.lease_token + 1,
+            attempts=t.c.attempts + 1,
+            started_at=now,
+        )
+        .returning(*t.c)
+    )
+    claimed = [to_task(row) for row in conn.execute(claim)]
+    if not claimed:
+        return []
+    conn.execute(
+        sa.insert(a),
+        [
+            {"task_id": task.id, "number": task.attempts, "started_at": now, "worker": owner}
+            for task in claimed
+        ],
+    )
+    claimed.sort(key=lambda task: (-task.priority, task.scheduled_at))
+    return claimed
+
+
+def extend_leases(
+    conn: Connection,
+    owner: str,
+    task_ids: Sequence[str],
+    *,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> set[str]:
+    """Push back the expiry of the leases `owner` still holds; returns the ids it still holds.
+
+    A lease that already lapsed is not revived: it may be reclaimed at any moment.
+    """
+    if not task_ids:
+        return set()
+    now = now or utcnow()
+    stmt = (
+        sa.update(t)
+        .where(
+            t.c.id.in_(list(task_ids)),
+            t.c.lease_owner == owner,
+            t.c.status == TaskStatus.RUNNING,
+            t.c.lease_expires_at > now,
+        )
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(t.c.id)
+    )
+    return set(conn.execute(stmt).scalars())
+
+
+def reclaim_expired(
+    conn: Connection,
+    decide: Callable[[Task], datetime | None],
+    *,
+    now: datetime | None = None,
+    limit: int = 100,
+) -> list[Task]:
+    """Turn lapsed leases into failed attempts with the error `lease expired`.
+
+    `decide(task)` gives the next run time under the task's retry policy, or None to give up;
+    the task goes on to `retrying` or `failed` like after any other failure. Returns the tasks
+    as they now are.
+    """
+    now = now or utcnow()
+    expired_query = (
+        sa.select(t)
+        .where(t.c.status == TaskStatus.RUNNING, t.c.lease_expires_at <= now)
+        .order_by(t.c.lease_expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    reclaimed: list[Task] = []
+    for task in [to_task(row) for row in conn.execute(expired_query)]:
+        run_at = decide(task) if task.attempts < task.max_attempts else None
+        done = fail_attempt(
+            conn,
+            lease_of(task),
+            LEASE_EXPIRED,
+            None,
+            run_at,
+            outcome=AttemptOutcome.LEASE_EXPIRED,
+            expired=True,
+            now=now,
+        )
+        if done is not None:
+            reclaimed.append(done)
+    return reclaimed
+
+
+def release(conn: Connection, leases: Sequence[Lease], *, now: datetime | None = None) -> int:
+    """Give tasks back on a graceful stop: queued again at once, the attempt not counted.
+
+    The attempt row stays, with the outcome `released`, so the history shows what happened.
+    Returns how many leases were still held and released.
+    """
+    now = now or utcnow()
+    released = 0
+    for lease in leases:
+        stmt = (
+            sa.update(t)
+            .where(
+                t.c.id == lease.task_id,
+                t.c.lease_token == lease.token,
+                t.c.status == TaskStatus.RUNNING,
+            )
+            .values(
+                status=TaskStatus.QUEUED,
+                attempts=t.c.attempts - 1,
+                scheduled_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+            .returning(t.c.attempts)
+        )
+        attempts = conn.execute(stmt).scalar_one_or_none()
+        if attempts is None:
+            continue
+        released += 1
+        conn.execute(
+            sa.update(a)
+            .where(
+                a.c.task_id == lease.task_id, a.c.number == attempts + 1, a.c.finished_at.is_(None)
+            )
+            .values(finished_at=now, outcome=AttemptOutcome.RELEASED)
+        )
+    return released

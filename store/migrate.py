@@ -1,0 +1,47 @@
+"""Applying Alembic's migrations, and checking the schema is current."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+
+from store.engine import Database
+
+
+def _config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(files("store") / "migrations"))
+    return config
+
+
+def head_revision() -> str | None:
+    """The newest migration this code ships."""
+    return ScriptDirectory.from_config(_config()).get_current_head()
+
+
+def current_revision(conn: Connection) -> str | None:
+    """The migration the database is at (None for an empty database)."""
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(db: Database, revision: str = "head") -> None:
+    """Bring the database to `revision`; safe to run from several processes at once.
+
+    On SQLite the migration runs in one `BEGIN IMMEDIATE` transaction, so a second process
+    waits for the first and then finds nothing left to do.
+    """
+    config = _config()
+    with db.write() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+
+
+def is_current(db: Database) -> bool:
+    """Whether the database answers and sits at the newest migration."""
+    with db.read() as conn:
+        return current_revision(conn) == head_revision()

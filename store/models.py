@@ -1,0 +1,160 @@
+"""The task and attempt tables, and the states a task moves through."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlmodel import Field, SQLModel
+
+from store.timeutil import UTCDateTime
+
+
+class TaskStatus(StrEnum):
+    """A task's state; shared by the table, the API schema and the CLI."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+CLAIMABLE = (TaskStatus.QUEUED, TaskStatus.RETRYING)
+
+
+class AttemptOutcome(StrEnum):
+    """How one attempt ended; `None` on the row while it runs."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    LEASE_EXPIRED = "lease_expired"
+    RELEASED = "released"
+
+
+class StoreModel(SQLModel):
+    """Base of Backstop's tables: their own metadata, apart from the application's models,
+    so a team's `SQLModel.metadata.create_all()` never creates them behind Alembic's back."""
+
+    metadata = MetaData()
+
+
+def _in(values: Any) -> str:
+    return ", ".join(f"'{v.value}'" for v in values)
+
+
+class Task(StoreModel, table=True):
+    """One durable task: what to run, its schedule, its lease and its outcome."""
+
+    __tablename__ = "task"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_in(TaskStatus)})", name="ck_task_status"),
+        CheckConstraint("attempts >= 0 AND attempts <= max_attempts", name="ck_task_attempts"),
+        CheckConstraint("max_attempts >= 1", name="ck_task_max_attempts"),
+        CheckConstraint(
+            f"status NOT IN ({_in(TERMINAL)}) OR finished_at IS NOT NULL",
+            name="ck_task_terminal_finished",
+        ),
+        CheckConstraint(
+            "status <> 'running' OR (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)",
+            name="ck_task_running_leased",
+        ),
+        # The claim reads this index in order and stops after LIMIT rows: finished history,
+        # however large, is not in it, so claiming stays as fast at a million rows as at ten.
+        Index(
+            "ix_task_claimable",
+            text("priority DESC"),
+            "scheduled_at",
+            sqlite_where=text(f"status IN ({_in(CLAIMABLE)})"),
+            postgresql_where=text(f"status IN ({_in(CLAIMABLE)})"),
+        ),
+        Index(
+            "ix_task_lease_expiry",
+            "lease_expires_at",
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
+        UniqueConstraint("idempotency_key", name="uq_task_idempotency_key"),
+        Index("ix_task_created", "created_at", "id"),
+        Index("ix_task_status_created", "status", "created_at"),
+        Index("ix_task_name_created", "name", "created_at"),
+        Index("ix_task_queue_created", "queue", "created_at"),
+    )
+
+    id: str = Field(sa_column=Column(String(36), primary_key=True))
+    name: str = Field(sa_type=String(200))
+    status: TaskStatus = Field(default=TaskStatus.QUEUED, sa_type=String(16))
+    queue: str = Field(default="default", sa_type=String(100))
+    priority: int = 0
+    args: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    kwargs: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    attempts: int = 0
+    max_attempts: int = 5
+    created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    scheduled_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    started_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime))
+    finished_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime))
+    result: Any = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    idempotency_key: str | None = Field(default=None, sa_type=String(200))
+    lease_owner: str | None = Field(default=None, sa_type=String(200))
+    lease_expires_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime))
+    # The fencing token: bumped by every claim, so a runner whose lease lapsed and was taken
+    # over can never write an outcome over its successor's.
+    lease_token: int = 0
+
+
+class Attempt(StoreModel, table=True):
+    """One attempt at a task: when it ran, where, and how it ended."""
+
+    __tablename__ = "attempt"
+    __table_args__ = (Index("ix_attempt_task", "task_id", "number"),)
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    task_id: str = Field(
+        sa_column=Column(String(36), ForeignKey("task.id", ondelete="CASCADE"), nullable=False)
+    )
+    number: int
+    started_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    finished_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime))
+    outcome: AttemptOutcome | None = Field(default=None, sa_type=String(16))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    traceback: str | None = Field(default=None, sa_column=Column(Text))
+    worker: str = Field(sa_type=String(200))
+
+
+class Lease(NamedTuple):
+    """The proof a runner holds a task: its id and the token its claim received."""
+
+    task_id: str
+    token: int
+
+
+def lease_of(task: Task) -> Lease:
+    """The lease a claimed task was handed."""
+    return Lease(task.id, task.lease_token)
+
+
+task_table = Task.__table__  # type: ignore[attr-defined]
+attempt_table = Attempt.__table__  # type: ignore[attr-defined]
+metadata = StoreModel.metadata

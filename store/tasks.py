@@ -1,0 +1,159 @@
+"""Enqueueing, reading and listing tasks."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import uuid4
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
+
+from store.errors import InvalidCursor, TaskNotFound
+from store.models import Task, TaskStatus, task_table
+from store.timeutil import utcnow
+
+t = task_table
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """What a caller asks to run; the store adds the id, times and state."""
+
+    name: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 5
+    scheduled_at: datetime | None = None
+    idempotency_key: str | None = None
+    id: str = field(default_factory=lambda: str(uuid4()))
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of a task listing and the cursor of the next, if any."""
+
+    items: list[Task]
+    next_cursor: str | None
+
+
+def to_task(row: Row[Any]) -> Task:
+    """A `Task` from a result row of the task table."""
+    return Task.model_validate(row._mapping)
+
+
+def _values(new: NewTask, now: datetime) -> dict[str, Any]:
+    return {
+        "id": new.id,
+        "name": new.name,
+        "status": TaskStatus.QUEUED,
+        "queue": new.queue,
+        "priority": new.priority,
+        "args": new.args,
+        "kwargs": new.kwargs,
+        "attempts": 0,
+        "max_attempts": new.max_attempts,
+        "created_at": now,
+        "scheduled_at": new.scheduled_at or now,
+        "idempotency_key": new.idempotency_key,
+        "lease_token": 0,
+    }
+
+
+def enqueue(conn: Connection, new: NewTask, *, now: datetime | None = None) -> Task:
+    """Insert one queued task; it is durable once the caller's transaction commits."""
+    values = _values(new, now or utcnow())
+    conn.execute(sa.insert(t), [values])
+    return Task.model_validate(values)
+
+
+def enqueue_many(
+    conn: Connection, new: Sequence[NewTask], *, now: datetime | None = None
+) -> list[Task]:
+    """Insert several queued tasks in one statement."""
+    if not new:
+        return []
+    stamp = now or utcnow()
+    rows = [_values(item, stamp) for item in new]
+    conn.execute(sa.insert(t), rows)
+    return [Task.model_validate(values) for values in rows]
+
+
+def get_task(conn: Connection, task_id: str) -> Task:
+    """The task with this id, or `TaskNotFound`."""
+    row = conn.execute(sa.select(t).where(t.c.id == task_id)).first()
+    if row is None:
+        raise TaskNotFound(task_id)
+    return to_task(row)
+
+
+def get_tasks(conn: Connection, task_ids: Sequence[str]) -> list[Task]:
+    """The tasks with these ids that exist, in no particular order."""
+    if not task_ids:
+        return []
+    rows = conn.execute(sa.select(t).where(t.c.id.in_(list(task_ids)))).all()
+    return [to_task(row) for row in rows]
+
+
+def _encode_cursor(task: Task) -> str:
+    raw = f"{task.created_at.isoformat()}|{task.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, task_id = base64.urlsafe_b64decode(padded).decode().split("|", 1)
+        stamp = datetime.fromisoformat(created)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidCursor(cursor) from exc
+    if stamp.tzinfo is None:
+        raise InvalidCursor(cursor)
+    return stamp, task_id
+
+
+def list_tasks(
+    conn: Connection,
+    *,
+    status: TaskStatus | None = None,
+    name: str | None = None,
+    queue: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> TaskPage:
+    """Tasks newest first, filtered, one page at a time (a keyset cursor: stable under inserts)."""
+    query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id.desc()).limit(limit + 1)
+    if status is not None:
+        query = query.where(t.c.status == status)
+    if name is not None:
+        query = query.where(t.c.name == name)
+    if queue is not None:
+        query = query.where(t.c.queue == queue)
+    if cursor is not None:
+        created, task_id = _decode_cursor(cursor)
+        query = query.where(
+            sa.or_(
+                t.c.created_at < created,
+                sa.and_(t.c.created_at == created, t.c.id < task_id),
+            )
+        )
+    items = [to_task(row) for row in conn.execute(query)]
+    if len(items) <= limit:
+        return TaskPage(items, None)
+    items = items[:limit]
+    return TaskPage(items, _encode_cursor(items[-1]))
+
+
+def count_by_status(conn: Connection) -> dict[TaskStatus, int]:
+    """How many tasks are in each state (every state present, zero or not)."""
+    counts = dict.fromkeys(TaskStatus, 0)
+    for status, count in conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)):
+        counts[TaskStatus(status)] = count
+    return counts
+
