@@ -43,7 +43,6 @@ def create_engine(
     database = parsed.database or ""
     if database in ("", ":memory:") or database.startswith("file:"):
         raise ValueError(f"Backstop needs a SQLite file, not {url!r}: other processes must see it")
-    Path(database).parent.mkdir(parents=True, exist_ok=True)
 
     engine = sa.create_engine(
         url,
@@ -95,6 +94,12 @@ class Database:
             conn.execution_options(**{_BEGIN_MODE: "DEFERRED"})
             with conn.begin():
                 yield conn
+
+    def ensure_directory(self) -> None:
+        """Create the folder of a SQLite file (the file itself appears on first connect)."""
+        database = self.engine.url.database
+        if self.dialect == "sqlite" and database:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
 
     def dispose(self) -> None:
         """Close every pooled connection."""

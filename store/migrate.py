@@ -36,6 +36,7 @@ def upgrade(db: Database, revision: str = "head") -> None:
     waits for the first and then finds nothing left to do.
     """
     config = _config()
+    db.ensure_directory()
     with db.write() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, revision)

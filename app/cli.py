@@ -1,0 +1,117 @@
+"""The `backstop` command: serve, worker, db upgrade."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Annotated
+
+import typer
+import uvicorn
+from typer._click.exceptions import NoArgsIsHelpError
+from pydantic import ValidationError
+
+from app.errors import BackstopError
+from app.service import Backstop
+from app.settings import Settings
+from store.errors import StoreError
+
+cli = typer.Typer(
+    name="backstop",
+    help="Durable background tasks for FastAPI services.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_cli = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to bind.")] = 8000,
+) -> None:
+    """Run the HTTP API (and the runner, unless BACKSTOP_RUN_WORKER=false)."""
+    _settings()  # refuse bad settings with one line before uvicorn starts
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    uvicorn.run(
+        "app.main:app",
+        host=host,
+        port=port,
+        log_config=None,
+        # Long-polling `?wait=` requests must not hold a stop beyond a few seconds.
+        timeout_graceful_shutdown=5,
+    )
+
+
+@cli.command()
+def worker() -> None:
+    """Run only the runner: claim and run tasks until SIGTERM or SIGINT."""
+    settings = _settings()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    asyncio.run(_work(settings))
+
+
+async def _work(settings: Settings) -> None:
+    backstop = Backstop(settings)
+    await asyncio.to_thread(backstop.prepare)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await backstop.runner.start()
+    try:
+        await stopping.wait()
+    finally:
+        await backstop.runner.stop()
+        backstop.close()
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every pending migration (the service also does this at start)."""
+    settings = _settings()
+    backstop = Backstop(settings)
+    try:
+        backstop.prepare()
+    finally:
+        backstop.close()
+    typer.echo(f"database at {settings.url} is up to date")
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        where = "BACKSTOP_" + "_".join(str(part) for part in first["loc"]).upper()
+        return f"invalid setting {where}: {first['msg']}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every failure is one line on stderr and a non-zero exit."""
+    command = typer.main.get_command(cli)
+    try:
+        command.main(args=argv, prog_name="backstop", standalone_mode=False)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except NoArgsIsHelpError as error:
+        if error.ctx is not None:
+            print(error.ctx.get_help())
+        sys.exit(2)
+    except typer.TyperException as error:
+        print(f"backstop: {_one_line(Exception(error.format_message()))}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except (BackstopError, StoreError, ValidationError, ValueError, OSError) as error:
+        print(f"backstop: {_one_line(error)}", file=sys.stderr)
+        sys.exit(1)

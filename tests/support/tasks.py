@@ -1,0 +1,102 @@
+"""Tasks the tests run; servers started by the tests import this module through
+`BACKSTOP_TASK_MODULES=tests.support.tasks`.
+
+Their side effects go to files under the data folder, so a test can see what ran, and how
+often, across process boundaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from tenacity import retry_if_exception_type, wait_fixed
+
+from app import TaskContext, task
+
+
+class Flaky(Exception):
+    """Raised on purpose by the tasks below."""
+
+
+class Fatal(Exception):
+    """An error the test tasks' policies do not retry."""
+
+
+def _mark(ctx: TaskContext, folder: str, line: str) -> None:
+    target = Path(ctx.settings.data_dir) / folder
+    target.mkdir(parents=True, exist_ok=True)
+    with (target / f"{ctx.task_id}.txt").open("a", encoding="utf-8") as out:
+        out.write(line + "\n")
+
+
+@task(name="test.noop")
+def noop() -> None:
+    """Does nothing."""
+
+
+@task(name="test.echo")
+def echo(value: int, ctx: TaskContext) -> dict[str, int]:
+    """Returns its argument and the attempt number."""
+    return {"value": value, "attempt": ctx.attempt}
+
+
+@task(name="test.async_echo")
+async def async_echo(value: int, ctx: TaskContext) -> dict[str, int]:
+    """The async twin of `test.echo`."""
+    await asyncio.sleep(0)
+    return {"value": value, "attempt": ctx.attempt}
+
+
+@task(
+    name="test.flaky",
+    max_attempts=5,
+    retry=retry_if_exception_type(Flaky),
+    wait=wait_fixed(2),
+)
+def flaky(failures: int, ctx: TaskContext) -> int:
+    """Fails `failures` times, then succeeds; records each attempt."""
+    _mark(ctx, "attempts", str(ctx.attempt))
+    if ctx.attempt <= failures:
+        raise Flaky(f"attempt {ctx.attempt} of {failures} planned failures")
+    return ctx.attempt
+
+
+@task(name="test.fatal", max_attempts=5, retry=retry_if_exception_type(Flaky))
+def fatal() -> None:
+    """Fails with an error its policy does not retry."""
+    raise Fatal("not worth retrying")
+
+
+@task(name="test.sleep", timeout=30)
+def sleep(seconds: float, ctx: TaskContext) -> float:
+    """Sleeps (in slices, so a cancel or timeout is seen), recording start and finish."""
+    _mark(ctx, "runs", f"start {ctx.attempt}")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not ctx.cancelled:
+        time.sleep(min(0.02, seconds))
+    _mark(ctx, "runs", f"done {ctx.attempt}")
+    return seconds
+
+
+@task(name="test.async_sleep", timeout=30)
+async def async_sleep(seconds: float, ctx: TaskContext) -> float:
+    """The async twin of `test.sleep`."""
+    _mark(ctx, "runs", f"start {ctx.attempt}")
+    await asyncio.sleep(seconds)
+    _mark(ctx, "runs", f"done {ctx.attempt}")
+    return seconds
+
+
+@task(name="test.slow_timeout", timeout=0.2, max_attempts=2, wait=wait_fixed(0))
+def slow_timeout(ctx: TaskContext) -> None:
+    """Runs past its 0.2 s timeout, stopping once it sees the cancel."""
+    while not ctx.cancelled:
+        time.sleep(0.01)
+
+
+@task(name="test.async_slow_timeout", timeout=0.2, max_attempts=2, wait=wait_fixed(0))
+async def async_slow_timeout() -> None:
+    """Runs past its 0.2 s timeout (and is cancelled by it)."""
+    await asyncio.sleep(30)
