@@ -1,6 +1,6 @@
 """Backstop: durable background tasks for FastAPI services.
 
-    from app import task, DurableTasks, TaskContext
+from app import task, DurableTasks, TaskContext
 """
 
 from app.context import TaskContext

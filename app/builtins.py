@@ -27,7 +27,9 @@ def _log_name(name: str) -> str:
         or path.is_absolute()
         or any(part in ("..", "") for part in name.split("/"))
     ):
-        raise ValueError(f"{name!r} would leave the logs folder; give a relative name like 'log.txt'")
+        raise ValueError(
+            f"{name!r} would leave the logs folder; give a relative name like 'log.txt'"
+        )
     return name
 
 

@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 import uvicorn
-from typer._click.exceptions import NoArgsIsHelpError
 from pydantic import ValidationError
+from typer._click.exceptions import NoArgsIsHelpError
 
 from app.errors import BackstopError
 from app.service import Backstop

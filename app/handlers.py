@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
@@ -9,7 +11,7 @@ from app.errors import BackstopError
 from store.errors import InvalidCursor, TaskNotFound
 
 
-def _answer(code: int):  # type: ignore[no-untyped-def]
+def _answer(code: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
     async def handler(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=code)
 

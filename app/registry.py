@@ -61,7 +61,9 @@ class TaskSpec:
         """The parameter a positional index or a keyword lands on (the bind already passed)."""
         params = list(self.params.values())
         if isinstance(position, int):
-            positional = [p for p in params if p.kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)]
+            positional = [
+                p for p in params if p.kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)
+            ]
             if position < len(positional):
                 return positional[position]
             return next(p for p in params if p.kind is _P.VAR_POSITIONAL)
@@ -107,7 +109,9 @@ class TaskSpec:
         )
 
 
-def _params(fn: Callable[..., Any], name: str) -> tuple[inspect.Signature, str | None, dict[str, _Param]]:
+def _params(
+    fn: Callable[..., Any], name: str
+) -> tuple[inspect.Signature, str | None, dict[str, _Param]]:
     signature = inspect.signature(fn)
     hints = typing.get_type_hints(fn, include_extras=True)
     context_param = None
@@ -117,7 +121,9 @@ def _params(fn: Callable[..., Any], name: str) -> tuple[inspect.Signature, str |
         annotation = hints.get(param.name, Any)
         if annotation is TaskContext:
             if param.kind not in (_P.POSITIONAL_OR_KEYWORD, _P.KEYWORD_ONLY):
-                raise TaskDefinitionError(f"task {name!r}: {param.name} must be passable by keyword")
+                raise TaskDefinitionError(
+                    f"task {name!r}: {param.name} must be passable by keyword"
+                )
             context_param = param.name
             continue
         kept.append(param)

@@ -90,6 +90,7 @@ class Runner:
         self._claiming = False
         self._claim_again = False
         self._backlog = False
+        self._filler: asyncio.Future[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -132,7 +133,9 @@ class Runner:
                 self._scheduler.remove_job(job_id)
         pending = [running.job for running in self._running.values()]
         if pending:
-            log.info("runner %s waiting up to %.0fs for %d tasks", self.worker_id, grace, len(pending))
+            log.info(
+                "runner %s waiting up to %.0fs for %d tasks", self.worker_id, grace, len(pending)
+            )
             await asyncio.wait(pending, timeout=grace)
         leftover = list(self._running.values())
         for running in leftover:
@@ -194,7 +197,7 @@ class Runner:
         if self._claiming:
             self._claim_again = True
         else:
-            asyncio.ensure_future(self._fill())
+            self._filler = asyncio.ensure_future(self._fill())
 
     async def _fill(self) -> None:
         """Claim up to the free slots and start each task; repeat while asked to."""
@@ -263,7 +266,9 @@ class Runner:
             return
         finished = await self._write(outcomes.mark_succeeded, lease, result)
         if finished is None:
-            log.warning("task %s attempt %d: lease lost; success not recorded", task.id, ctx.attempt)
+            log.warning(
+                "task %s attempt %d: lease lost; success not recorded", task.id, ctx.attempt
+            )
             return
         log.info("task %s attempt %d: succeeded", task.id, ctx.attempt)
         self._on_finished(finished)
@@ -303,11 +308,11 @@ class Runner:
         )
         message = f"{type(error).__name__}: {error}"
         trace = "".join(traceback.format_exception(error))
-        finished = await self._write(
-            outcomes.fail_attempt, lease, message, trace, run_at, now=now
-        )
+        finished = await self._write(outcomes.fail_attempt, lease, message, trace, run_at, now=now)
         if finished is None:
-            log.warning("task %s attempt %d: lease lost; failure not recorded", task.id, task.attempts)
+            log.warning(
+                "task %s attempt %d: lease lost; failure not recorded", task.id, task.attempts
+            )
             return
         if run_at is None:
             log.warning("task %s attempt %d: failed for good: %s", task.id, task.attempts, message)
@@ -354,7 +359,9 @@ class Runner:
             log.exception("runner %s: reclaim failed", self.worker_id)
             return
         for task in reclaimed:
-            log.warning("task %s attempt %d: lease expired; now %s", task.id, task.attempts, task.status)
+            log.warning(
+                "task %s attempt %d: lease expired; now %s", task.id, task.attempts, task.status
+            )
             self._on_finished(task)
         if reclaimed:
             self._kick()
@@ -374,4 +381,3 @@ class Runner:
                 return fn(conn, *args)
 
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, run)
-

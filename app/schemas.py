@@ -25,7 +25,8 @@ class TaskIn(BaseModel):
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
 
 
-class TaskOut(BaseModel):
+# The pydantic mypy plugin reads the field named `kwargs` as a redefinition of `**kwargs`.
+class TaskOut(BaseModel):  # type: ignore[no-redef]
     """A task as the API shows it."""
 
     id: str

@@ -8,13 +8,16 @@ stop end on time; the function's late outcome is then refused by the lease fence
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 from collections.abc import Callable
 from typing import Any
 
 
-def run_in_daemon_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+def run_in_daemon_thread(
+    fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+) -> asyncio.Future[Any]:
     """Start `fn(*args, **kwargs)` on a new daemon thread; its outcome resolves the future."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
@@ -35,10 +38,11 @@ def run_in_daemon_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -
             outcome: tuple[bool, Any] = (False, exc)
         else:
             outcome = (True, result)
-        try:
+        # RuntimeError: the loop closed while the function ran, and nobody waits any more.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:
-            pass  # the loop closed while the function ran: nobody is waiting any more
 
-    threading.Thread(target=body, name=f"backstop-task-{getattr(fn, '__name__', 'fn')}", daemon=True).start()
+    threading.Thread(
+        target=body, name=f"backstop-task-{getattr(fn, '__name__', 'fn')}", daemon=True
+    ).start()
     return future

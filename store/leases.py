@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 

@@ -63,7 +63,8 @@ def _in(values: Any) -> str:
     return ", ".join(f"'{v.value}'" for v in values)
 
 
-class Task(StoreModel, table=True):
+# The pydantic mypy plugin reads the field named `kwargs` as a redefinition of `**kwargs`.
+class Task(StoreModel, table=True):  # type: ignore[no-redef]
     """One durable task: what to run, its schedule, its lease and its outcome."""
 
     __tablename__ = "task"

@@ -156,4 +156,3 @@ def count_by_status(conn: Connection) -> dict[TaskStatus, int]:
     for status, count in conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)):
         counts[TaskStatus(status)] = count
     return counts
-

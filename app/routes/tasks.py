@@ -53,7 +53,9 @@ def list_tasks(
         page = store_tasks.list_tasks(
             conn, status=status, name=name, queue=queue, limit=limit, cursor=cursor
         )
-    return TaskPageOut(items=[TaskOut.of(task) for task in page.items], next_cursor=page.next_cursor)
+    return TaskPageOut(
+        items=[TaskOut.of(task) for task in page.items], next_cursor=page.next_cursor
+    )
 
 
 @router.get("/{task_id}", response_model=TaskOut)
