@@ -9,6 +9,8 @@ and, under WAL, never block or wait for a writer.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,22 @@ _BEGIN_MODE = "backstop_begin"
 def default_url(data_dir: str | Path) -> str:
     """The SQLite file Backstop uses when no database URL is set."""
     return f"sqlite:///{Path(data_dir) / 'backstop.db'}"
+
+
+def _enable_wal(cursor: Any, timeout_s: float) -> None:
+    # Turning a new file to WAL takes an exclusive lock, and when two connections try at the
+    # same moment SQLite answers "database is locked" at once instead of waiting on
+    # busy_timeout (waiting could deadlock). WAL sticks to the file, so only the first
+    # connections to a new file meet this: two processes starting on it together.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 def create_engine(
@@ -55,7 +73,7 @@ def create_engine(
         # Autocommit at the driver level: the "begin" hook below decides how to BEGIN.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(cursor, busy_timeout_ms / 1000)
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")

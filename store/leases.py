@@ -15,6 +15,8 @@ from sqlalchemy.engine import Connection
 
 from store.models import (
     CLAIMABLE,
+    CLAIMABLE_WHERE,
+    RUNNING_WHERE,
     AttemptOutcome,
     Lease,
     Task,
@@ -56,7 +58,7 @@ def claim_due(
     now = now or utcnow()
     due = (
         sa.select(t.c.id)
-        .where(t.c.status.in_(CLAIMABLE), t.c.scheduled_at <= now)
+        .where(sa.text(CLAIMABLE_WHERE), t.c.scheduled_at <= now)
         .order_by(t.c.priority.desc(), t.c.scheduled_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -133,7 +135,7 @@ def reclaim_expired(
     now = now or utcnow()
     expired_query = (
         sa.select(t)
-        .where(t.c.status == TaskStatus.RUNNING, t.c.lease_expires_at <= now)
+        .where(sa.text(RUNNING_WHERE), t.c.lease_expires_at <= now)
         .order_by(t.c.lease_expires_at)
         .limit(limit)
         .with_for_update(skip_locked=True)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from store.errors import InvalidCursor, TaskNotFound
-from store.models import Task, TaskStatus, task_table
+from store.models import TERMINAL, TERMINAL_WHERE, Task, TaskStatus, task_table
 from store.timeutil import utcnow
 
 t = task_table
@@ -128,9 +128,15 @@ def list_tasks(
     cursor: str | None = None,
 ) -> TaskPage:
     """Tasks newest first, filtered, one page at a time (a keyset cursor: stable under inserts)."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
     query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id.desc()).limit(limit + 1)
     if status is not None:
         query = query.where(t.c.status == status)
+        if status in TERMINAL:
+            # Implied by the line above, but SQLite uses the partial ix_task_finished_status
+            # only when the query carries the index's own WHERE clause word for word.
+            query = query.where(sa.text(TERMINAL_WHERE))
     if name is not None:
         query = query.where(t.c.name == name)
     if queue is not None:

@@ -8,7 +8,9 @@ from collections.abc import Callable
 import pytest
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition"
+) -> None:
     """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -77,7 +77,13 @@ def upgrade() -> None:
         )
         batch_op.create_index("ix_task_name_created", ["name", "created_at"], unique=False)
         batch_op.create_index("ix_task_queue_created", ["queue", "created_at"], unique=False)
-        batch_op.create_index("ix_task_status_created", ["status", "created_at"], unique=False)
+        batch_op.create_index(
+            "ix_task_finished_status",
+            ["status", "created_at", "id"],
+            unique=False,
+            sqlite_where=sa.text("status IN ('succeeded', 'failed', 'cancelled')"),
+            postgresql_where=sa.text("status IN ('succeeded', 'failed', 'cancelled')"),
+        )
 
     op.create_table(
         "attempt",
@@ -103,7 +109,7 @@ def downgrade() -> None:
 
     op.drop_table("attempt")
     with op.batch_alter_table("task", schema=None) as batch_op:
-        batch_op.drop_index("ix_task_status_created")
+        batch_op.drop_index("ix_task_finished_status")
         batch_op.drop_index("ix_task_queue_created")
         batch_op.drop_index("ix_task_name_created")
         batch_op.drop_index(

@@ -1,0 +1,229 @@
+"""The migrations build the schema the models describe, run safely twice or at once, and ship."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import traceback
+import zipfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from store import migrate
+from store.engine import Database
+from store.models import metadata, task_table
+from store.tasks import NewTask, enqueue, get_task
+
+REPO = Path(__file__).resolve().parents[2]
+CLAIMABLE_INDEX = "ix_task_claimable"
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[Database]:
+    """A database on a file that does not exist yet."""
+    db = Database.from_url(f"sqlite:///{tmp_path / 'fresh' / 'backstop.db'}")
+    db.ensure_directory()
+    yield db
+    db.dispose()
+
+
+def _schema(db: Database) -> list[tuple[str, str, str | None]]:
+    with db.read() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
+        ).all()
+    return [(row[0], row[1], row[2]) for row in rows]
+
+
+def test_upgrade_builds_the_schema_the_models_describe(db: Database) -> None:
+    with db.read() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+    # Alembic compares columns, types, indexes and their columns, not the sort direction of
+    # `priority DESC` nor partial WHERE clauses: those are checked in sqlite_master below.
+    assert diffs == []
+
+
+def _normalised(check: str) -> str:
+    """A CHECK's text with the members of each IN list sorted, so the order is not compared."""
+
+    def sort_members(found: re.Match[str]) -> str:
+        return "IN (" + ", ".join(sorted(m.strip() for m in found[1].split(","))) + ")"
+
+    return re.sub(r"IN \(([^)]*)\)", sort_members, " ".join(check.split()))
+
+
+def test_upgrade_builds_the_check_constraints_the_models_describe(db: Database) -> None:
+    # Alembic's comparison leaves CHECK constraints out, so they are compared here.
+    with db.read() as conn:
+        found = sa.inspect(conn).get_check_constraints("task")
+    in_database = {check["name"]: _normalised(check["sqltext"]) for check in found}
+    in_models = {
+        check.name: _normalised(str(check.sqltext))
+        for check in task_table.constraints
+        if isinstance(check, sa.CheckConstraint)
+    }
+    assert in_database == in_models
+    assert len(in_models) == 5
+
+
+def test_the_partial_indexes_exist_with_their_where_clauses(db: Database) -> None:
+    with db.read() as conn:
+        found = conn.exec_driver_sql(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'task'"
+        ).all()
+    rows: dict[str, str] = {name: sql for name, sql in found}
+    assert " ".join(rows[CLAIMABLE_INDEX].split()) == (
+        "CREATE INDEX ix_task_claimable ON task (priority DESC, scheduled_at) "
+        "WHERE status IN ('queued', 'retrying')"
+    )
+    assert " ".join(rows["ix_task_lease_expiry"].split()) == (
+        "CREATE INDEX ix_task_lease_expiry ON task (lease_expires_at) WHERE status = 'running'"
+    )
+
+
+def test_is_current_only_after_upgrade(fresh: Database) -> None:
+    assert migrate.head_revision() == "0001"
+    assert migrate.is_current(fresh) is False
+    migrate.upgrade(fresh)
+    assert migrate.is_current(fresh) is True
+    with fresh.read() as conn:
+        assert migrate.current_revision(conn) == migrate.head_revision()
+
+
+def test_upgrade_twice_changes_nothing(fresh: Database) -> None:
+    migrate.upgrade(fresh)
+    with fresh.write() as conn:
+        task = enqueue(conn, NewTask(name="kept"), now=datetime(2026, 3, 1, tzinfo=UTC))
+    before = _schema(fresh)
+    migrate.upgrade(fresh)
+    assert _schema(fresh) == before
+    assert migrate.is_current(fresh)
+    with fresh.read() as conn:
+        assert get_task(conn, task.id) == task
+        versions = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
+        assert list(versions) == ["0001"]
+
+
+def _upgrade_in_process(url: str, meet: Barrier, out: multiprocessing.Queue[str]) -> None:
+    """A spawned process that upgrades the file as soon as its twin is ready too."""
+    db = Database.from_url(url)
+    try:
+        meet.wait(timeout=20)
+        migrate.upgrade(db)
+        out.put("current" if migrate.is_current(db) else "behind")
+    except BaseException:
+        out.put(traceback.format_exc())
+        raise
+    finally:
+        db.dispose()
+
+
+def test_two_processes_can_upgrade_a_fresh_file_at_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'backstop.db'}"
+    ctx = multiprocessing.get_context("spawn")
+    meet = ctx.Barrier(2)
+    out: multiprocessing.Queue[str] = ctx.Queue()
+    procs = [ctx.Process(target=_upgrade_in_process, args=(url, meet, out)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        answers = [out.get(timeout=45) for _ in procs]
+    except queue.Empty:
+        pytest.fail("an upgrading process did not report in time")
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    assert answers == ["current", "current"]
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    db = Database.from_url(url)
+    try:
+        assert migrate.is_current(db)
+        with db.read() as conn:
+            versions = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
+            assert list(versions) == ["0001"]
+    finally:
+        db.dispose()
+
+
+def _copy_of_the_repo(target: Path) -> Path:
+    """The project's sources without the venv, git data or build leftovers of other runs."""
+    ignore = shutil.ignore_patterns(
+        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "data"
+    )
+    return Path(shutil.copytree(REPO, target, ignore=ignore))
+
+
+def test_the_wheel_ships_the_migrations_and_they_run_from_it(tmp_path: Path) -> None:
+    # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds.
+    source = _copy_of_the_repo(tmp_path / "src")
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-cache-dir",
+            "-w",
+            str(wheels),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = wheels.glob("backstop-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        assert {
+            "store/migrations/env.py",
+            "store/migrations/script.py.mako",
+            "store/migrations/versions/0001_tasks_and_attempts.py",
+        } <= names
+        archive.extractall(tmp_path / "unzipped")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = textwrap.dedent(
+        """
+        import sys
+        import store
+        from store import migrate
+        from store.engine import Database
+
+        assert store.__file__.startswith(sys.argv[1]), store.__file__
+        db = Database.from_url(f"sqlite:///{sys.argv[2]}")
+        migrate.upgrade(db)
+        print(migrate.is_current(db))
+        """
+    )
+    db_file = tmp_path / "from-wheel" / "backstop.db"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "unzipped"), str(db_file)],
+        cwd=elsewhere,
+        env={"PYTHONPATH": str(tmp_path / "unzipped"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+    assert db_file.is_file()

@@ -1,0 +1,83 @@
+"""The hot statements use the indexes meant for them, however much history the table holds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from store import leases
+from store.engine import Database
+from store.models import TaskStatus
+from store.tasks import NewTask, enqueue_many, list_tasks
+from store.timeutil import utcnow
+
+
+@contextmanager
+def _plans(db: Database) -> Iterator[list[str]]:
+    """The query plan of every statement run inside the block, as SQLite would run it."""
+    executed: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        executed.append((statement, parameters))
+
+    plans: list[str] = []
+    sa.event.listen(db.engine, "before_cursor_execute", capture)
+    try:
+        yield plans
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", capture)
+    with db.read() as conn:
+        for statement, parameters in executed:
+            if statement.lstrip().upper().startswith(("SELECT", "UPDATE")):
+                rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters).all()
+                plans.append(" | ".join(str(row[-1]) for row in rows))
+
+
+@pytest.fixture
+def history(db: Database) -> Database:
+    """A table with finished history and a backlog, as the planner would meet it."""
+    now = utcnow()
+    with db.write() as conn:
+        enqueue_many(conn, [NewTask(name="x", priority=i % 3) for i in range(3000)], now=now)
+        conn.exec_driver_sql(
+            "UPDATE task SET status = 'succeeded', finished_at = created_at WHERE rowid % 3 != 0"
+        )
+    return db
+
+
+def test_the_claim_reads_the_claimable_index_in_order_without_sorting(history: Database) -> None:
+    with _plans(history) as plans, history.write() as conn:
+        assert len(leases.claim_due(conn, "w", 5, lease_seconds=30)) == 5
+    claim = plans[0]
+    assert "ix_task_claimable" in claim
+    assert "TEMP B-TREE" not in claim
+
+
+def test_the_reclaim_reads_the_lease_expiry_index(history: Database) -> None:
+    with _plans(history) as plans, history.write() as conn:
+        leases.reclaim_expired(conn, lambda task: None)
+    assert "ix_task_lease_expiry" in plans[0]
+
+
+@pytest.mark.parametrize("status", [TaskStatus.SUCCEEDED, TaskStatus.FAILED])
+def test_listing_a_terminal_state_reads_the_finished_index(
+    history: Database, status: TaskStatus
+) -> None:
+    with _plans(history) as plans, history.read() as conn:
+        list_tasks(conn, status=status, limit=10)
+    assert "ix_task_finished_status" in plans[0]
+    assert "TEMP B-TREE" not in plans[0]
+
+
+def test_claim_due_is_unchanged_by_a_future_backlog(history: Database) -> None:
+    later = utcnow() + timedelta(hours=1)
+    with history.write() as conn:
+        enqueue_many(conn, [NewTask(name="later", scheduled_at=later) for _ in range(50)])
+        claimed = leases.claim_due(conn, "w", 2000, lease_seconds=30)
+    assert {task.name for task in claimed} == {"x"}
+    assert len(claimed) == 1000
