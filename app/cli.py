@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -35,6 +36,12 @@ def _settings() -> Settings:
     return Settings()
 
 
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    # APScheduler logs every run of every job at INFO: several lines a second when idle.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
@@ -42,7 +49,11 @@ def serve(
 ) -> None:
     """Run the HTTP API (and the runner, unless BACKSTOP_RUN_WORKER=false)."""
     _settings()  # refuse bad settings with one line before uvicorn starts
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    _configure_logging()
+    # Once it has shut down, uvicorn raises the SIGTERM it caught again under the handler
+    # in place before it: a graceful stop then exits 0, as `backstop worker` does, rather
+    # than dying of the signal.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "app.main:app",
         host=host,
@@ -53,11 +64,15 @@ def serve(
     )
 
 
+def _exit_cleanly(_signum: int, _frame: FrameType | None) -> None:
+    sys.exit(0)
+
+
 @cli.command()
 def worker() -> None:
     """Run only the runner: claim and run tasks until SIGTERM or SIGINT."""
     settings = _settings()
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    _configure_logging()
     asyncio.run(_work(settings))
 
 
@@ -105,9 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(done.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except NoArgsIsHelpError as error:
-        if error.ctx is not None:
-            print(error.ctx.get_help())
+    except NoArgsIsHelpError:
+        print("backstop: missing command; see 'backstop --help'", file=sys.stderr)
         sys.exit(2)
     except typer.TyperException as error:
         print(f"backstop: {_one_line(Exception(error.format_message()))}", file=sys.stderr)

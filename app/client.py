@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import event
@@ -116,5 +116,6 @@ def scheduled_at(delay: float | None, run_at: datetime | None, now: datetime) ->
     if run_at is not None:
         if run_at.tzinfo is None:
             raise InvalidSchedule("run_at needs a time zone (for example 2030-01-01T09:00:00Z)")
-        return run_at
+        # In UTC, as the row reads back: the enqueue answer must not echo the caller's offset.
+        return run_at.astimezone(UTC)
     return None

@@ -53,18 +53,27 @@ class BodyLimit:
                     return
         seen = 0
         started = False
+        exceeded = False
 
         async def counted_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise _TooLarge
             return message
 
         async def tracked_send(message: Message) -> None:
             nonlocal started
+            if exceeded:
+                # The app may catch the error and answer on its own (FastAPI turns any failure
+                # to read a body into a 400): the answer is still 413, and theirs is dropped.
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await _reject(send, 413, detail, [])
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)

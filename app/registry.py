@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,17 @@ class _Param:
     name: str
     kind: inspect._ParameterKind
     adapter: TypeAdapter[Any]
+
+
+def _finite(value: Any) -> bool:
+    """False when `value` holds a NaN or an infinity, which JSON cannot carry."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(item) for item in value.values())
+    if isinstance(value, list | tuple | set | frozenset):
+        return all(_finite(item) for item in value)
+    return True
 
 
 def _problem(error: ValidationError) -> str:
@@ -72,17 +84,23 @@ class TaskSpec:
             return named
         return next(p for p in params if p.kind is _P.VAR_KEYWORD)
 
-    def _dump(self, param: _Param, value: Any) -> Any:
+    def _dump(self, position: int | str, value: Any) -> Any:
+        param = self._target(position)
+        # A keyword is named as the caller wrote it: it may land on the `**kwargs` parameter.
+        label = position if isinstance(position, str) else param.name
         try:
             checked = param.adapter.validate_python(value)
+            # The JSON dump turns a NaN or an infinity inside an `Any` into null: refuse it.
+            if not _finite(param.adapter.dump_python(checked)):
+                raise ValueError("NaN or infinity")
             dumped = param.adapter.dump_python(checked, mode="json")
             json.dumps(dumped, allow_nan=False)
         except ValidationError as exc:
-            raise InvalidArguments(self.name, f"argument {param.name!r}: {_problem(exc)}") from exc
+            raise InvalidArguments(self.name, f"argument {label!r}: {_problem(exc)}") from exc
         except (PydanticSerializationError, TypeError, ValueError) as exc:
             raise InvalidArguments(
                 self.name,
-                f"argument {param.name!r} is not JSON-serialisable ({type(value).__name__})",
+                f"argument {label!r} is not JSON-serialisable ({type(value).__name__})",
             ) from exc
         return dumped
 
@@ -97,8 +115,8 @@ class TaskSpec:
         except TypeError as exc:
             raise InvalidArguments(self.name, str(exc)) from exc
         return (
-            [self._dump(self._target(i), value) for i, value in enumerate(args)],
-            {key: self._dump(self._target(key), value) for key, value in kwargs.items()},
+            [self._dump(i, value) for i, value in enumerate(args)],
+            {key: self._dump(key, value) for key, value in kwargs.items()},
         )
 
     def load(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:

@@ -16,13 +16,14 @@ import socket
 import traceback
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import uuid4
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pydantic_core import to_jsonable_python
+from tenacity import retry_always
 
 from app.context import TaskContext
 from app.registry import Registry, TaskSpec
@@ -88,6 +89,8 @@ class Runner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
         self._claiming = False
+        self._claim_landed = asyncio.Event()  # set while no claim is in flight
+        self._claim_landed.set()
         self._claim_again = False
         self._backlog = False
         self._filler: asyncio.Future[None] | None = None
@@ -100,7 +103,7 @@ class Runner:
         lease = self.settings.lease_seconds
         scheduler = AsyncIOScheduler(event_loop=self._loop, timezone=UTC)
         jobs: list[tuple[str, Callable[[], Coroutine[Any, Any, None]], float]] = [
-            ("claim", self._fill, self.settings.poll_interval),
+            ("claim", self._poll, self.settings.poll_interval),
             ("heartbeat", self._heartbeat, lease / 3),
             ("reclaim", self._reclaim, min(max(lease / 2, self.settings.poll_interval), 10.0)),
         ]
@@ -131,6 +134,9 @@ class Runner:
         if self._scheduler is not None:
             for job_id in ("claim", "reclaim"):
                 self._scheduler.remove_job(job_id)
+        # A claim already in flight still starts what it took: let it land first, so those
+        # tasks are waited for and released like the rest, not left running under a lease.
+        await self._claim_landed.wait()
         pending = [running.job for running in self._running.values()]
         if pending:
             log.info(
@@ -168,7 +174,10 @@ class Runner:
     # -- the test seam -------------------------------------------------------------------
 
     async def run_once(self, *, now: datetime | None = None) -> list[Task]:
-        """Claim what is due (as of `now`), run it to completion, return the finished tasks."""
+        """Claim what is due as of `now`, run it to completion, return the finished tasks.
+
+        Outcomes and retry times are reckoned as of `now` too, so tests can pin the clock.
+        """
         claimed = await self._write(
             leases.claim_due,
             self.worker_id,
@@ -178,7 +187,7 @@ class Runner:
         )
         if not claimed:
             return []
-        await asyncio.gather(*(self._execute(task) for task in claimed))
+        await asyncio.gather(*(self._execute(task, now=now) for task in claimed))
         return await self._read(store_tasks.get_tasks, [task.id for task in claimed])
 
     async def drain(self, *, now: datetime | None = None, limit: int = 10_000) -> list[Task]:
@@ -193,6 +202,11 @@ class Runner:
 
     # -- claiming ------------------------------------------------------------------------
 
+    async def _poll(self) -> None:
+        # Returns at once: a claim that is slow (the database busy) must not make the
+        # scheduler skip runs of this job and log about it.
+        self._kick()
+
     def _kick(self) -> None:
         if self._claiming:
             self._claim_again = True
@@ -205,6 +219,7 @@ class Runner:
             self._claim_again = True
             return
         self._claiming = True
+        self._claim_landed.clear()
         try:
             while self._accepting:
                 self._claim_again = False
@@ -226,6 +241,7 @@ class Runner:
             log.exception("runner %s: claim failed; retrying at the next poll", self.worker_id)
         finally:
             self._claiming = False
+            self._claim_landed.set()
 
     def _start(self, task: Task) -> None:
         ctx = TaskContext(task_id=task.id, attempt=task.attempts, settings=self.settings)
@@ -243,11 +259,13 @@ class Runner:
 
     # -- running -------------------------------------------------------------------------
 
-    async def _execute(self, task: Task, ctx: TaskContext | None = None) -> None:
+    async def _execute(
+        self, task: Task, ctx: TaskContext | None = None, *, now: datetime | None = None
+    ) -> None:
         ctx = ctx or TaskContext(task_id=task.id, attempt=task.attempts, settings=self.settings)
         lease = lease_of(task)
         spec: TaskSpec | None = None
-        log.info("task %s attempt %d: running %s", task.id, ctx.attempt, task.name)
+        log.debug("task %s attempt %d: running %s", task.id, ctx.attempt, task.name)
         try:
             spec = self.registry.get(task.name)
             args, kwargs = spec.load(task.args, task.kwargs)
@@ -258,13 +276,13 @@ class Runner:
             # Only a stop past its grace cancels a task; the stop releases the lease.
             raise
         except Exception as exc:
-            await self._failed(task, lease, spec, exc)
+            await self._failed(task, lease, spec, exc, now=now)
             if isinstance(exc, TaskTimeout) and exc.straggler is not None:
                 # Keep the runner slot until the thread returns, so that stuck threads
                 # cannot pile up past `concurrency`.
                 await asyncio.wait([exc.straggler])
             return
-        finished = await self._write(outcomes.mark_succeeded, lease, result)
+        finished = await self._write(outcomes.mark_succeeded, lease, result, now=now)
         if finished is None:
             log.warning(
                 "task %s attempt %d: lease lost; success not recorded", task.id, ctx.attempt
@@ -295,9 +313,15 @@ class Runner:
         raise TaskTimeout(spec.timeout, straggler=thread)
 
     async def _failed(
-        self, task: Task, lease: Lease, spec: TaskSpec | None, error: Exception
+        self,
+        task: Task,
+        lease: Lease,
+        spec: TaskSpec | None,
+        error: Exception,
+        *,
+        now: datetime | None = None,
     ) -> None:
-        now = utcnow()
+        now = now or utcnow()
         run_at = next_run_at(
             spec.policy if spec is not None else DEFAULT_POLICY,
             task.attempts,
@@ -341,20 +365,25 @@ class Runner:
                 log.warning("task %s attempt %d: lease lost", task_id, running.ctx.attempt)
                 running.ctx.cancel()
 
-    async def _reclaim(self) -> None:
+    async def _reclaim(self, *, now: datetime | None = None) -> None:
+        now = now or utcnow()
+
         def decide(task: Task) -> datetime | None:
             spec = self.registry.get(task.name) if task.name in self.registry else None
+            policy = spec.policy if spec is not None else DEFAULT_POLICY
+            # A lapsed lease is never the function's verdict: the runner died, so it is
+            # always worth another attempt, within the policy's attempts, stop and wait.
             return next_run_at(
-                spec.policy if spec is not None else DEFAULT_POLICY,
+                replace(policy, retry=retry_always),
                 task.attempts,
                 LeaseExpired(leases.LEASE_EXPIRED),
                 max_attempts=task.max_attempts,
                 created_at=task.created_at,
-                now=utcnow(),
+                now=now,
             )
 
         try:
-            reclaimed = await self._write(leases.reclaim_expired, decide)
+            reclaimed = await self._write(leases.reclaim_expired, decide, now=now)
         except Exception:
             log.exception("runner %s: reclaim failed", self.worker_id)
             return

@@ -38,17 +38,35 @@ def open_database(settings: Settings) -> Database:
 
 
 class Pulse:
-    """Wakes every waiter when some task finishes (used by `GET /tasks/{id}?wait=`)."""
+    """Wakes every waiter when some task finishes (used by `GET /tasks/{id}?wait=`).
+
+    Waiters live on the app's loop; `fire` may come from any thread or loop.
+    """
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def fire(self, _task: Task | None = None) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            self._set()
+        else:
+            loop.call_soon_threadsafe(self._set)
+
+    def _set(self) -> None:
         event, self._event = self._event, asyncio.Event()
         event.set()
 
     async def wait(self, seconds: float) -> None:
         """Return when the next task finishes, or after `seconds`."""
+        self._loop = asyncio.get_running_loop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), seconds)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from tenacity import retry_if_exception_type, wait_fixed
 
@@ -47,6 +49,37 @@ async def async_echo(value: int, ctx: TaskContext) -> dict[str, int]:
     """The async twin of `test.echo`."""
     await asyncio.sleep(0)
     return {"value": value, "attempt": ctx.attempt}
+
+
+@task(name="test.whoami")
+def whoami(ctx: TaskContext) -> dict[str, Any]:
+    """Returns what its context says about the task."""
+    return {"task_id": ctx.task_id, "attempt": ctx.attempt}
+
+
+@task(name="test.async_whoami")
+async def async_whoami(ctx: TaskContext) -> dict[str, Any]:
+    """The async twin of `test.whoami`."""
+    await asyncio.sleep(0)
+    return {"task_id": ctx.task_id, "attempt": ctx.attempt}
+
+
+@task(name="test.when")
+def when(at: datetime) -> dict[str, str]:
+    """Reports the type and value of the datetime it received."""
+    return {"type": type(at).__name__, "iso": at.isoformat()}
+
+
+@task(name="test.rich")
+def rich() -> dict[str, Any]:
+    """Returns values JSON has no type for: a datetime, a tuple, a set."""
+    return {"at": datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC), "pair": (1, 2), "one": {"x"}}
+
+
+@task(name="test.anything")
+def anything(value: Any = None, *rest: int, **extra: str) -> Any:
+    """Returns its argument unchanged; accepts any JSON value."""
+    return value
 
 
 @task(

@@ -1,0 +1,397 @@
+"""The runner: retries on the policy's schedule, timeouts, wake-ups, graceful stop, leases."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.runner import Runner
+from app.service import Backstop
+from app.settings import Settings
+from store import attempts as store_attempts
+from store import leases
+from store import tasks as store_tasks
+from store.models import Attempt, AttemptOutcome, Task, TaskStatus
+from tests.support.tasks import flaky
+from tests.support.waiting import wait_until
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    """`seconds` after the pinned start of the test's clock."""
+    return T0 + timedelta(seconds=seconds)
+
+
+MakeBackstop = Callable[..., Backstop]
+
+
+@pytest.fixture
+def make_backstop(settings: Settings) -> Iterator[MakeBackstop]:
+    """Builds a migrated Backstop on the test's database with some settings changed."""
+    made: list[Backstop] = []
+
+    def make(**changes: Any) -> Backstop:
+        instance = Backstop(settings.model_copy(update=changes))
+        instance.prepare()
+        made.append(instance)
+        return instance
+
+    yield make
+    for instance in made:
+        instance.close()
+
+
+def _task(backstop: Backstop, task_id: str) -> Task:
+    with backstop.db.read() as conn:
+        return store_tasks.get_task(conn, task_id)
+
+
+def _attempts(backstop: Backstop, task_id: str) -> list[Attempt]:
+    with backstop.db.read() as conn:
+        return store_attempts.list_attempts(conn, task_id)
+
+
+def _marks(backstop: Backstop, folder: str, task_id: str) -> list[str]:
+    """The lines a test task wrote about itself (see `tests.support.tasks._mark`)."""
+    path = Path(backstop.settings.data_dir) / folder / f"{task_id}.txt"
+    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
+async def _until(predicate: Callable[[], bool], what: str, within: float = 15.0) -> None:
+    """Poll `predicate` without blocking the loop; fail the test after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def _status_is(backstop: Backstop, task_id: str, status: TaskStatus) -> Callable[[], bool]:
+    return lambda: _task(backstop, task_id).status == status
+
+
+# -- retries on the policy's schedule --------------------------------------------------------
+
+
+def test_flaky_task_is_retried_exactly_after_the_policy_wait_until_it_succeeds(
+    backstop: Backstop,
+) -> None:
+    task = backstop.tasks.enqueue(flaky, [2], now=T0)
+    runner = backstop.runner
+
+    async def scenario() -> None:
+        first = await runner.run_once(now=at(0))
+        assert [(t.status, t.attempts, t.scheduled_at) for t in first] == [
+            (TaskStatus.RETRYING, 1, at(2))
+        ]
+        assert await runner.run_once(now=at(1)) == []
+        second = await runner.run_once(now=at(2))
+        assert [(t.status, t.attempts, t.scheduled_at) for t in second] == [
+            (TaskStatus.RETRYING, 2, at(4))
+        ]
+        assert await runner.run_once(now=at(3.999)) == []
+        third = await runner.run_once(now=at(4))
+        assert [(t.status, t.attempts, t.result, t.finished_at) for t in third] == [
+            (TaskStatus.SUCCEEDED, 3, 3, at(4))
+        ]
+        assert await runner.drain(now=at(100)) == []
+
+    asyncio.run(scenario())
+
+    history = _attempts(backstop, task.id)
+    assert [(a.number, a.outcome, a.error) for a in history] == [
+        (1, AttemptOutcome.FAILED, "Flaky: attempt 1 of 2 planned failures"),
+        (2, AttemptOutcome.FAILED, "Flaky: attempt 2 of 2 planned failures"),
+        (3, AttemptOutcome.SUCCEEDED, None),
+    ]
+    assert [(a.started_at, a.finished_at) for a in history] == [
+        (at(0), at(0)),
+        (at(2), at(2)),
+        (at(4), at(4)),
+    ]
+    assert all(a.worker == runner.worker_id for a in history)
+    assert _marks(backstop, "attempts", task.id) == ["1", "2", "3"]
+
+
+def test_non_retryable_error_fails_at_once_with_its_traceback(backstop: Backstop) -> None:
+    task = backstop.tasks.enqueue("test.fatal", now=T0)
+
+    done = asyncio.run(backstop.runner.drain(now=at(0)))
+    later = asyncio.run(backstop.runner.drain(now=at(3600)))
+
+    assert [(t.status, t.attempts, t.last_error, t.finished_at) for t in done] == [
+        (TaskStatus.FAILED, 1, "Fatal: not worth retrying", at(0))
+    ]
+    assert later == []
+    [attempt] = _attempts(backstop, task.id)
+    assert attempt.outcome == AttemptOutcome.FAILED
+    assert attempt.error == "Fatal: not worth retrying"
+    assert attempt.traceback is not None
+    assert attempt.traceback.startswith("Traceback (most recent call last):")
+    assert 'raise Fatal("not worth retrying")' in attempt.traceback
+    assert attempt.traceback.rstrip().endswith("Fatal: not worth retrying")
+
+
+@pytest.mark.parametrize("name", ["test.slow_timeout", "test.async_slow_timeout"])
+def test_timeout_counts_as_a_failed_attempt(backstop: Backstop, name: str) -> None:
+    task = backstop.tasks.enqueue(name, now=T0)
+
+    done = asyncio.run(backstop.runner.drain(now=at(0)))
+
+    [finished] = done
+    assert (finished.id, finished.status, finished.attempts) == (task.id, TaskStatus.FAILED, 2)
+    assert finished.last_error is not None
+    assert finished.last_error.startswith("TaskTimeout: timed out after 0.2s")
+    history = _attempts(backstop, task.id)
+    assert [a.outcome for a in history] == [AttemptOutcome.FAILED] * 2
+    assert all((a.error or "").startswith("TaskTimeout: timed out after 0.2s") for a in history)
+
+
+# -- running sync and async functions --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["test.whoami", "test.async_whoami"])
+def test_functions_receive_their_context(backstop: Backstop, name: str) -> None:
+    task_id = backstop.tasks.add_task(name)
+
+    [finished] = asyncio.run(backstop.runner.drain())
+
+    assert finished.status == TaskStatus.SUCCEEDED
+    assert finished.result == {"task_id": task_id, "attempt": 1}
+
+
+@pytest.mark.parametrize("name", ["test.echo", "test.async_echo"])
+def test_sync_and_async_results_are_stored_as_json(backstop: Backstop, name: str) -> None:
+    task_id = backstop.tasks.add_task(name, 41)
+
+    asyncio.run(backstop.runner.drain())
+
+    stored = _task(backstop, task_id)
+    assert (stored.status, stored.result, stored.attempts) == (
+        TaskStatus.SUCCEEDED,
+        {"value": 41, "attempt": 1},
+        1,
+    )
+    assert stored.finished_at is not None
+    assert stored.lease_owner is None
+
+
+def test_results_json_has_no_type_for_are_converted(backstop: Backstop) -> None:
+    task_id = backstop.tasks.add_task("test.rich")
+
+    asyncio.run(backstop.runner.drain())
+
+    assert _task(backstop, task_id).result == {
+        "at": "2030-01-02T03:04:05Z",
+        "pair": [1, 2],
+        "one": ["x"],
+    }
+
+
+def test_drain_runs_more_tasks_than_one_claim_takes(backstop: Backstop) -> None:
+    count = backstop.settings.concurrency * 2 + 1
+    ids = {backstop.tasks.enqueue("test.echo", [n], now=T0).id for n in range(count)}
+
+    done = asyncio.run(backstop.runner.drain(now=at(0)))
+
+    assert {t.id for t in done} == ids
+    assert {t.status for t in done} == {TaskStatus.SUCCEEDED}
+
+
+def test_higher_priority_is_claimed_first(make_backstop: MakeBackstop) -> None:
+    backstop = make_backstop(concurrency=1)
+    low = backstop.tasks.enqueue("test.noop", now=T0).id
+    high = backstop.tasks.enqueue("test.noop", priority=5, now=at(1)).id
+
+    first = asyncio.run(backstop.runner.run_once(now=at(2)))
+    second = asyncio.run(backstop.runner.run_once(now=at(2)))
+
+    assert [t.id for t in first] == [high]
+    assert [t.id for t in second] == [low]
+
+
+# -- the started runner ----------------------------------------------------------------------
+
+
+def test_started_runner_picks_up_a_local_enqueue_without_waiting_for_a_poll(
+    make_backstop: MakeBackstop,
+) -> None:
+    backstop = make_backstop(poll_interval=60)
+
+    async def scenario() -> None:
+        # Picked up by the claim the runner makes as it starts; after it, polls are 60 s apart.
+        warmup = backstop.tasks.add_task("test.noop")
+        await backstop.runner.start()
+        try:
+            await _until(_status_is(backstop, warmup, TaskStatus.SUCCEEDED), "the first claim")
+            on_loop = backstop.tasks.add_task("test.echo", 1)
+            await _until(
+                _status_is(backstop, on_loop, TaskStatus.SUCCEEDED), "an enqueue on the loop", 10
+            )
+            from_thread = await asyncio.to_thread(backstop.tasks.add_task, "test.echo", 2)
+            await _until(
+                _status_is(backstop, from_thread, TaskStatus.SUCCEEDED),
+                "an enqueue from another thread",
+                10,
+            )
+        finally:
+            await backstop.runner.stop()
+
+    asyncio.run(scenario())
+
+
+def test_stop_past_the_grace_releases_the_running_task(make_backstop: MakeBackstop) -> None:
+    backstop = make_backstop(shutdown_grace=0.2)
+
+    async def scenario() -> str:
+        await backstop.runner.start()
+        try:
+            task_id = backstop.tasks.add_task("test.sleep", 5)
+            await _until(lambda: _marks(backstop, "runs", task_id) == ["start 1"], "the start")
+        finally:
+            await backstop.runner.stop()
+        return task_id
+
+    task_id = asyncio.run(scenario())
+
+    released = _task(backstop, task_id)
+    assert (released.status, released.attempts, released.lease_owner) == (
+        TaskStatus.QUEUED,
+        0,
+        None,
+    )
+    [attempt] = _attempts(backstop, task_id)
+    assert attempt.outcome == AttemptOutcome.RELEASED
+    assert attempt.finished_at is not None
+    # The sync function saw the stop through its context and returned early.
+    wait_until(lambda: _marks(backstop, "runs", task_id) == ["start 1", "done 1"], 5, "the end")
+
+
+def test_stop_within_the_grace_lets_the_running_task_finish(make_backstop: MakeBackstop) -> None:
+    backstop = make_backstop(shutdown_grace=10)
+
+    async def scenario() -> str:
+        await backstop.runner.start()
+        try:
+            task_id = backstop.tasks.add_task("test.sleep", 0.3)
+            await _until(lambda: _marks(backstop, "runs", task_id) == ["start 1"], "the start")
+        finally:
+            await backstop.runner.stop()
+        return task_id
+
+    task_id = asyncio.run(scenario())
+
+    finished = _task(backstop, task_id)
+    assert (finished.status, finished.attempts, finished.result) == (
+        TaskStatus.SUCCEEDED,
+        1,
+        0.3,
+    )
+    assert [a.outcome for a in _attempts(backstop, task_id)] == [AttemptOutcome.SUCCEEDED]
+    assert _marks(backstop, "runs", task_id) == ["start 1", "done 1"]
+    successor = Runner(backstop.db, backstop.registry, backstop.settings)
+    assert asyncio.run(successor.drain()) == []
+
+
+def test_heartbeat_keeps_extending_the_lease_while_the_function_runs(
+    make_backstop: MakeBackstop,
+) -> None:
+    # A 1 s lease, renewed every third of a second, around a function that runs 1.5 s.
+    backstop = make_backstop(lease_seconds=1.0)
+
+    async def scenario() -> tuple[str, datetime, datetime]:
+        await backstop.runner.start()
+        try:
+            task_id = backstop.tasks.add_task("test.sleep", 1.5)
+            await _until(_status_is(backstop, task_id, TaskStatus.RUNNING), "the claim")
+            first = _task(backstop, task_id).lease_expires_at
+            assert first is not None
+
+            def extended() -> bool:
+                current = _task(backstop, task_id).lease_expires_at
+                return current is not None and current > first
+
+            await _until(extended, "a renewed lease", 5)
+            renewed = _task(backstop, task_id).lease_expires_at
+            assert renewed is not None
+            await _until(_status_is(backstop, task_id, TaskStatus.SUCCEEDED), "the success")
+        finally:
+            await backstop.runner.stop()
+        return task_id, first, renewed
+
+    task_id, first, renewed = asyncio.run(scenario())
+
+    assert renewed > first
+    finished = _task(backstop, task_id)
+    assert finished.attempts == 1
+    assert [a.outcome for a in _attempts(backstop, task_id)] == [AttemptOutcome.SUCCEEDED]
+    assert _marks(backstop, "runs", task_id) == ["start 1", "done 1"]
+
+
+# -- leases of dead runners ------------------------------------------------------------------
+
+
+def _claim_for_a_dead_runner(backstop: Backstop, lease_seconds: float) -> Task:
+    with backstop.db.write() as conn:
+        [claimed] = leases.claim_due(conn, "dead", 10, lease_seconds=lease_seconds, now=at(0))
+    return claimed
+
+
+def test_runner_reclaims_an_expired_lease_as_a_failed_attempt(backstop: Backstop) -> None:
+    task = backstop.tasks.enqueue("test.echo", [7], now=T0)
+    _claim_for_a_dead_runner(backstop, lease_seconds=1)
+
+    asyncio.run(backstop.runner._reclaim(now=at(0.5)))
+    assert _task(backstop, task.id).status == TaskStatus.RUNNING
+
+    asyncio.run(backstop.runner._reclaim(now=at(1)))
+    reclaimed = _task(backstop, task.id)
+    assert (reclaimed.status, reclaimed.attempts, reclaimed.last_error) == (
+        TaskStatus.RETRYING,
+        1,
+        "lease expired",
+    )
+    assert reclaimed.lease_owner is None
+    # The default policy: 1 s, plus up to 1 s of jitter, after the reclaim.
+    assert at(2) <= reclaimed.scheduled_at <= at(3)
+    [attempt] = _attempts(backstop, task.id)
+    assert (attempt.worker, attempt.outcome, attempt.error, attempt.finished_at) == (
+        "dead",
+        AttemptOutcome.LEASE_EXPIRED,
+        "lease expired",
+        at(1),
+    )
+
+    [rerun] = asyncio.run(backstop.runner.drain(now=at(3)))
+    assert (rerun.status, rerun.result) == (TaskStatus.SUCCEEDED, {"value": 7, "attempt": 2})
+
+
+def test_reclaim_of_the_last_allowed_attempt_fails_the_task(backstop: Backstop) -> None:
+    task = backstop.tasks.enqueue("test.echo", [7], max_attempts=1, now=T0)
+    _claim_for_a_dead_runner(backstop, lease_seconds=1)
+
+    asyncio.run(backstop.runner._reclaim(now=at(5)))
+
+    failed = _task(backstop, task.id)
+    assert (failed.status, failed.attempts, failed.last_error, failed.finished_at) == (
+        TaskStatus.FAILED,
+        1,
+        "lease expired",
+        at(5),
+    )
+    assert asyncio.run(backstop.runner.drain(now=at(3600))) == []
+
+
+def test_drain_does_not_run_a_task_another_runner_holds(backstop: Backstop) -> None:
+    task = backstop.tasks.enqueue("test.echo", [7], now=T0)
+    _claim_for_a_dead_runner(backstop, lease_seconds=30)
+
+    assert asyncio.run(backstop.runner.drain(now=at(1))) == []
+    assert _task(backstop, task.id).lease_owner == "dead"
