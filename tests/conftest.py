@@ -50,4 +50,3 @@ def client(settings: Settings) -> Iterator[TestClient]:
     """The API on the test's database, runner not started: tests drain it themselves."""
     with TestClient(create_app(settings, run_worker=False)) as test_client:
         yield test_client
-
