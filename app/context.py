@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from threading import Event
 
@@ -19,13 +20,19 @@ class TaskContext:
     task_id: str
     attempt: int
     settings: Settings
-    _cancel: Event = field(default_factory=Event, repr=False)
+    _stop: Event = field(default_factory=Event, repr=False)
+    _on_stop: list[Callable[[], object]] = field(default_factory=list, repr=False)
 
     @property
     def cancelled(self) -> bool:
-        """True once the task was asked to stop (a timeout, or a shutdown past its grace)."""
-        return self._cancel.is_set()
+        """True once the task should stop: it was cancelled, timed out, lost its lease, or
+        its runner is shutting down past its grace. Long sync functions should check it."""
+        return self._stop.is_set()
 
-    def cancel(self) -> None:
-        """Ask the function to stop; sync functions see it through `cancelled`."""
-        self._cancel.set()
+    def _request_stop(self) -> None:
+        """Runner side: flag the stop and interrupt an async function (it gets cancelled)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        for stop in self._on_stop:
+            stop()

@@ -33,14 +33,14 @@ class _Param:
     adapter: TypeAdapter[Any]
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
     """False when `value` holds a NaN or an infinity, which JSON cannot carry."""
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, dict):
-        return all(_finite(item) for item in value.values())
+        return all(finite(item) for item in value.values())
     if isinstance(value, list | tuple | set | frozenset):
-        return all(_finite(item) for item in value)
+        return all(finite(item) for item in value)
     return True
 
 
@@ -91,7 +91,7 @@ class TaskSpec:
         try:
             checked = param.adapter.validate_python(value)
             # The JSON dump turns a NaN or an infinity inside an `Any` into null: refuse it.
-            if not _finite(param.adapter.dump_python(checked)):
+            if not finite(param.adapter.dump_python(checked)):
                 raise ValueError("NaN or infinity")
             dumped = param.adapter.dump_python(checked, mode="json")
             json.dumps(dumped, allow_nan=False)

@@ -1,10 +1,11 @@
-"""The runner: claims due tasks, runs them, and writes each outcome under its lease.
+"""The runner: claims due tasks, runs them, keeps their leases, and takes back lapsed ones.
 
-An APScheduler `AsyncIOScheduler` drives three interval jobs: the claim (every
+An APScheduler `AsyncIOScheduler` drives the interval jobs: the claim (every
 `poll_interval`, and at once when this process enqueues or a slot frees up with work
-waiting), the heartbeat that renews the leases of running tasks, and the reclaim of leases
-that lapsed elsewhere. Sync functions run on threads and async ones on the loop. Every
-database call runs on one dedicated thread, so the loop never waits on SQLite's lock.
+waiting), the check for cancel requests, the heartbeat that renews the leases of running
+tasks, the reclaim of leases that lapsed elsewhere, and any extra jobs the service adds
+(periodic tasks, retention). Sync functions run on threads and async ones on the loop.
+Every database call runs on one dedicated thread, so the loop never waits on SQLite's lock.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import asyncio
 import logging
 import os
 import socket
-import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -22,15 +22,15 @@ from typing import Any, TypeVar
 from uuid import uuid4
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from pydantic_core import to_jsonable_python
+from sqlalchemy.engine import Connection
 from tenacity import retry_always
 
 from app.context import TaskContext
-from app.registry import Registry, TaskSpec
+from app.execution import Executor
+from app.registry import Registry
 from app.retry import DEFAULT_POLICY, next_run_at
 from app.settings import Settings
-from app.threads import run_in_daemon_thread
-from store import leases, outcomes
+from store import control, leases
 from store import tasks as store_tasks
 from store.engine import Database
 from store.models import Lease, Task, lease_of
@@ -39,15 +39,9 @@ from store.timeutil import utcnow
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Job = Callable[[], Awaitable[object]]
 
-
-class TaskTimeout(TimeoutError):
-    """An attempt ran past its task's `timeout`."""
-
-    def __init__(self, timeout: float, straggler: asyncio.Future[Any] | None = None) -> None:
-        super().__init__(f"timed out after {timeout:g}s")
-        # A sync function's thread, still running: it cannot be killed, only asked to stop.
-        self.straggler = straggler
+ALL_QUEUES: None = None
 
 
 class LeaseExpired(Exception):
@@ -57,6 +51,7 @@ class LeaseExpired(Exception):
 @dataclass
 class _Running:
     lease: Lease
+    queue: str
     ctx: TaskContext
     job: asyncio.Task[None]
 
@@ -66,8 +61,27 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:6]}"
 
 
+def _claim_queues(
+    conn: Connection,
+    owner: str,
+    free: Mapping[str | None, int],
+    *,
+    lease_seconds: float,
+    now: datetime | None,
+) -> dict[str | None, list[Task]]:
+    """One claim per queue with free slots, in one transaction."""
+    return {
+        queue: leases.claim_due(
+            conn, owner, slots, lease_seconds=lease_seconds, queue=queue, now=now
+        )
+        for queue, slots in free.items()
+        if slots > 0
+    }
+
+
 class Runner:
-    """Runs the tasks of one process, at most `settings.concurrency` at a time."""
+    """Runs the tasks of one process: per named queue up to its concurrency, or up to
+    `settings.concurrency` over every queue when no queues are named."""
 
     def __init__(
         self,
@@ -75,6 +89,7 @@ class Runner:
         registry: Registry,
         settings: Settings,
         *,
+        queues: Mapping[str, int] | None = None,
         worker_id: str | None = None,
         on_finished: Callable[[Task], None] | None = None,
     ) -> None:
@@ -82,9 +97,15 @@ class Runner:
         self.registry = registry
         self.settings = settings
         self.worker_id = worker_id or default_worker_id()
+        named = dict(queues if queues is not None else settings.queues)
+        self.limits: dict[str | None, int] = {ALL_QUEUES: settings.concurrency}
+        if named:
+            self.limits = {queue: limit for queue, limit in named.items()}
         self._on_finished = on_finished or (lambda task: None)
+        self.executor = Executor(registry, settings, self.write, self._finished)
         self._running: dict[str, _Running] = {}
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backstop-db")
+        self._extra_jobs: list[tuple[str, Job, float]] = []
         self._scheduler: AsyncIOScheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
@@ -95,17 +116,29 @@ class Runner:
         self._backlog = False
         self._filler: asyncio.Future[None] | None = None
 
+    @property
+    def capacity(self) -> int:
+        """How many tasks this runner runs at once, over all its queues."""
+        return sum(self.limits.values())
+
+    def add_job(self, job_id: str, job: Job, every: float) -> None:
+        """Run `job` every `every` seconds while the runner runs (before `start`)."""
+        self._extra_jobs.append((job_id, job, every))
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start claiming: the interval jobs run on the current event loop."""
         self._loop = asyncio.get_running_loop()
         lease = self.settings.lease_seconds
+        poll = self.settings.poll_interval
         scheduler = AsyncIOScheduler(event_loop=self._loop, timezone=UTC)
-        jobs: list[tuple[str, Callable[[], Coroutine[Any, Any, None]], float]] = [
-            ("claim", self._poll, self.settings.poll_interval),
+        jobs: list[tuple[str, Job, float]] = [
+            ("claim", self._poll, poll),
+            ("cancels", self._check_cancels, poll),
             ("heartbeat", self._heartbeat, lease / 3),
-            ("reclaim", self._reclaim, min(max(lease / 2, self.settings.poll_interval), 10.0)),
+            ("reclaim", self.reclaim, min(max(lease / 2, poll), 10.0)),
+            *self._extra_jobs,
         ]
         for job_id, func, seconds in jobs:
             scheduler.add_job(
@@ -121,7 +154,8 @@ class Runner:
         scheduler.start()
         self._scheduler = scheduler
         self._accepting = True
-        log.info("runner %s started (concurrency %d)", self.worker_id, self.settings.concurrency)
+        served = ", ".join(f"{q or '*'}={n}" for q, n in self.limits.items())
+        log.info("runner %s started (queues %s)", self.worker_id, served)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop claiming, wait up to `grace` seconds for running tasks, release the rest.
@@ -132,7 +166,7 @@ class Runner:
         grace = self.settings.shutdown_grace if grace is None else grace
         self._accepting = False
         if self._scheduler is not None:
-            for job_id in ("claim", "reclaim"):
+            for job_id in ("claim", "reclaim", *(job_id for job_id, _, _ in self._extra_jobs)):
                 self._scheduler.remove_job(job_id)
         # A claim already in flight still starts what it took: let it land first, so those
         # tasks are waited for and released like the rest, not left running under a lease.
@@ -145,10 +179,10 @@ class Runner:
             await asyncio.wait(pending, timeout=grace)
         leftover = list(self._running.values())
         for running in leftover:
-            running.ctx.cancel()
-            running.job.cancel()
+            running.ctx._stop.set()  # sync functions see `cancelled`
+            running.job.cancel()  # async ones are cancelled with their runner task
         if leftover:
-            count = await self._write(leases.release, [r.lease for r in leftover])
+            count = await self.write(leases.release, [r.lease for r in leftover])
             log.warning("runner %s released %d unfinished tasks", self.worker_id, count)
             await asyncio.wait([r.job for r in leftover])
         if self._scheduler is not None:
@@ -159,6 +193,20 @@ class Runner:
 
     def notify(self) -> None:
         """Claim now rather than at the next poll: a task was just enqueued. Thread-safe."""
+        self._call_soon(self._kick)
+
+    def cancel_local(self, task_id: str) -> None:
+        """Stop a task this runner is running, now (its cancel request is already stored)."""
+
+        def stop() -> None:
+            running = self._running.get(task_id)
+            if running is not None:
+                log.info("task %s attempt %d: cancelling", task_id, running.ctx.attempt)
+                running.ctx._request_stop()
+
+        self._call_soon(stop)
+
+    def _call_soon(self, callback: Callable[[], None]) -> None:
         loop = self._loop
         if loop is None or not self._accepting or loop.is_closed():
             return
@@ -167,34 +215,48 @@ class Runner:
         except RuntimeError:
             running_loop = None
         if running_loop is loop:
-            self._kick()
+            callback()
         else:
-            loop.call_soon_threadsafe(self._kick)
+            loop.call_soon_threadsafe(callback)
 
     # -- the test seam -------------------------------------------------------------------
 
-    async def run_once(self, *, now: datetime | None = None) -> list[Task]:
+    async def run_once(self, *, now: datetime | None = None, inline: bool = False) -> list[Task]:
         """Claim what is due as of `now`, run it to completion, return the finished tasks.
 
-        Outcomes and retry times are reckoned as of `now` too, so tests can pin the clock.
+        Outcomes and retry times are reckoned as of `now` too, so tests can pin the clock;
+        `inline` runs sync functions on this thread, one after the other.
         """
-        claimed = await self._write(
-            leases.claim_due,
+        free: dict[str | None, int] = dict(self.limits)
+        claimed = await self.write(
+            _claim_queues,
             self.worker_id,
-            self.settings.concurrency,
+            free,
             lease_seconds=self.settings.lease_seconds,
             now=now,
         )
-        if not claimed:
+        batch = [task for tasks in claimed.values() for task in tasks]
+        if not batch:
             return []
-        await asyncio.gather(*(self._execute(task, now=now) for task in claimed))
-        return await self._read(store_tasks.get_tasks, [task.id for task in claimed])
+        if inline:
+            for task in batch:
+                await self.executor.execute(task, self.executor.context(task), inline=True, now=now)
+        else:
+            await asyncio.gather(
+                *(
+                    self.executor.execute(task, self.executor.context(task), now=now)
+                    for task in batch
+                )
+            )
+        return await self.read(store_tasks.get_tasks, [task.id for task in batch])
 
-    async def drain(self, *, now: datetime | None = None, limit: int = 10_000) -> list[Task]:
+    async def drain(
+        self, *, now: datetime | None = None, inline: bool = False, limit: int = 10_000
+    ) -> list[Task]:
         """Run due tasks until none is left (as of `now`); returns every task it ran."""
         done: dict[str, Task] = {}
         while len(done) < limit:
-            batch = await self.run_once(now=now)
+            batch = await self.run_once(now=now, inline=inline)
             if not batch:
                 break
             done.update((task.id, task) for task in batch)
@@ -213,8 +275,15 @@ class Runner:
         else:
             self._filler = asyncio.ensure_future(self._fill())
 
+    def _free(self) -> dict[str | None, int]:
+        busy: dict[str | None, int] = dict.fromkeys(self.limits, 0)
+        for running in self._running.values():
+            key = ALL_QUEUES if ALL_QUEUES in self.limits else running.queue
+            busy[key] = busy.get(key, 0) + 1
+        return {queue: limit - busy[queue] for queue, limit in self.limits.items()}
+
     async def _fill(self) -> None:
-        """Claim up to the free slots and start each task; repeat while asked to."""
+        """Claim up to the free slots of each queue and start each task; repeat if asked."""
         if self._claiming:
             self._claim_again = True
             return
@@ -223,18 +292,20 @@ class Runner:
         try:
             while self._accepting:
                 self._claim_again = False
-                free = self.settings.concurrency - len(self._running)
-                if free <= 0:
+                free = {queue: slots for queue, slots in self._free().items() if slots > 0}
+                if not free:
                     break
-                claimed = await self._write(
-                    leases.claim_due,
+                claimed = await self.write(
+                    _claim_queues,
                     self.worker_id,
                     free,
                     lease_seconds=self.settings.lease_seconds,
+                    now=None,
                 )
-                self._backlog = len(claimed) == free
-                for task in claimed:
-                    self._start(task)
+                self._backlog = any(len(claimed[queue]) == free[queue] for queue in claimed)
+                for tasks in claimed.values():
+                    for task in tasks:
+                        self._start(task)
                 if not self._claim_again:
                     break
         except Exception:
@@ -244,9 +315,9 @@ class Runner:
             self._claim_landed.set()
 
     def _start(self, task: Task) -> None:
-        ctx = TaskContext(task_id=task.id, attempt=task.attempts, settings=self.settings)
-        job = asyncio.ensure_future(self._execute(task, ctx))
-        self._running[task.id] = _Running(lease_of(task), ctx, job)
+        ctx = self.executor.context(task)
+        job = asyncio.ensure_future(self.executor.execute(task, ctx))
+        self._running[task.id] = _Running(lease_of(task), task.queue, ctx, job)
 
         def done(_job: asyncio.Future[None]) -> None:
             current = self._running.get(task.id)
@@ -257,101 +328,30 @@ class Runner:
 
         job.add_done_callback(done)
 
-    # -- running -------------------------------------------------------------------------
+    def _finished(self, task: Task) -> None:
+        self._on_finished(task)
 
-    async def _execute(
-        self, task: Task, ctx: TaskContext | None = None, *, now: datetime | None = None
-    ) -> None:
-        ctx = ctx or TaskContext(task_id=task.id, attempt=task.attempts, settings=self.settings)
-        lease = lease_of(task)
-        spec: TaskSpec | None = None
-        log.debug("task %s attempt %d: running %s", task.id, ctx.attempt, task.name)
+    # -- leases and cancels --------------------------------------------------------------
+
+    async def _check_cancels(self) -> None:
+        """Stop the running tasks that were cancelled elsewhere (another process's API)."""
+        running = list(self._running)
+        if not running:
+            return
         try:
-            spec = self.registry.get(task.name)
-            args, kwargs = spec.load(task.args, task.kwargs)
-            if spec.context_param is not None:
-                kwargs[spec.context_param] = ctx
-            result = to_jsonable_python(await self._call(spec, args, kwargs, ctx))
-        except asyncio.CancelledError:
-            # Only a stop past its grace cancels a task; the stop releases the lease.
-            raise
-        except Exception as exc:
-            await self._failed(task, lease, spec, exc, now=now)
-            if isinstance(exc, TaskTimeout) and exc.straggler is not None:
-                # Keep the runner slot until the thread returns, so that stuck threads
-                # cannot pile up past `concurrency`.
-                await asyncio.wait([exc.straggler])
+            asked = await self.read(control.cancel_requested, running)
+        except Exception:
+            log.exception("runner %s: cancel check failed", self.worker_id)
             return
-        finished = await self._write(outcomes.mark_succeeded, lease, result, now=now)
-        if finished is None:
-            log.warning(
-                "task %s attempt %d: lease lost; success not recorded", task.id, ctx.attempt
-            )
-            return
-        log.info("task %s attempt %d: succeeded", task.id, ctx.attempt)
-        self._on_finished(finished)
-
-    async def _call(
-        self, spec: TaskSpec, args: list[Any], kwargs: dict[str, Any], ctx: TaskContext
-    ) -> Any:
-        if spec.is_async:
-            deadline = asyncio.timeout(spec.timeout)
-            try:
-                async with deadline:
-                    return await spec.fn(*args, **kwargs)
-            except TimeoutError:
-                if spec.timeout is None or not deadline.expired():
-                    raise  # the function's own TimeoutError
-                raise TaskTimeout(spec.timeout) from None
-        thread = run_in_daemon_thread(spec.fn, *args, **kwargs)
-        done, _ = await asyncio.wait([thread], timeout=spec.timeout)
-        if done:
-            return thread.result()
-        assert spec.timeout is not None
-        ctx.cancel()
-        thread.add_done_callback(lambda f: f.cancelled() or f.exception())
-        raise TaskTimeout(spec.timeout, straggler=thread)
-
-    async def _failed(
-        self,
-        task: Task,
-        lease: Lease,
-        spec: TaskSpec | None,
-        error: Exception,
-        *,
-        now: datetime | None = None,
-    ) -> None:
-        now = now or utcnow()
-        run_at = next_run_at(
-            spec.policy if spec is not None else DEFAULT_POLICY,
-            task.attempts,
-            error,
-            max_attempts=task.max_attempts,
-            created_at=task.created_at,
-            now=now,
-        )
-        message = f"{type(error).__name__}: {error}"
-        trace = "".join(traceback.format_exception(error))
-        finished = await self._write(outcomes.fail_attempt, lease, message, trace, run_at, now=now)
-        if finished is None:
-            log.warning(
-                "task %s attempt %d: lease lost; failure not recorded", task.id, task.attempts
-            )
-            return
-        if run_at is None:
-            log.warning("task %s attempt %d: failed for good: %s", task.id, task.attempts, message)
-        else:
-            log.info("task %s attempt %d: %s; retry at %s", task.id, task.attempts, message, run_at)
-        self._on_finished(finished)
-
-    # -- leases --------------------------------------------------------------------------
+        for task_id in asked:
+            self.cancel_local(task_id)
 
     async def _heartbeat(self) -> None:
-        held_before = {task_id: r for task_id, r in self._running.items()}
+        held_before = dict(self._running)
         if not held_before:
             return
         try:
-            held = await self._write(
+            held = await self.write(
                 leases.extend_leases,
                 self.worker_id,
                 list(held_before),
@@ -363,9 +363,10 @@ class Runner:
         for task_id, running in held_before.items():
             if task_id not in held and self._running.get(task_id) is running:
                 log.warning("task %s attempt %d: lease lost", task_id, running.ctx.attempt)
-                running.ctx.cancel()
+                running.ctx._request_stop()
 
-    async def _reclaim(self, *, now: datetime | None = None) -> None:
+    async def reclaim(self, *, now: datetime | None = None) -> list[Task]:
+        """Fail the attempts whose leases lapsed (their runners died); the reclaimed tasks."""
         now = now or utcnow()
 
         def decide(task: Task) -> datetime | None:
@@ -383,30 +384,44 @@ class Runner:
             )
 
         try:
-            reclaimed = await self._write(leases.reclaim_expired, decide, now=now)
+            reclaimed = await self.write(
+                leases.reclaim_expired,
+                decide,
+                max_expirations=self.settings.max_lease_expiries,
+                now=now,
+            )
         except Exception:
             log.exception("runner %s: reclaim failed", self.worker_id)
-            return
+            return []
         for task in reclaimed:
             log.warning(
-                "task %s attempt %d: lease expired; now %s", task.id, task.attempts, task.status
+                "task %s attempt %d: lease expired; now %s (%s)",
+                task.id,
+                task.attempts,
+                task.status,
+                task.last_error,
             )
             self._on_finished(task)
-        if reclaimed:
+        if reclaimed and self._accepting:
             self._kick()
+        return reclaimed
 
     # -- database ------------------------------------------------------------------------
 
-    async def _write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    async def write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """`fn(conn, ...)` in a write transaction, on the runner's database thread."""
+
         def run() -> T:
             with self.db.write() as conn:
                 return fn(conn, *args, **kwargs)
 
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, run)
 
-    async def _read(self, fn: Callable[..., T], /, *args: Any) -> T:
+    async def read(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """`fn(conn, ...)` in a read transaction, on the runner's database thread."""
+
         def run() -> T:
             with self.db.read() as conn:
-                return fn(conn, *args)
+                return fn(conn, *args, **kwargs)
 
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, run)

@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30, gt=0)
     shutdown_grace: float = Field(default=30, ge=0)
     task_modules: Annotated[list[str], NoDecode] = []
+    # Named queues and their concurrency, `default=8,email=2`: this process's runner serves
+    # exactly these. Empty: it serves every queue, `concurrency` tasks at a time in all.
+    queues: Annotated[dict[str, int], NoDecode] = {}
+    max_lease_expiries: int = Field(default=3, ge=1)
+    retain_succeeded: float = Field(default=7 * 86_400, gt=0)
+    retain_failed: float = Field(default=30 * 86_400, gt=0)
+    prune_interval: float = Field(default=60, gt=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1)
     api_token: str = ""
     smtp_host: str = "localhost"
@@ -42,6 +49,13 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _parse_queues(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return parse_queues(value)
+
     @property
     def url(self) -> str:
         """The database URL in force: the setting, or the SQLite file under `data_dir`."""
@@ -51,3 +65,25 @@ class Settings(BaseSettings):
     def logs_dir(self) -> Path:
         """Where `log.append` writes."""
         return self.data_dir / "logs"
+
+
+def parse_queues(text: str) -> dict[str, int]:
+    """`default=8,email=2` (or `default,email` with the default concurrency of 1 each)."""
+    queues: dict[str, int] = {}
+    for part in (item.strip() for item in text.split(",")):
+        if not part:
+            continue
+        name, _, limit = part.partition("=")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"queue entry {part!r} has no name; expected name=concurrency")
+        try:
+            count = int(limit) if limit.strip() else 1
+        except ValueError:
+            raise ValueError(
+                f"queue {name!r}: concurrency {limit!r} is not a whole number"
+            ) from None
+        if count < 1:
+            raise ValueError(f"queue {name!r}: concurrency must be at least 1")
+        queues[name] = count
+    return queues

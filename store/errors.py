@@ -21,3 +21,23 @@ class InvalidCursor(StoreError):
     def __init__(self, cursor: str) -> None:
         super().__init__(f"invalid cursor {cursor!r}")
         self.cursor = cursor
+
+
+class InvalidTransition(StoreError):
+    """The task's state does not allow what was asked (cancel a finished task, ...)."""
+
+    def __init__(self, task_id: str, status: str, action: str, allowed: str) -> None:
+        super().__init__(f"task {task_id!r} is {status}: only {allowed} tasks can be {action}")
+        self.task_id = task_id
+        self.status = status
+
+
+class IdempotencyConflict(StoreError):
+    """An idempotency key already used for a different request."""
+
+    def __init__(self, key: str, task_id: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} was already used for a different request (task {task_id})"
+        )
+        self.key = key
+        self.task_id = task_id

@@ -41,9 +41,11 @@ def claim_due(
     limit: int,
     *,
     lease_seconds: float,
+    queue: str | None = None,
     now: datetime | None = None,
 ) -> list[Task]:
-    """Claim up to `limit` due tasks, highest priority then oldest first, in one statement.
+    """Claim up to `limit` due tasks (of `queue`, or of any queue), highest priority then
+    oldest first, in one statement.
 
     Two runners can never take the same task. On SQLite the write transaction opened with
     `BEGIN IMMEDIATE` holds the database's single write lock from before the subquery reads
@@ -63,6 +65,8 @@ def claim_due(
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
+    if queue is not None:
+        due = due.where(t.c.queue == queue)
     claim = (
         sa.update(t)
         .where(t.c.id.in_(due.scalar_subquery()), t.c.status.in_(CLAIMABLE))
@@ -123,14 +127,16 @@ def reclaim_expired(
     conn: Connection,
     decide: Callable[[Task], datetime | None],
     *,
+    max_expirations: int | None = None,
     now: datetime | None = None,
     limit: int = 100,
 ) -> list[Task]:
     """Turn lapsed leases into failed attempts with the error `lease expired`.
 
     `decide(task)` gives the next run time under the task's retry policy, or None to give up;
-    the task goes on to `retrying` or `failed` like after any other failure. Returns the tasks
-    as they now are.
+    the task goes on to `retrying` or `failed` like after any other failure. A task whose
+    lease lapsed `max_expirations` times fails whatever its policy says: its runner died each
+    time, so it is likely the task that kills them. Returns the tasks as they now are.
     """
     now = now or utcnow()
     expired_query = (
@@ -142,15 +148,23 @@ def reclaim_expired(
     )
     reclaimed: list[Task] = []
     for task in [to_task(row) for row in conn.execute(expired_query)]:
-        run_at = decide(task) if task.attempts < task.max_attempts else None
+        expirations = task.expirations + 1
+        poisoned = max_expirations is not None and expirations >= max_expirations
+        run_at = None if poisoned or task.attempts >= task.max_attempts else decide(task)
+        error = (
+            f"{LEASE_EXPIRED} {expirations} times: the task may be crashing its runner"
+            if poisoned
+            else LEASE_EXPIRED
+        )
         done = fail_attempt(
             conn,
             lease_of(task),
-            LEASE_EXPIRED,
+            error,
             None,
             run_at,
             outcome=AttemptOutcome.LEASE_EXPIRED,
             expired=True,
+            extra={"expirations": expirations},
             now=now,
         )
         if done is not None:
@@ -161,37 +175,46 @@ def reclaim_expired(
 def release(conn: Connection, leases: Sequence[Lease], *, now: datetime | None = None) -> int:
     """Give tasks back on a graceful stop: queued again at once, the attempt not counted.
 
-    The attempt row stays, with the outcome `released`, so the history shows what happened.
-    Returns how many leases were still held and released.
+    A task that was asked to stop ends `cancelled` instead. The attempt row stays, with the
+    outcome `released` (or `cancelled`), so the history shows what happened. Returns how many
+    leases were still held.
     """
     now = now or utcnow()
     released = 0
     for lease in leases:
-        stmt = (
-            sa.update(t)
-            .where(
-                t.c.id == lease.task_id,
-                t.c.lease_token == lease.token,
-                t.c.status == TaskStatus.RUNNING,
-            )
-            .values(
-                status=TaskStatus.QUEUED,
-                attempts=t.c.attempts - 1,
-                scheduled_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-            )
-            .returning(t.c.attempts)
+        fence = (
+            t.c.id == lease.task_id,
+            t.c.lease_token == lease.token,
+            t.c.status == TaskStatus.RUNNING,
         )
-        attempts = conn.execute(stmt).scalar_one_or_none()
-        if attempts is None:
-            continue
+        cleared = {"lease_owner": None, "lease_expires_at": None}
+        cancelled = conn.execute(
+            sa.update(t)
+            .where(*fence, t.c.cancel_requested_at.is_not(None))
+            .values(**cleared, status=TaskStatus.CANCELLED, finished_at=now)
+            .returning(t.c.attempts)
+        ).scalar_one_or_none()
+        if cancelled is not None:
+            number, outcome = cancelled, AttemptOutcome.CANCELLED
+        else:
+            back = conn.execute(
+                sa.update(t)
+                .where(*fence)
+                .values(
+                    **cleared,
+                    status=TaskStatus.QUEUED,
+                    attempts=t.c.attempts - 1,
+                    scheduled_at=now,
+                )
+                .returning(t.c.attempts)
+            ).scalar_one_or_none()
+            if back is None:
+                continue
+            number, outcome = back + 1, AttemptOutcome.RELEASED
         released += 1
         conn.execute(
             sa.update(a)
-            .where(
-                a.c.task_id == lease.task_id, a.c.number == attempts + 1, a.c.finished_at.is_(None)
-            )
-            .values(finished_at=now, outcome=AttemptOutcome.RELEASED)
+            .where(a.c.task_id == lease.task_id, a.c.number == number, a.c.finished_at.is_(None))
+            .values(finished_at=now, outcome=outcome)
         )
     return released

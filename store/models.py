@@ -52,6 +52,7 @@ class AttemptOutcome(StrEnum):
     FAILED = "failed"
     LEASE_EXPIRED = "lease_expired"
     RELEASED = "released"
+    CANCELLED = "cancelled"
 
 
 class StoreModel(SQLModel):
@@ -101,6 +102,15 @@ class Task(StoreModel, table=True):  # type: ignore[no-redef]
             sqlite_where=text(CLAIMABLE_WHERE),
             postgresql_where=text(CLAIMABLE_WHERE),
         ),
+        # The claim of a runner that serves named queues, one queue at a time.
+        Index(
+            "ix_task_claimable_queue",
+            "queue",
+            desc(column("priority")),
+            "scheduled_at",
+            sqlite_where=text(CLAIMABLE_WHERE),
+            postgresql_where=text(CLAIMABLE_WHERE),
+        ),
         Index(
             "ix_task_lease_expiry",
             "lease_expires_at",
@@ -114,6 +124,14 @@ class Task(StoreModel, table=True):  # type: ignore[no-redef]
             "status",
             "created_at",
             "id",
+            sqlite_where=text(TERMINAL_WHERE),
+            postgresql_where=text(TERMINAL_WHERE),
+        ),
+        # Retention prunes each terminal state by age, oldest first.
+        Index(
+            "ix_task_prune",
+            "status",
+            "finished_at",
             sqlite_where=text(TERMINAL_WHERE),
             postgresql_where=text(TERMINAL_WHERE),
         ),
@@ -144,6 +162,14 @@ class Task(StoreModel, table=True):  # type: ignore[no-redef]
     # The fencing token: bumped by every claim, so a runner whose lease lapsed and was taken
     # over can never write an outcome over its successor's.
     lease_token: int = 0
+    # How many times a runner died holding this task (its lease lapsed): past a limit the
+    # task is taken for a poison pill that kills runners, and fails.
+    expirations: int = 0
+    # Set by a cancel while the task runs; the runner stops the function and ends it there.
+    cancel_requested_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime))
+    # A fingerprint of the request that created the task under `idempotency_key`, so the
+    # same key with a different request is told apart from a retried one.
+    request_hash: str | None = Field(default=None, sa_type=String(64))
 
 
 class Attempt(StoreModel, table=True):
@@ -165,6 +191,16 @@ class Attempt(StoreModel, table=True):
     worker: str = Field(sa_type=String(200))
 
 
+class Schedule(StoreModel, table=True):
+    """A periodic task's last enqueued tick, shared by every process."""
+
+    __tablename__ = "schedule"
+
+    name: str = Field(sa_column=Column(String(200), primary_key=True))
+    last_tick: datetime | None = Field(default=None, sa_column=Column(UTCDateTime))
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+
+
 class Lease(NamedTuple):
     """The proof a runner holds a task: its id and the token its claim received."""
 
@@ -178,5 +214,6 @@ def lease_of(task: Task) -> Lease:
 
 
 task_table = Task.__table__  # type: ignore[attr-defined]
+schedule_table = Schedule.__table__  # type: ignore[attr-defined]
 attempt_table = Attempt.__table__  # type: ignore[attr-defined]
 metadata = StoreModel.metadata

@@ -29,20 +29,36 @@ def _close(
     # lapsed, or (for the reclaimer) one that has. Both sides cannot match at the same time,
     # so a late completion and a reclaim never both apply.
     held = t.c.lease_expires_at <= now if expired else t.c.lease_expires_at > now
-    stmt = (
-        sa.update(t)
-        .where(
-            t.c.id == lease.task_id,
-            t.c.lease_token == lease.token,
-            t.c.status == TaskStatus.RUNNING,
-            held,
-        )
-        .values(lease_owner=None, lease_expires_at=None, **values)
-        .returning(*t.c)
+    fence = (
+        t.c.id == lease.task_id,
+        t.c.lease_token == lease.token,
+        t.c.status == TaskStatus.RUNNING,
+        held,
     )
-    row = conn.execute(stmt).first()
+    released = {"lease_owner": None, "lease_expires_at": None}
+    row = conn.execute(
+        sa.update(t)
+        .where(*fence, t.c.cancel_requested_at.is_(None))
+        .values(**released, **values)
+        .returning(*t.c)
+    ).first()
     if row is None:
-        return None
+        # Asked to stop while it ran: whatever the function did, the task ends cancelled
+        # and its result, if any, is discarded.
+        row = conn.execute(
+            sa.update(t)
+            .where(*fence, t.c.cancel_requested_at.is_not(None))
+            .values(
+                **released,
+                status=TaskStatus.CANCELLED,
+                finished_at=now,
+                last_error=values.get("last_error", t.c.last_error),
+            )
+            .returning(*t.c)
+        ).first()
+        if row is None:
+            return None
+        attempt = {**attempt, "outcome": AttemptOutcome.CANCELLED}
     task = to_task(row)
     conn.execute(
         sa.update(a)
@@ -76,6 +92,7 @@ def fail_attempt(
     *,
     outcome: AttemptOutcome = AttemptOutcome.FAILED,
     expired: bool = False,
+    extra: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> Task | None:
     """Record a failed attempt: `retrying` until `run_at`, or `failed` when `run_at` is None.
@@ -83,7 +100,7 @@ def fail_attempt(
     None (nothing written) when the lease is no longer held.
     """
     now = now or utcnow()
-    values: dict[str, Any] = {"last_error": error}
+    values: dict[str, Any] = {"last_error": error, **(extra or {})}
     if run_at is None:
         values.update(status=TaskStatus.FAILED, finished_at=now)
     else:

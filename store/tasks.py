@@ -13,7 +13,7 @@ from uuid import uuid4
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from store.errors import InvalidCursor, TaskNotFound
+from store.errors import IdempotencyConflict, InvalidCursor, TaskNotFound
 from store.models import TERMINAL, TERMINAL_WHERE, Task, TaskStatus, task_table
 from store.timeutil import utcnow
 
@@ -32,6 +32,7 @@ class NewTask:
     max_attempts: int = 5
     scheduled_at: datetime | None = None
     idempotency_key: str | None = None
+    request_hash: str | None = None
     id: str = field(default_factory=lambda: str(uuid4()))
 
 
@@ -62,7 +63,9 @@ def _values(new: NewTask, now: datetime) -> dict[str, Any]:
         "created_at": now,
         "scheduled_at": new.scheduled_at or now,
         "idempotency_key": new.idempotency_key,
+        "request_hash": new.request_hash,
         "lease_token": 0,
+        "expirations": 0,
     }
 
 
@@ -83,6 +86,41 @@ def enqueue_many(
     rows = [_values(item, stamp) for item in new]
     conn.execute(sa.insert(t), rows)
     return [Task.model_validate(values) for values in rows]
+
+
+def enqueue_once(
+    conn: Connection, new: NewTask, *, now: datetime | None = None
+) -> tuple[Task, bool]:
+    """Insert a task under its idempotency key, once: `(task, True)` when this call stored it,
+    `(the earlier task, False)` when the key was used before for the same request.
+
+    The same key with another `request_hash` raises `IdempotencyConflict`. Two callers racing
+    with one key store one task: the unique constraint settles it inside the database.
+    """
+    if new.idempotency_key is None:
+        raise ValueError("enqueue_once needs an idempotency key")
+    values = _values(new, now or utcnow())
+    insert = _insert_or_ignore(conn)
+    inserted = conn.execute(insert, values).rowcount
+    if inserted == 1:
+        return Task.model_validate(values), True
+    row = conn.execute(sa.select(t).where(t.c.idempotency_key == new.idempotency_key)).first()
+    if row is None:  # pruned between the two statements: try once more
+        return enqueue_once(conn, new, now=now)
+    existing = to_task(row)
+    if existing.request_hash != new.request_hash:
+        raise IdempotencyConflict(new.idempotency_key, existing.id)
+    return existing, False
+
+
+def _insert_or_ignore(conn: Connection) -> sa.Insert:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(t).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(t).on_conflict_do_nothing(index_elements=["idempotency_key"])
 
 
 def get_task(conn: Connection, task_id: str) -> Task:

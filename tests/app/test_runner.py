@@ -348,10 +348,10 @@ def test_runner_reclaims_an_expired_lease_as_a_failed_attempt(backstop: Backstop
     task = backstop.tasks.enqueue("test.echo", [7], now=T0)
     _claim_for_a_dead_runner(backstop, lease_seconds=1)
 
-    asyncio.run(backstop.runner._reclaim(now=at(0.5)))
+    asyncio.run(backstop.runner.reclaim(now=at(0.5)))
     assert _task(backstop, task.id).status == TaskStatus.RUNNING
 
-    asyncio.run(backstop.runner._reclaim(now=at(1)))
+    asyncio.run(backstop.runner.reclaim(now=at(1)))
     reclaimed = _task(backstop, task.id)
     assert (reclaimed.status, reclaimed.attempts, reclaimed.last_error) == (
         TaskStatus.RETRYING,
@@ -377,7 +377,7 @@ def test_reclaim_of_the_last_allowed_attempt_fails_the_task(backstop: Backstop) 
     task = backstop.tasks.enqueue("test.echo", [7], max_attempts=1, now=T0)
     _claim_for_a_dead_runner(backstop, lease_seconds=1)
 
-    asyncio.run(backstop.runner._reclaim(now=at(5)))
+    asyncio.run(backstop.runner.reclaim(now=at(5)))
 
     failed = _task(backstop, task.id)
     assert (failed.status, failed.attempts, failed.last_error, failed.finished_at) == (

@@ -196,7 +196,7 @@ def test_the_wheel_ships_the_migrations_and_they_run_from_it(tmp_path: Path) -> 
         assert {
             "store/migrations/env.py",
             "store/migrations/script.py.mako",
-            "store/migrations/versions/0001_tasks_and_attempts.py",
+            "store/migrations/versions/0001_initial.py",
         } <= names
         archive.extractall(tmp_path / "unzipped")
 

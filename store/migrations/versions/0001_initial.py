@@ -1,4 +1,4 @@
-"""tasks and attempts
+"""tasks, attempts and schedules
 
 Revision ID: 0001
 Revises:
@@ -42,6 +42,9 @@ def upgrade() -> None:
         sa.Column("lease_owner", sa.String(length=200), nullable=True),
         sa.Column("lease_expires_at", store.timeutil.UTCDateTime(timezone=True), nullable=True),
         sa.Column("lease_token", sa.Integer(), nullable=False),
+        sa.Column("expirations", sa.Integer(), nullable=False),
+        sa.Column("cancel_requested_at", store.timeutil.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("request_hash", sa.String(length=64), nullable=True),
         sa.CheckConstraint(
             "status <> 'running' OR (lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL)",
             name="ck_task_running_leased",
@@ -66,6 +69,20 @@ def upgrade() -> None:
             unique=False,
             sqlite_where=sa.text("status IN ('queued', 'retrying')"),
             postgresql_where=sa.text("status IN ('queued', 'retrying')"),
+        )
+        batch_op.create_index(
+            "ix_task_claimable_queue",
+            ["queue", sa.text("priority DESC"), "scheduled_at"],
+            unique=False,
+            sqlite_where=sa.text("status IN ('queued', 'retrying')"),
+            postgresql_where=sa.text("status IN ('queued', 'retrying')"),
+        )
+        batch_op.create_index(
+            "ix_task_prune",
+            ["status", "finished_at"],
+            unique=False,
+            sqlite_where=sa.text("status IN ('succeeded', 'failed', 'cancelled')"),
+            postgresql_where=sa.text("status IN ('succeeded', 'failed', 'cancelled')"),
         )
         batch_op.create_index("ix_task_created", ["created_at", "id"], unique=False)
         batch_op.create_index(
@@ -102,8 +119,17 @@ def upgrade() -> None:
     with op.batch_alter_table("attempt", schema=None) as batch_op:
         batch_op.create_index("ix_attempt_task", ["task_id", "number"], unique=False)
 
+    op.create_table(
+        "schedule",
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("last_tick", store.timeutil.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("updated_at", store.timeutil.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("name"),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("schedule")
     with op.batch_alter_table("attempt", schema=None) as batch_op:
         batch_op.drop_index("ix_attempt_task")
 
@@ -119,5 +145,7 @@ def downgrade() -> None:
         )
         batch_op.drop_index("ix_task_created")
         batch_op.drop_index("ix_task_claimable")
+        batch_op.drop_index("ix_task_claimable_queue")
+        batch_op.drop_index("ix_task_prune")
 
     op.drop_table("task")

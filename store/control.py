@@ -1,0 +1,83 @@
+"""Operator actions on a task: cancel it, run it again."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from store.errors import InvalidTransition
+from store.models import CLAIMABLE, Task, TaskStatus, task_table
+from store.tasks import get_task, to_task
+from store.timeutil import utcnow
+
+t = task_table
+
+RETRYABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+def cancel_task(conn: Connection, task_id: str, *, now: datetime | None = None) -> Task:
+    """Cancel a task: a waiting one at once; a running one is asked to stop.
+
+    A running task keeps its state until its runner sees the request and stops the function;
+    its outcome is then recorded as `cancelled` (`store.outcomes`). A finished task raises
+    `InvalidTransition`; `TaskNotFound` when there is no such task.
+    """
+    now = now or utcnow()
+    waiting = conn.execute(
+        sa.update(t)
+        .where(t.c.id == task_id, t.c.status.in_(CLAIMABLE))
+        .values(status=TaskStatus.CANCELLED, finished_at=now, cancel_requested_at=now)
+        .returning(*t.c)
+    ).first()
+    if waiting is not None:
+        return to_task(waiting)
+    running = conn.execute(
+        sa.update(t)
+        .where(t.c.id == task_id, t.c.status == TaskStatus.RUNNING)
+        .values(cancel_requested_at=sa.func.coalesce(t.c.cancel_requested_at, now))
+        .returning(*t.c)
+    ).first()
+    if running is not None:
+        return to_task(running)
+    task = get_task(conn, task_id)
+    raise InvalidTransition(task.id, task.status, "cancelled", "queued, retrying or running")
+
+
+def retry_task(conn: Connection, task_id: str, *, now: datetime | None = None) -> Task:
+    """Queue a failed or cancelled task again, due now, with a fresh attempt budget.
+
+    Its attempt history stays; `InvalidTransition` for any other state.
+    """
+    now = now or utcnow()
+    row = conn.execute(
+        sa.update(t)
+        .where(t.c.id == task_id, t.c.status.in_(RETRYABLE))
+        .values(
+            status=TaskStatus.QUEUED,
+            attempts=0,
+            expirations=0,
+            scheduled_at=now,
+            finished_at=None,
+            result=None,
+            cancel_requested_at=None,
+        )
+        .returning(*t.c)
+    ).first()
+    if row is not None:
+        return to_task(row)
+    task = get_task(conn, task_id)
+    raise InvalidTransition(task.id, task.status, "retried", "failed or cancelled")
+
+
+def cancel_requested(conn: Connection, task_ids: list[str]) -> set[str]:
+    """Which of these running tasks were asked to stop."""
+    if not task_ids:
+        return set()
+    query = sa.select(t.c.id).where(
+        t.c.id.in_(task_ids),
+        t.c.status == TaskStatus.RUNNING,
+        t.c.cancel_requested_at.is_not(None),
+    )
+    return set(conn.execute(query).scalars())
