@@ -16,7 +16,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 
 from app.errors import BackstopError
 from app.service import Backstop
-from app.settings import Settings
+from app.settings import Settings, parse_queues
 from store.errors import StoreError
 
 cli = typer.Typer(
@@ -69,9 +69,24 @@ def _exit_cleanly(_signum: int, _frame: FrameType | None) -> None:
 
 
 @cli.command()
-def worker() -> None:
+def worker(
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            help="Queues to serve, as name=concurrency[,...] (default: BACKSTOP_QUEUES, or all).",
+        ),
+    ] = None,
+) -> None:
     """Run only the runner: claim and run tasks until SIGTERM or SIGINT."""
     settings = _settings()
+    if queues is not None:
+        try:
+            served = parse_queues(queues)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--queues") from None
+        if not served:
+            raise typer.BadParameter("name at least one queue", param_hint="--queues")
+        settings = settings.model_copy(update={"queues": served})
     _configure_logging()
     asyncio.run(_work(settings))
 

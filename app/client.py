@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidSchedule
@@ -21,6 +25,7 @@ from store.timeutil import utcnow
 log = logging.getLogger(__name__)
 
 TaskRef = Callable[..., Any] | str
+MAX_KEY_LENGTH = 200
 
 
 class TaskClient:
@@ -43,6 +48,7 @@ class TaskClient:
         queue: str | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
+        idempotency_key: str | None = None,
         **kwargs: Any,
     ) -> str:
         """Enqueue `fn(*args, **kwargs)` and return the task's id, like FastAPI's `add_task`.
@@ -60,6 +66,7 @@ class TaskClient:
             queue=queue,
             priority=priority,
             max_attempts=max_attempts,
+            idempotency_key=idempotency_key,
         )
         return task.id
 
@@ -75,14 +82,50 @@ class TaskClient:
         queue: str | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
+        idempotency_key: str | None = None,
         now: datetime | None = None,
     ) -> Task:
-        """Check and enqueue one task; returns the task as stored."""
+        """Check and enqueue one task; returns the task as stored (or the earlier one with
+        the same idempotency key)."""
+        task, _created = self.submit(
+            fn,
+            args,
+            kwargs,
+            session=session,
+            delay=delay,
+            run_at=run_at,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            idempotency_key=idempotency_key,
+            now=now,
+        )
+        return task
+
+    def submit(
+        self,
+        fn: TaskRef,
+        args: list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        session: Session | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> tuple[Task, bool]:
+        """`enqueue`, telling also whether this call stored the task (False: an earlier
+        request with the same idempotency key did)."""
         spec = self.registry.resolve(fn)
         checked_args, checked_kwargs = spec.check(list(args or []), dict(kwargs or {}))
         now = now or utcnow()
         if max_attempts is not None and max_attempts < 1:
             raise InvalidSchedule("max_attempts must be at least 1")
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_KEY_LENGTH:
+            raise InvalidSchedule(f"idempotency key must be 1 to {MAX_KEY_LENGTH} characters")
         new = NewTask(
             name=spec.name,
             args=checked_args,
@@ -91,18 +134,49 @@ class TaskClient:
             priority=spec.priority if priority is None else priority,
             max_attempts=max_attempts or spec.max_attempts,
             scheduled_at=scheduled_at(delay, run_at, now),
+            idempotency_key=idempotency_key,
         )
-        if session is not None:
+        if idempotency_key is not None:
+            new = replace(new, request_hash=_fingerprint(new, delay, run_at))
+        conn = session.connection() if session is not None else None
+        if conn is not None:
             # Join the caller's transaction: the task commits or rolls back with their data,
             # and the local runner is woken only once it is committed.
-            task = store_tasks.enqueue(session.connection(), new, now=now)
-            event.listen(session, "after_commit", lambda _session: self._wake(), once=True)
+            task, created = self._insert(conn, new, now)
+            if created:
+                event.listen(session, "after_commit", lambda _session: self._wake(), once=True)
         else:
-            with self.db.write() as conn:
-                task = store_tasks.enqueue(conn, new, now=now)
-            self._wake()
-        log.debug("task %s (%s) enqueued", task.id, task.name)
-        return task
+            with self.db.write() as own:
+                task, created = self._insert(own, new, now)
+            if created:
+                self._wake()
+        log.debug("task %s (%s) %s", task.id, task.name, "enqueued" if created else "exists")
+        return task, created
+
+    @staticmethod
+    def _insert(conn: Connection, new: NewTask, now: datetime) -> tuple[Task, bool]:
+        if new.idempotency_key is None:
+            return store_tasks.enqueue(conn, new, now=now), True
+        return store_tasks.enqueue_once(conn, new, now=now)
+
+
+def _fingerprint(new: NewTask, delay: float | None, run_at: datetime | None) -> str:
+    """A hash of what was asked for, so a retried request is told from a different one.
+
+    The delay is hashed as asked, not the run time it gives: a retry comes later.
+    """
+    asked = {
+        "name": new.name,
+        "args": new.args,
+        "kwargs": new.kwargs,
+        "queue": new.queue,
+        "priority": new.priority,
+        "max_attempts": new.max_attempts,
+        "delay": delay,
+        "run_at": None if run_at is None else run_at.astimezone(UTC).isoformat(),
+    }
+    canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def scheduled_at(delay: float | None, run_at: datetime | None, now: datetime) -> datetime | None:

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
 from app.errors import BackstopError
-from store.errors import InvalidCursor, TaskNotFound
+from store.errors import IdempotencyConflict, InvalidCursor, InvalidTransition, TaskNotFound
 
 
 def _answer(code: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
@@ -23,3 +23,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(BackstopError, _answer(status.HTTP_422_UNPROCESSABLE_CONTENT))
     app.add_exception_handler(InvalidCursor, _answer(status.HTTP_422_UNPROCESSABLE_CONTENT))
     app.add_exception_handler(TaskNotFound, _answer(status.HTTP_404_NOT_FOUND))
+    app.add_exception_handler(InvalidTransition, _answer(status.HTTP_409_CONFLICT))
+    app.add_exception_handler(IdempotencyConflict, _answer(status.HTTP_422_UNPROCESSABLE_CONTENT))

@@ -72,3 +72,13 @@ class AttemptOut(BaseModel):
     @classmethod
     def of(cls, attempt: Attempt) -> AttemptOut:
         return cls.model_validate(attempt, from_attributes=True)
+
+
+class StatsOut(BaseModel):
+    """`GET /tasks/stats`."""
+
+    counts: dict[TaskStatus, int]
+    queues: dict[str, dict[TaskStatus, int]]
+    oldest_due_seconds: float | None = Field(
+        description="How long the oldest due, unclaimed task has waited (null: none waits)"
+    )

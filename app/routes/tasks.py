@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from app.deps import DurableTasks, Service
-from app.schemas import AttemptOut, TaskIn, TaskOut, TaskPageOut
+from app.schemas import AttemptOut, StatsOut, TaskIn, TaskOut, TaskPageOut
 from store import attempts as store_attempts
+from store import control
+from store import stats as store_stats
 from store import tasks as store_tasks
 from store.models import TaskStatus
 
@@ -22,10 +24,24 @@ MAX_WAIT = 60.0
 WAIT_POLL = 0.25
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=TaskOut)
-def create_task(body: TaskIn, tasks: DurableTasks, response: Response) -> TaskOut:
-    """Enqueue a registered task; the row is committed before this answers."""
-    task = tasks.enqueue(
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TaskOut,
+    responses={200: {"model": TaskOut, "description": "Same Idempotency-Key and body again"}},
+)
+def create_task(
+    body: TaskIn,
+    tasks: DurableTasks,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
+) -> TaskOut:
+    """Enqueue a registered task; the row is committed before this answers (202).
+
+    With an `Idempotency-Key` header, the same key and body again answer 200 with the first
+    task and store nothing; the same key with another body is refused with 422.
+    """
+    task, created = tasks.submit(
         body.name,
         body.args,
         body.kwargs,
@@ -34,9 +50,24 @@ def create_task(body: TaskIn, tasks: DurableTasks, response: Response) -> TaskOu
         queue=body.queue,
         priority=body.priority,
         max_attempts=body.max_attempts,
+        idempotency_key=idempotency_key,
     )
     response.headers["Location"] = f"/tasks/{task.id}"
+    if not created:
+        response.status_code = status.HTTP_200_OK
     return TaskOut.of(task)
+
+
+@router.get("/stats", response_model=StatsOut)
+def task_stats(service: Service) -> StatsOut:
+    """Counts per state and per queue, and how long the oldest due task has waited."""
+    with service.db.read() as conn:
+        stats = store_stats.task_stats(conn)
+    return StatsOut(
+        counts=stats.counts,
+        queues=stats.queues,
+        oldest_due_seconds=stats.oldest_due_seconds,
+    )
 
 
 @router.get("", response_model=TaskPageOut)
@@ -78,6 +109,27 @@ async def get_task(
         if task.status.terminal or remaining <= 0:
             return task
         await service.finished.wait(min(remaining, WAIT_POLL))
+
+
+@router.post("/{task_id}/cancel", response_model=TaskOut)
+def cancel_task(task_id: str, service: Service) -> TaskOut:
+    """Cancel a task: queued or retrying at once; running when its function stops; 409 if
+    it already finished."""
+    with service.db.write() as conn:
+        task = control.cancel_task(conn, task_id)
+    if task.status == TaskStatus.RUNNING:
+        service.runner.cancel_local(task.id)
+    return TaskOut.of(task)
+
+
+@router.post("/{task_id}/retry", response_model=TaskOut)
+def retry_task(task_id: str, service: Service) -> TaskOut:
+    """Queue a failed or cancelled task again with a fresh attempt budget (history kept);
+    409 in any other state."""
+    with service.db.write() as conn:
+        task = control.retry_task(conn, task_id)
+    service.runner.notify()
+    return TaskOut.of(task)
 
 
 @router.get("/{task_id}/attempts", response_model=list[AttemptOut])
