@@ -92,6 +92,7 @@ class Runner:
         queues: Mapping[str, int] | None = None,
         worker_id: str | None = None,
         on_finished: Callable[[Task], None] | None = None,
+        inline: bool = False,
     ) -> None:
         self.db = db
         self.registry = registry
@@ -102,6 +103,9 @@ class Runner:
         if named:
             self.limits = {queue: limit for queue, limit in named.items()}
         self._on_finished = on_finished or (lambda task: None)
+        # Inline (the test kit's drain): database calls and sync functions run on the
+        # caller's thread, one after the other; no thread is ever started.
+        self.inline = inline
         self.executor = Executor(registry, settings, self.write, self._finished)
         self._running: dict[str, _Running] = {}
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backstop-db")
@@ -221,11 +225,10 @@ class Runner:
 
     # -- the test seam -------------------------------------------------------------------
 
-    async def run_once(self, *, now: datetime | None = None, inline: bool = False) -> list[Task]:
+    async def run_once(self, *, now: datetime | None = None) -> list[Task]:
         """Claim what is due as of `now`, run it to completion, return the finished tasks.
 
-        Outcomes and retry times are reckoned as of `now` too, so tests can pin the clock;
-        `inline` runs sync functions on this thread, one after the other.
+        Outcomes and retry times are reckoned as of `now` too, so tests can pin the clock.
         """
         free: dict[str | None, int] = dict(self.limits)
         claimed = await self.write(
@@ -238,25 +241,19 @@ class Runner:
         batch = [task for tasks in claimed.values() for task in tasks]
         if not batch:
             return []
-        if inline:
+        run = self.executor
+        if self.inline:
             for task in batch:
-                await self.executor.execute(task, self.executor.context(task), inline=True, now=now)
+                await run.execute(task, run.context(task), inline=True, now=now)
         else:
-            await asyncio.gather(
-                *(
-                    self.executor.execute(task, self.executor.context(task), now=now)
-                    for task in batch
-                )
-            )
+            await asyncio.gather(*(run.execute(task, run.context(task), now=now) for task in batch))
         return await self.read(store_tasks.get_tasks, [task.id for task in batch])
 
-    async def drain(
-        self, *, now: datetime | None = None, inline: bool = False, limit: int = 10_000
-    ) -> list[Task]:
+    async def drain(self, *, now: datetime | None = None, limit: int = 10_000) -> list[Task]:
         """Run due tasks until none is left (as of `now`); returns every task it ran."""
         done: dict[str, Task] = {}
         while len(done) < limit:
-            batch = await self.run_once(now=now, inline=inline)
+            batch = await self.run_once(now=now)
             if not batch:
                 break
             done.update((task.id, task) for task in batch)
@@ -415,6 +412,8 @@ class Runner:
             with self.db.write() as conn:
                 return fn(conn, *args, **kwargs)
 
+        if self.inline:
+            return run()
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, run)
 
     async def read(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -424,4 +423,6 @@ class Runner:
             with self.db.read() as conn:
                 return fn(conn, *args, **kwargs)
 
+        if self.inline:
+            return run()
         return await asyncio.get_running_loop().run_in_executor(self._db_thread, run)

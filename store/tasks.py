@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from store.errors import IdempotencyConflict, InvalidCursor, TaskNotFound
-from store.models import TERMINAL, TERMINAL_WHERE, Task, TaskStatus, task_table
+from store.models import CLAIMABLE_WHERE, TERMINAL, TERMINAL_WHERE, Task, TaskStatus, task_table
 from store.timeutil import utcnow
 
 t = task_table
@@ -200,3 +200,10 @@ def count_by_status(conn: Connection) -> dict[TaskStatus, int]:
     for status, count in conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)):
         counts[TaskStatus(status)] = count
     return counts
+
+
+def next_due_at(conn: Connection) -> datetime | None:
+    """When the earliest waiting (queued or retrying) task becomes due; None if none waits."""
+    query = sa.select(sa.func.min(t.c.scheduled_at)).where(sa.text(CLAIMABLE_WHERE))
+    stamp: datetime | None = conn.execute(query).scalar_one_or_none()
+    return stamp
