@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from app.errors import InvalidSchedule
 from app.registry import Registry
 from store import tasks as store_tasks
+from store.commits import GroupEnqueue
 from store.engine import Database
 from store.models import Task
 from store.tasks import NewTask
@@ -36,6 +37,7 @@ class TaskClient:
         self.db = db
         self.registry = registry
         self._wake = wake or (lambda: None)
+        self._commits = GroupEnqueue(db)
 
     def add_task(
         self,
@@ -146,8 +148,7 @@ class TaskClient:
             if created:
                 event.listen(session, "after_commit", lambda _session: self._wake(), once=True)
         else:
-            with self.db.write() as own:
-                task, created = self._insert(own, new, now)
+            task, created = self._commits.enqueue(new, now)
             if created:
                 self._wake()
         log.debug("task %s (%s) %s", task.id, task.name, "enqueued" if created else "exists")

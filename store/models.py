@@ -21,6 +21,7 @@ from sqlalchemy import (
     desc,
     text,
 )
+from sqlalchemy.orm import configure_mappers
 from sqlmodel import Field, SQLModel
 
 from store.timeutil import UTCDateTime
@@ -217,3 +218,7 @@ task_table = Task.__table__  # type: ignore[attr-defined]
 schedule_table = Schedule.__table__  # type: ignore[attr-defined]
 attempt_table = Attempt.__table__  # type: ignore[attr-defined]
 metadata = StoreModel.metadata
+
+# The store builds its models with `model_construct` (no validation: the values come from
+# the database), which skips the mapper set-up that a first `__init__` would trigger.
+configure_mappers()
