@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app import handlers
 from app.middleware import BearerToken, BodyLimit
-from app.routes import examples, health, tasks
+from app.routes import examples, health, schedules, tasks
 from app.service import Backstop
 from app.settings import Settings
 
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     app.state.backstop = backstop
     handlers.install(app)
     app.include_router(tasks.router)
+    app.include_router(schedules.router)
     app.include_router(health.router)
     app.include_router(examples.router)
     # The last added runs first: the token is checked before the body is read at all.

@@ -8,6 +8,7 @@ import math
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
@@ -18,6 +19,7 @@ from tenacity.wait import wait_base
 
 from app.context import TaskContext
 from app.errors import InvalidArguments, NotATask, TaskDefinitionError, UnknownTask
+from app.recurrence import MAX_PERIODIC_NAME, Recurrence
 from app.retry import DEFAULT_POLICY, RetryPolicy
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,6 +66,8 @@ class TaskSpec:
     context_param: str | None
     signature: inspect.Signature
     params: dict[str, _Param] = field(repr=False)
+    # Set for a periodic task (`cron=` or `every=`): when the runners enqueue it.
+    recurrence: Recurrence | None = None
 
     @property
     def max_attempts(self) -> int:
@@ -210,12 +214,17 @@ def task(
     retry: retry_base | None = None,
     wait: wait_base | None = None,
     stop: stop_base | None = None,
+    cron: str | None = None,
+    every: float | timedelta | None = None,
 ) -> Callable[[F], F]:
     """Register a function as a durable task; the function itself is returned unchanged.
 
     `retry`, `wait` and `stop` are tenacity strategies (`retry_if_exception_type(...)`,
     `wait_exponential(...)`, `stop_after_delay(...)`); they are evaluated once per failed
     attempt to decide the next run time, which is stored on the task's row.
+
+    `cron` (five crontab fields, in UTC) or `every` (seconds or a timedelta) makes it a
+    periodic task: the runners enqueue it once per tick, however many of them run.
     """
     if max_attempts < 1:
         raise TaskDefinitionError("max_attempts must be at least 1")
@@ -225,6 +234,7 @@ def task(
     def decorate(fn: F) -> F:
         task_name = name or _origin(fn)
         signature, context_param, params = _params(fn, task_name)
+        recurrence = _recurrence(task_name, signature, cron, every)
         policy = RetryPolicy(
             max_attempts=max_attempts,
             retry=retry or DEFAULT_POLICY.retry,
@@ -242,9 +252,37 @@ def task(
             context_param=context_param,
             signature=signature,
             params=params,
+            recurrence=recurrence,
         )
         registry.add(spec)
         setattr(fn, _SPEC_ATTRIBUTE, spec)
         return fn
 
     return decorate
+
+
+def _recurrence(
+    name: str, signature: inspect.Signature, cron: str | None, every: float | timedelta | None
+) -> Recurrence | None:
+    """The schedule `cron=` or `every=` asks for, checked: a periodic task is called bare."""
+    try:
+        recurrence = Recurrence.of(cron, every)
+    except ValueError as exc:
+        raise TaskDefinitionError(f"task {name!r}: {exc}") from None
+    if recurrence is None:
+        return None
+    required = [
+        param.name
+        for param in signature.parameters.values()
+        if param.default is _P.empty and param.kind not in (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
+    ]
+    if required:
+        raise TaskDefinitionError(
+            f"task {name!r}: a periodic task is called without arguments, "
+            f"but it requires {', '.join(required)}"
+        )
+    if len(name) > MAX_PERIODIC_NAME:
+        raise TaskDefinitionError(
+            f"task {name!r}: a periodic task's name is at most {MAX_PERIODIC_NAME} characters"
+        )
+    return recurrence

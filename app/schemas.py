@@ -82,3 +82,17 @@ class StatsOut(BaseModel):
     oldest_due_seconds: float | None = Field(
         description="How long the oldest due, unclaimed task has waited (null: none waits)"
     )
+
+
+class ScheduleOut(BaseModel):
+    """`GET /schedules`: one periodic task, declared with `cron` or `every` (the other null)."""
+
+    name: str
+    cron: str | None = Field(description="Five crontab fields, evaluated in UTC")
+    every: float | None = Field(description="The interval in seconds")
+    next_run_at: datetime | None = Field(
+        description="When it is next enqueued: the tick due now if one is, else the next one"
+    )
+    last_tick: datetime | None = Field(
+        description="The latest tick recorded (null: no runner has seen the schedule yet)"
+    )

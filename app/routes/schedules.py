@@ -1,0 +1,19 @@
+"""`/schedules`: the periodic tasks and when they next run."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.deps import Service
+from app.periodic import read_schedules
+from app.schemas import ScheduleOut
+
+router = APIRouter(prefix="/schedules", tags=["schedules"])
+
+
+@router.get("", response_model=list[ScheduleOut])
+def list_schedules(service: Service) -> list[ScheduleOut]:
+    """List the periodic tasks by name, each with its next run and the last tick recorded."""
+    with service.db.read() as conn:
+        infos = read_schedules(conn, service.registry)
+    return [ScheduleOut.model_validate(info, from_attributes=True) for info in infos]
