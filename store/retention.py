@@ -1,8 +1,7 @@
-"""Pruning finished tasks (and, by cascade, their attempts) past their age."""
+"""Pruning finished tasks (and their attempts) past their age."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -16,31 +15,35 @@ a = attempt_table
 
 def prune_finished(
     conn: Connection,
-    statuses: Sequence[TaskStatus],
+    status: TaskStatus,
     finished_before: datetime,
     *,
     limit: int = 500,
 ) -> int:
-    """Delete up to `limit` tasks in `statuses` that finished before `finished_before`.
+    """Delete up to `limit` tasks in the terminal `status` that finished before
+    `finished_before`, oldest first, with their attempts. Returns how many were deleted.
 
     Small batches keep each write transaction short, so enqueues are never held up for
-    long; call again until it returns less than `limit`. Returns how many were deleted.
+    long; call again until it returns less than `limit`.
     """
-    doomed = (
-        sa.select(t.c.id)
-        .where(
-            sa.text(TERMINAL_WHERE),
-            t.c.status.in_(list(statuses)),
-            t.c.finished_at < finished_before,
-        )
-        .order_by(t.c.finished_at)
-        .limit(limit)
-    )
+    if not status.terminal:
+        raise ValueError(f"only finished tasks are pruned, not {status.value!r} ones")
+    # One state per call: `status = ? AND finished_at < ? ORDER BY finished_at` reads
+    # ix_task_prune in order and stops after `limit` rows. With `status IN (?, ?)` SQLite
+    # would sort every match first, the whole backlog on each batch. The literal
+    # TERMINAL_WHERE is what lets SQLite use the partial index at all.
+    past_age = (sa.text(TERMINAL_WHERE), t.c.status == status, t.c.finished_at < finished_before)
+    doomed = sa.select(t.c.id).where(*past_age).order_by(t.c.finished_at).limit(limit)
     ids = list(conn.execute(doomed).scalars())
     if not ids:
         return 0
-    # Attempts go first, explicitly: a PostgreSQL cascade would do it, but SQLite only
-    # cascades on connections that turned foreign keys on.
-    conn.execute(sa.delete(a).where(a.c.task_id.in_(ids)))
-    conn.execute(sa.delete(t).where(t.c.id.in_(ids)))
-    return len(ids)
+    # The delete repeats the test: on SQLite the write lock makes it redundant, but on
+    # PostgreSQL a retry may have queued one of these tasks again since the select.
+    deleted = list(
+        conn.execute(sa.delete(t).where(t.c.id.in_(ids), *past_age).returning(t.c.id)).scalars()
+    )
+    # The foreign key cascades to the attempts on PostgreSQL and on Backstop's SQLite
+    # connections (`PRAGMA foreign_keys=ON`); this covers a connection without it.
+    if deleted:
+        conn.execute(sa.delete(a).where(a.c.task_id.in_(deleted)))
+    return len(deleted)

@@ -12,7 +12,8 @@ import sqlalchemy as sa
 
 from store import leases
 from store.engine import Database
-from store.models import TaskStatus
+from store.models import TERMINAL, TaskStatus
+from store.retention import prune_finished
 from store.tasks import NewTask, enqueue_many, list_tasks
 from store.timeutil import utcnow
 
@@ -71,6 +72,16 @@ def test_listing_a_terminal_state_reads_the_finished_index(
     with _plans(history) as plans, history.read() as conn:
         list_tasks(conn, status=status, limit=10)
     assert "ix_task_finished_status" in plans[0]
+    assert "TEMP B-TREE" not in plans[0]
+
+
+@pytest.mark.parametrize("status", TERMINAL)
+def test_pruning_reads_the_prune_index_in_age_order_without_sorting(
+    history: Database, status: TaskStatus
+) -> None:
+    with _plans(history) as plans, history.write() as conn:
+        prune_finished(conn, status, utcnow() + timedelta(hours=1), limit=10)
+    assert "ix_task_prune" in plans[0]
     assert "TEMP B-TREE" not in plans[0]
 
 
