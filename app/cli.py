@@ -14,6 +14,8 @@ import uvicorn
 from pydantic import ValidationError
 from typer._click.exceptions import NoArgsIsHelpError
 
+from app.cli_schedules import schedules
+from app.cli_tasks import tasks_cli
 from app.errors import BackstopError
 from app.service import Backstop
 from app.settings import Settings, parse_queues
@@ -28,6 +30,8 @@ cli = typer.Typer(
 )
 db_cli = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
+cli.add_typer(tasks_cli, name="tasks")
+cli.command("schedules")(schedules)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
