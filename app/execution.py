@@ -121,6 +121,10 @@ class Executor:
         if spec.is_async:
             work = asyncio.ensure_future(spec.fn(*args, **kwargs))
             ctx._on_stop.append(work.cancel)
+            if ctx.cancelled:
+                # Asked to stop between the claim and now: `_request_stop` ran before this
+                # hook was in place, so cancel here or the function would run to its end.
+                work.cancel()
             deadline = asyncio.timeout(spec.timeout)
             try:
                 async with deadline:

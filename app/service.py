@@ -8,7 +8,9 @@ import importlib
 import logging
 
 from app.client import TaskClient
+from app.periodic import Periodic
 from app.registry import Registry, registry
+from app.retention import Pruner
 from app.runner import Runner
 from app.settings import Settings
 from store import migrate
@@ -82,6 +84,12 @@ class Backstop:
         self.finished = Pulse()
         self.runner = Runner(self.db, self.registry, settings, on_finished=self.finished.fire)
         self.tasks = TaskClient(self.db, self.registry, wake=self.runner.notify)
+        self.periodic = Periodic(self.registry, self.runner)
+        # Every second (or at the claim's pace when that is faster): a tick's task is enqueued
+        # within a second of it, and a check that finds nothing due is one lock-free read.
+        self.runner.add_job("periodic", self.periodic.run, min(1.0, settings.poll_interval))
+        self.pruner = Pruner(self.runner.write, settings)
+        self.runner.add_job("prune", self.pruner.run, settings.prune_interval)
 
     def prepare(self) -> None:
         """Create the data folder and bring the schema to the newest migration."""

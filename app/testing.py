@@ -13,14 +13,17 @@ its own created there and dropped afterwards.
 - `backstop_drain`: runs every due task to completion in the test's own thread and loop;
   `backstop_drain(advance=timedelta(minutes=5))` also runs what falls due within that span
   (delays, retries) without waiting for the clock.
-- `backstop_tasks`: what was enqueued, to assert on without running it.
+- `backstop_tasks`: what was enqueued, to assert on without running it
+  (`assert_enqueued("email.send", to="ada@example.com", ...)`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -33,6 +36,9 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from app.client import TaskRef
+from app.errors import InvalidArguments
+from app.registry import TaskSpec
 from app.runner import Runner
 from app.service import Backstop
 from app.settings import Settings
@@ -91,6 +97,7 @@ def backstop_settings(tmp_path: Path, backstop_database_url: str) -> Settings:
         database_url=backstop_database_url,
         run_worker=False,
     )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # on PostgreSQL too: tasks write there
     db = Database.from_url(settings.url)
     try:
         migrate.upgrade(db)
@@ -118,21 +125,34 @@ def backstop_app_factory(pytestconfig: pytest.Config) -> AppFactory:
 
 
 @pytest.fixture
-def backstop_app(backstop_settings: Settings, backstop_app_factory: AppFactory) -> FastAPI:
+def backstop_app(
+    backstop_settings: Settings, backstop_app_factory: AppFactory
+) -> Iterator[FastAPI]:
     """The app under test on the test's database, its runner not started."""
     app = backstop_app_factory(backstop_settings)
     if not isinstance(getattr(app.state, "backstop", None), Backstop):
         raise pytest.UsageError(
             "the app factory must build its app with app.main.create_app(settings)"
         )
-    return app
+    yield app
+    # The lifespan closes the database when a client ran it; a test that only drains or
+    # reads tasks never starts the app, and its pooled connections would outlive the test.
+    _backstop(app).close()
 
 
 @pytest.fixture
 def backstop_client(backstop_app: FastAPI) -> Iterator[TestClient]:
     """A TestClient for the app under test (its lifespan runs; its runner does not)."""
+    before = set(threading.enumerate())
     with TestClient(backstop_app) as client:
         yield client
+    # The client's event loop has ended and told its AnyIO worker threads (sync endpoints
+    # and the lifespan's migration ran there) to stop, but nothing waits for them: wait
+    # here, so that no thread outlives the test. Only threads of a finished loop.
+    for thread in set(threading.enumerate()) - before:
+        root = getattr(thread, "root_task", None)
+        if thread.name == "AnyIO worker thread" and root is not None and root.done():
+            thread.join(timeout=10)
 
 
 def _backstop(app: FastAPI) -> Backstop:
@@ -170,20 +190,25 @@ class Drain:
             backstop.settings,
             queues={},
             worker_id="backstop-drain",
+            on_finished=backstop.finished.fire,  # wakes `GET /tasks/{id}?wait=` answers
             inline=True,
         )
-        horizon = utcnow() + (advance or timedelta(0))
+        span = advance or timedelta(0)
         ran: dict[str, Task] = {}
         attempts = 0
         while True:
             with backstop.db.read() as conn:
                 due = store_tasks.next_due_at(conn)
-            if due is None or due > horizon:
+            # The horizon follows the real clock: a task that a task enqueued during the
+            # drain is due now, later than when the drain began.
+            if due is None or due > utcnow() + span:
                 break
             # The clock moves on to the next due task, never back: a retry's wait is
             # counted from the failed attempt, as it would be in real time.
             clock = max(utcnow(), due)
             batch = await runner.run_once(now=clock)
+            if not batch:
+                break  # due, yet not claimable: another runner holds it
             ran.update((task.id, task) for task in batch)
             attempts += len(batch)
             if attempts >= limit:
@@ -202,16 +227,44 @@ def backstop_drain(backstop_app: FastAPI) -> Drain:
 
 @dataclass(frozen=True)
 class Enqueued:
-    """A task as a test sees it: what to run and with what."""
+    """A task as a test sees it: what to run and with what.
+
+    `args` and `kwargs` are as stored (JSON); `arguments` holds the same values by parameter
+    name, however the caller passed them (positional ones by index for a task this process
+    does not know).
+    """
 
     id: str
     name: str
     args: list[Any]
     kwargs: dict[str, Any]
+    arguments: dict[str, Any]
     status: TaskStatus
     queue: str
     scheduled_at: datetime
     task: Task
+
+    def __str__(self) -> str:
+        return f"{_call(self.name, self.arguments)}  [{self.status}]"
+
+
+def _call(name: str, arguments: dict[str, Any]) -> str:
+    return f"{name}({', '.join(f'{key}={value!r}' for key, value in arguments.items())})"
+
+
+def _by_name(
+    spec: TaskSpec | None, args: list[Any], kwargs: dict[str, Any], *, defaults: bool = False
+) -> dict[str, Any]:
+    """Arguments by parameter name (with the signature's defaults filled in, if asked)."""
+    bound = None
+    if spec is not None:
+        with contextlib.suppress(TypeError):
+            bound = spec.signature.bind_partial(*args, **kwargs)
+    if bound is None:
+        return {**{str(index): value for index, value in enumerate(args)}, **kwargs}
+    if defaults:
+        bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 class TaskLog:
@@ -220,8 +273,16 @@ class TaskLog:
     def __init__(self, backstop: Backstop) -> None:
         self.backstop = backstop
 
-    def all(self, name: str | None = None, *, status: TaskStatus | None = None) -> list[Enqueued]:
+    def _spec(self, name: str) -> TaskSpec | None:
+        registry = self.backstop.registry
+        return registry.get(name) if name in registry else None
+
+    def all(
+        self, name: TaskRef | None = None, *, status: TaskStatus | None = None
+    ) -> list[Enqueued]:
         """Every task (of `name`, in `status`), oldest first."""
+        if name is not None and not isinstance(name, str):
+            name = self.backstop.registry.resolve(name).name
         found: list[Task] = []
         cursor = None
         with self.backstop.db.read() as conn:
@@ -234,11 +295,21 @@ class TaskLog:
                 if cursor is None:
                     break
         return [
-            Enqueued(t.id, t.name, t.args, t.kwargs, t.status, t.queue, t.scheduled_at, t)
+            Enqueued(
+                t.id,
+                t.name,
+                t.args,
+                t.kwargs,
+                _by_name(self._spec(t.name), t.args, t.kwargs),
+                t.status,
+                t.queue,
+                t.scheduled_at,
+                t,
+            )
             for t in reversed(found)
         ]
 
-    def enqueued(self, name: str | None = None) -> list[Enqueued]:
+    def enqueued(self, name: TaskRef | None = None) -> list[Enqueued]:
         """The tasks still waiting to run (queued or retrying), oldest first."""
         return [
             item
@@ -246,18 +317,53 @@ class TaskLog:
             if item.status in (TaskStatus.QUEUED, TaskStatus.RETRYING)
         ]
 
-    def assert_enqueued(self, name: str, *args: Any, **kwargs: Any) -> Enqueued:
+    def assert_enqueued(self, name: TaskRef, *args: Any, **kwargs: Any) -> Enqueued:
         """The one waiting task `name` with exactly these arguments; fails the test if
-        there is none or more than one. Arguments compare as stored (JSON)."""
+        there is none or more than one.
+
+        Arguments compare as stored (JSON) and by parameter name: positional or keyword,
+        and a default left out or passed, make no difference.
+        """
+        __tracebackhide__ = True
+        if not isinstance(name, str):
+            name = self.backstop.registry.resolve(name).name
+        spec = self._spec(name)
+        expected_args, expected_kwargs = list(args), dict(kwargs)
+        if spec is not None:
+            problem: str | None = None
+            try:
+                expected_args, expected_kwargs = spec.check(expected_args, expected_kwargs)
+            except InvalidArguments as exc:
+                problem = str(exc)
+            if problem is not None:  # outside the `except`: no chained traceback
+                pytest.fail(f"assert_enqueued: {problem}")
+        wanted = _by_name(spec, expected_args, expected_kwargs, defaults=True)
         waiting = self.enqueued(name)
-        matches = [item for item in waiting if item.args == list(args) and item.kwargs == kwargs]
-        if len(matches) != 1:
-            seen = [(item.args, item.kwargs) for item in waiting] or "none"
-            pytest.fail(
-                f"expected one waiting {name!r} task with args={list(args)!r} "
-                f"kwargs={kwargs!r}, found {len(matches)}; waiting {name!r} tasks: {seen}"
+        matches = [
+            item
+            for item in waiting
+            if _by_name(spec, item.args, item.kwargs, defaults=True) == wanted
+        ]
+        if len(matches) == 1:
+            return matches[0]
+        expected = _call(name, _by_name(spec, expected_args, expected_kwargs))
+        lines = [f"expected one waiting task {expected}, found {len(matches)}"]
+        if waiting:
+            lines.append(f"waiting {name!r} tasks ({len(waiting)}):")
+            lines.extend(f"  {item}" for item in waiting)
+        else:
+            others = sorted({item.name for item in self.enqueued()})
+            lines.append(
+                f"no {name!r} task is waiting; waiting tasks: {', '.join(others)}"
+                if others
+                else f"no {name!r} task is waiting; no task is waiting at all"
             )
-        return matches[0]
+        still = {item.id for item in waiting}
+        done = [item for item in self.all(name) if item.id not in still]
+        if done:
+            lines.append(f"{name!r} tasks no longer waiting ({len(done)}):")
+            lines.extend(f"  {item}" for item in done)
+        pytest.fail("\n".join(lines))
 
 
 @pytest.fixture

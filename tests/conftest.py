@@ -1,4 +1,8 @@
-"""Shared fixtures: every test gets its own data folder and SQLite file."""
+"""Shared fixtures: every test gets its own data folder and SQLite file.
+
+The API tests run on Backstop's own test kit (`app.testing`): `client` is its
+`backstop_client`, on the suite's settings below.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 import tests.support.tasks  # noqa: F401  (registers the test tasks)
-from app.main import create_app
 from app.service import Backstop
 from app.settings import Settings
 from store.engine import Database
+
+# tests/kit runs small test files in a sub-session, as a team using the kit would.
+pytest_plugins = ["pytester"]
 
 
 @pytest.fixture
@@ -46,7 +52,21 @@ def db(backstop: Backstop) -> Database:
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
+def backstop_database_url(settings: Settings) -> str:
+    """The kit's database is the suite's SQLite file, whatever BACKSTOP_TEST_DATABASE_URL
+    says: tests here look at that file itself (tests/kit covers the PostgreSQL mode)."""
+    return settings.url
+
+
+@pytest.fixture
+def backstop_settings(backstop_settings: Settings, settings: Settings) -> Settings:
+    """The kit's fixtures on the suite's settings (short intervals, the test tasks), runner
+    off; the kit's own `backstop_settings` has migrated their database."""
+    assert backstop_settings.url == settings.url
+    return settings.model_copy(update={"run_worker": False})
+
+
+@pytest.fixture
+def client(backstop_client: TestClient) -> TestClient:
     """The API on the test's database, runner not started: tests drain it themselves."""
-    with TestClient(create_app(settings, run_worker=False)) as test_client:
-        yield test_client
+    return backstop_client

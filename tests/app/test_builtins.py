@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -21,17 +20,18 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from store.timeutil import utcnow
+from app.testing import Drain
 from tests.support.client import count_tasks, service
 
 # -- helpers -----------------------------------------------------------------------------------
 
 
 def run(client: TestClient, body: dict[str, Any]) -> dict[str, Any]:
-    """Enqueue through the API, drain the runner, and return the task as the API shows it."""
+    """Enqueue through the API, drain the client's app (with the test kit's drain, which
+    serves any app built on `create_app`), and return the task as the API shows it."""
     response = client.post("/tasks", json=body)
     assert response.status_code == 202, response.text
-    asyncio.run(service(client).runner.drain())
+    Drain(service(client))()
     task: dict[str, Any] = client.get(f"/tasks/{response.json()['id']}").json()
     return task
 
@@ -216,12 +216,14 @@ def test_webhook_retries_on_429_and_5xx(client: TestClient, receiver: Receiver, 
     assert len(receiver.received) == 1
 
 
-def test_webhook_succeeds_on_a_later_attempt(client: TestClient, receiver: Receiver) -> None:
+def test_webhook_succeeds_on_a_later_attempt(
+    client: TestClient, receiver: Receiver, backstop_drain: Drain
+) -> None:
     receiver.codes.append(503)
     first = run(client, {"name": "webhook.deliver", "args": [receiver.url, {"n": 1}]})
     assert first["status"] == "retrying"
 
-    asyncio.run(service(client).runner.drain(now=utcnow() + timedelta(hours=1)))
+    backstop_drain(advance=timedelta(hours=1))
 
     done = client.get(f"/tasks/{first['id']}").json()
     assert done["status"] == "succeeded"

@@ -8,6 +8,7 @@ often, across process boundaries.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,3 +134,11 @@ def slow_timeout(ctx: TaskContext) -> None:
 async def async_slow_timeout() -> None:
     """Runs past its 0.2 s timeout (and is cancelled by it)."""
     await asyncio.sleep(30)
+
+
+@task(name="test.crash", max_attempts=5, wait=wait_fixed(0))
+def crash(ctx: TaskContext) -> None:
+    """Kills the process running it at once, as a segfaulting extension would; records each
+    try. Only for tests that run it in a subprocess."""
+    _mark(ctx, "crashes", str(ctx.attempt))
+    os._exit(1)
