@@ -15,7 +15,7 @@ from app.context import TaskContext
 from app.registry import Registry, TaskSpec, finite
 from app.retry import DEFAULT_POLICY, next_run_at
 from app.settings import Settings
-from app.threads import run_in_daemon_thread
+from app.threads import DaemonPool
 from store import outcomes
 from store.models import Lease, Task, lease_of
 from store.timeutil import utcnow
@@ -53,11 +53,13 @@ class Executor:
         settings: Settings,
         write: Write,
         on_finished: Callable[[Task], None],
+        threads: DaemonPool,
     ) -> None:
         self.registry = registry
         self.settings = settings
         self._write = write
         self._on_finished = on_finished
+        self._threads = threads
 
     def context(self, task: Task) -> TaskContext:
         """The context a claimed task's function receives."""
@@ -135,7 +137,7 @@ class Executor:
                 raise TaskTimeout(spec.timeout) from None
         if inline:
             return spec.fn(*args, **kwargs)
-        thread = run_in_daemon_thread(spec.fn, *args, **kwargs)
+        thread = self._threads.run(spec.fn, *args, **kwargs)
         done, _ = await asyncio.wait([thread], timeout=spec.timeout)
         if done:
             return thread.result()

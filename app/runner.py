@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -26,10 +25,12 @@ from sqlalchemy.engine import Connection
 from tenacity import retry_always
 
 from app.context import TaskContext
+from app.dbthread import DatabaseThread
 from app.execution import Executor
 from app.registry import Registry
 from app.retry import DEFAULT_POLICY, next_run_at
 from app.settings import Settings
+from app.threads import DaemonPool
 from store import control, leases
 from store import tasks as store_tasks
 from store.engine import Database
@@ -106,10 +107,14 @@ class Runner:
         # Inline (the test kit's drain): database calls and sync functions run on the
         # caller's thread, one after the other; no thread is ever started.
         self.inline = inline
-        self.executor = Executor(registry, settings, self.write, self._finished)
+        self.database = DatabaseThread(db, inline=inline)
+        self.threads = DaemonPool(self.capacity)
+        self.executor = Executor(
+            registry, settings, self.database.write_together, self._finished, self.threads
+        )
         self._running: dict[str, _Running] = {}
-        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backstop-db")
         self._extra_jobs: list[tuple[str, Job, float]] = []
+        self._in_flight: dict[str, asyncio.Future[object]] = {}
         self._scheduler: AsyncIOScheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
@@ -146,7 +151,7 @@ class Runner:
         ]
         for job_id, func, seconds in jobs:
             scheduler.add_job(
-                func,
+                self._solo(job_id, func),
                 "interval",
                 seconds=seconds,
                 id=job_id,
@@ -160,6 +165,18 @@ class Runner:
         self._accepting = True
         served = ", ".join(f"{q or '*'}={n}" for q, n in self.limits.items())
         log.info("runner %s started (queues %s)", self.worker_id, served)
+
+    def _solo(self, job_id: str, func: Job) -> Job:
+        """The job as APScheduler runs it: it starts `func` in the background and returns,
+        unless the previous run is still going. A slow run (the database busy) then skips a
+        beat quietly instead of making APScheduler log a warning at every interval."""
+
+        async def start() -> None:
+            previous = self._in_flight.get(job_id)
+            if previous is None or previous.done():
+                self._in_flight[job_id] = asyncio.ensure_future(func())
+
+        return start
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop claiming, wait up to `grace` seconds for running tasks, release the rest.
@@ -192,7 +209,11 @@ class Runner:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-        self._db_thread.shutdown(wait=True)
+        for job in self._in_flight.values():
+            job.cancel()
+        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+        self.database.shutdown()
+        self.threads.shutdown()
         log.info("runner %s stopped", self.worker_id)
 
     def notify(self) -> None:
@@ -407,22 +428,8 @@ class Runner:
 
     async def write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """`fn(conn, ...)` in a write transaction, on the runner's database thread."""
-
-        def run() -> T:
-            with self.db.write() as conn:
-                return fn(conn, *args, **kwargs)
-
-        if self.inline:
-            return run()
-        return await asyncio.get_running_loop().run_in_executor(self._db_thread, run)
+        return await self.database.write(fn, *args, **kwargs)
 
     async def read(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """`fn(conn, ...)` in a read transaction, on the runner's database thread."""
-
-        def run() -> T:
-            with self.db.read() as conn:
-                return fn(conn, *args, **kwargs)
-
-        if self.inline:
-            return run()
-        return await asyncio.get_running_loop().run_in_executor(self._db_thread, run)
+        return await self.database.read(fn, *args, **kwargs)
