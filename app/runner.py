@@ -31,6 +31,7 @@ from app.registry import Registry
 from app.retry import DEFAULT_POLICY, next_run_at
 from app.settings import Settings
 from app.threads import DaemonPool
+from app.wakeup import Doorbell
 from store import control, leases
 from store import tasks as store_tasks
 from store.engine import Database
@@ -115,6 +116,7 @@ class Runner:
         self._running: dict[str, _Running] = {}
         self._extra_jobs: list[tuple[str, Job, float]] = []
         self._in_flight: dict[str, asyncio.Future[object]] = {}
+        self._doorbell: Doorbell | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
@@ -163,6 +165,10 @@ class Runner:
         scheduler.start()
         self._scheduler = scheduler
         self._accepting = True
+        if self.db.dialect == "sqlite":
+            # Other processes' enqueues are seen within milliseconds, not at the next poll.
+            self._doorbell = Doorbell(self.db, self.notify)
+            self._doorbell.start()
         served = ", ".join(f"{q or '*'}={n}" for q, n in self.limits.items())
         log.info("runner %s started (queues %s)", self.worker_id, served)
 
@@ -186,6 +192,9 @@ class Runner:
         """
         grace = self.settings.shutdown_grace if grace is None else grace
         self._accepting = False
+        if self._doorbell is not None:
+            self._doorbell.stop()
+            self._doorbell = None
         if self._scheduler is not None:
             for job_id in ("claim", "reclaim", *(job_id for job_id, _, _ in self._extra_jobs)):
                 self._scheduler.remove_job(job_id)
