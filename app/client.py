@@ -121,6 +121,88 @@ class TaskClient:
     ) -> tuple[Task, bool]:
         """`enqueue`, telling also whether this call stored the task (False: an earlier
         request with the same idempotency key did)."""
+        new, now = self.prepare(
+            fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
+        )
+        conn = session.connection() if session is not None else None
+        if conn is not None:
+            # Join the caller's transaction: the task commits or rolls back with their data,
+            # and the local runner is woken only once it is committed.
+            task, created = self._insert(conn, new, now)
+            if created:
+                event.listen(session, "after_commit", lambda _session: self._wake(), once=True)
+        else:
+            task, created = self._commits.enqueue(new, now)
+            if created:
+                self._wake()
+        log.debug("task %s (%s) %s", task.id, task.name, "enqueued" if created else "exists")
+        return task, created
+
+    async def add_task_async(
+        self,
+        fn: TaskRef,
+        /,
+        *args: Any,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """`add_task` for `async def` endpoints: the event loop never waits on the database,
+        and concurrent calls commit together. Committed when the await returns."""
+        task, _created = await self.submit_async(
+            fn,
+            list(args),
+            kwargs,
+            delay=delay,
+            run_at=run_at,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            idempotency_key=idempotency_key,
+        )
+        return task.id
+
+    async def submit_async(
+        self,
+        fn: TaskRef,
+        args: list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> tuple[Task, bool]:
+        """`submit` for callers on an event loop."""
+        new, now = self.prepare(
+            fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
+        )
+        task, created = await self._commits.enqueue_async(new, now)
+        if created:
+            self._wake()
+        return task, created
+
+    def prepare(
+        self,
+        fn: TaskRef,
+        args: list[Any] | None,
+        kwargs: dict[str, Any] | None,
+        delay: float | None,
+        run_at: datetime | None,
+        queue: str | None,
+        priority: int | None,
+        max_attempts: int | None,
+        idempotency_key: str | None,
+        now: datetime | None,
+    ) -> tuple[NewTask, datetime]:
+        """The row to store for this call, with everything checked; and the time it is."""
         spec = self.registry.resolve(fn)
         checked_args, checked_kwargs = spec.check(list(args or []), dict(kwargs or {}))
         now = now or utcnow()
@@ -140,19 +222,11 @@ class TaskClient:
         )
         if idempotency_key is not None:
             new = replace(new, request_hash=_fingerprint(new, delay, run_at))
-        conn = session.connection() if session is not None else None
-        if conn is not None:
-            # Join the caller's transaction: the task commits or rolls back with their data,
-            # and the local runner is woken only once it is committed.
-            task, created = self._insert(conn, new, now)
-            if created:
-                event.listen(session, "after_commit", lambda _session: self._wake(), once=True)
-        else:
-            task, created = self._commits.enqueue(new, now)
-            if created:
-                self._wake()
-        log.debug("task %s (%s) %s", task.id, task.name, "enqueued" if created else "exists")
-        return task, created
+        return new, now
+
+    def close(self) -> None:
+        """Stop the async enqueue writer thread."""
+        self._commits.close()
 
     @staticmethod
     def _insert(conn: Connection, new: NewTask, now: datetime) -> tuple[Task, bool]:

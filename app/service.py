@@ -97,5 +97,6 @@ class Backstop:
         migrate.upgrade(self.db)
 
     def close(self) -> None:
-        """Close the database's connections."""
+        """Stop the enqueue writer and close the database's connections."""
+        self.tasks.close()
         self.db.dispose()

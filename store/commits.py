@@ -8,7 +8,9 @@ group rather than once per request, and nobody waits for more than one commit.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from sqlalchemy.engine import Connection
@@ -46,6 +48,11 @@ class GroupEnqueue:
         self._seat = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: list[_Job] = []
+        # The async side: callers on an event loop hand their task to one writer thread, and
+        # whatever queued while it committed goes in its next transaction.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backstop-enqueue")
+        self._waiting: list[tuple[_Job, asyncio.Future[tuple[Task, bool]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     def enqueue(self, new: NewTask, now: datetime) -> tuple[Task, bool]:
         """Store `new` (once, under its idempotency key if it has one) and return once that
@@ -65,6 +72,39 @@ class GroupEnqueue:
             raise job.error
         assert job.result is not None
         return job.result
+
+    async def enqueue_async(self, new: NewTask, now: datetime) -> tuple[Task, bool]:
+        """`enqueue` for callers on an event loop: the loop never waits on the database."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Task, bool]] = loop.create_future()
+        self._waiting.append((_Job(new, now), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            batch = self._waiting[: self.max_group]
+            del self._waiting[: self.max_group]
+            group = [job for job, _ in batch]
+            await loop.run_in_executor(self._writer, self._commit_seated, group)
+            for job, future in batch:
+                if future.done():
+                    continue
+                if job.error is not None:
+                    future.set_exception(job.error)
+                else:
+                    assert job.result is not None
+                    future.set_result(job.result)
+
+    def _commit_seated(self, group: list[_Job]) -> None:
+        with self._seat:  # shared with the threads' groups: one writer at a time
+            self._commit(group)
+
+    def close(self) -> None:
+        """Stop the writer thread (after what it is committing)."""
+        self._writer.shutdown(wait=True)
 
     def _commit(self, group: list[_Job]) -> None:
         try:

@@ -30,7 +30,7 @@ WAIT_POLL = 0.25
     response_model=TaskOut,
     responses={200: {"model": TaskOut, "description": "Same Idempotency-Key and body again"}},
 )
-def create_task(
+async def create_task(
     body: TaskIn,
     tasks: DurableTasks,
     response: Response,
@@ -41,7 +41,7 @@ def create_task(
     With an `Idempotency-Key` header, the same key and body again answer 200 with the first
     task and store nothing; the same key with another body is refused with 422.
     """
-    task, created = tasks.submit(
+    task, created = await tasks.submit_async(
         body.name,
         body.args,
         body.kwargs,

@@ -8,10 +8,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlmodel import Session
 
 from app.client import TaskClient
-from app.errors import InvalidSchedule
+from app.errors import InvalidArguments, InvalidSchedule
 from app.service import Backstop
 from store import tasks as store_tasks
 from store.engine import Database
@@ -162,3 +163,55 @@ def test_impossible_schedules_are_refused_and_nothing_is_stored(
     with db.read() as conn:
         assert sum(store_tasks.count_by_status(conn).values()) == 0
     assert wakes == []
+
+
+def test_add_task_async_returns_once_the_row_is_committed(
+    tasks: TaskClient, other_db: Database, wakes: list[int]
+) -> None:
+    async def add() -> str:
+        return await tasks.add_task_async("test.echo", 6, priority=3)
+
+    task_id = asyncio.run(add())
+    tasks.close()
+
+    row = _find(other_db, task_id)
+    assert row is not None
+    assert (row.name, row.args, row.priority) == ("test.echo", [6], 3)
+    assert wakes == [1]
+
+
+def test_concurrent_async_adds_share_transactions_and_all_commit(
+    tasks: TaskClient, backstop: Backstop, other_db: Database
+) -> None:
+    commits: list[int] = []
+
+    def count(_conn: object) -> None:
+        commits.append(1)
+
+    sa.event.listen(backstop.db.engine, "commit", count)
+
+    async def add_many() -> list[str]:
+        return await asyncio.gather(*(tasks.add_task_async("test.echo", i) for i in range(50)))
+
+    try:
+        ids = asyncio.run(add_many())
+    finally:
+        sa.event.remove(backstop.db.engine, "commit", count)
+        tasks.close()
+
+    assert len(set(ids)) == 50
+    assert all(_find(other_db, task_id) is not None for task_id in ids)
+    assert len(commits) < 50  # grouped: the first commit's wait gathers the rest
+
+
+def test_add_task_async_refuses_bad_arguments_before_touching_the_database(
+    tasks: TaskClient, db: Database
+) -> None:
+    async def add() -> str:
+        return await tasks.add_task_async("test.echo", "not a number")
+
+    with pytest.raises(InvalidArguments):
+        asyncio.run(add())
+    tasks.close()
+    with db.read() as conn:
+        assert sum(store_tasks.count_by_status(conn).values()) == 0
