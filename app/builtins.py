@@ -37,7 +37,7 @@ LogName = Annotated[str, AfterValidator(_log_name)]
 
 
 @task(name="log.append", max_attempts=3)
-def append_line(message: str, ctx: TaskContext, file: LogName = "log.txt") -> dict[str, Any]:
+def append_line(message: str, file: LogName = "log.txt", *, ctx: TaskContext) -> dict[str, Any]:
     """Append `message` as one line to `file` under `BACKSTOP_DATA_DIR/logs`."""
     logs = ctx.settings.logs_dir.resolve()
     target = (logs / file).resolve()

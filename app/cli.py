@@ -17,7 +17,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 from app.cli_schedules import schedules
 from app.cli_tasks import tasks_cli
 from app.errors import BackstopError
-from app.service import Backstop
+from app.service import Backstop, import_task_modules
 from app.settings import Settings, parse_queues
 from store.errors import StoreError
 
@@ -52,7 +52,8 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to bind.")] = 8000,
 ) -> None:
     """Run the HTTP API (and the runner, unless BACKSTOP_RUN_WORKER=false)."""
-    _settings()  # refuse bad settings with one line before uvicorn starts
+    # Refuse bad settings and task modules with one line, before uvicorn starts.
+    import_task_modules(_settings().task_modules)
     _configure_logging()
     # Once it has shut down, uvicorn raises the SIGTERM it caught again under the handler
     # in place before it: a graceful stop then exits 0, as `backstop worker` does, rather

@@ -13,8 +13,9 @@ from app.settings import Settings
 class TaskContext:
     """Filled in by the runner for a parameter annotated `TaskContext`; never passed by callers.
 
-    `attempt` is 1 for the first attempt: a function that must not repeat a side effect can
-    key it on `(task_id, attempt)` or check whether an earlier attempt already did it.
+    `attempt` is 1 for the first attempt (and again after an explicit retry). A function that
+    must not repeat a side effect keys it on `task_id`, and on `attempt > 1` checks whether
+    an earlier attempt already did it.
     """
 
     task_id: str

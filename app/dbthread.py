@@ -24,7 +24,7 @@ class DatabaseThread:
     def __init__(self, db: Database, *, inline: bool = False) -> None:
         self.db = db
         self.inline = inline
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backstop-db")
+        self._executor: ThreadPoolExecutor | None = None
         self._pending: list[_Call] = []
         self._flushing = False
         self._flusher: asyncio.Task[None] | None = None
@@ -38,7 +38,13 @@ class DatabaseThread:
 
         if self.inline:
             return run()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        return await asyncio.get_running_loop().run_in_executor(self._thread(), run)
+
+    def _thread(self) -> ThreadPoolExecutor:
+        # Started on first use and again after a shutdown: a runner can stop and start.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backstop-db")
+        return self._executor
 
     async def read(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """`fn(conn, ...)` in a read transaction."""
@@ -49,7 +55,7 @@ class DatabaseThread:
 
         if self.inline:
             return run()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        return await asyncio.get_running_loop().run_in_executor(self._thread(), run)
 
     async def write_together(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """`fn(conn, ...)` in a write transaction shared with the other calls waiting for one.
@@ -72,7 +78,10 @@ class DatabaseThread:
         try:
             while self._pending:
                 group, self._pending = self._pending, []
-                outcomes = await loop.run_in_executor(self._executor, self._run_group, group)
+                try:
+                    outcomes = await loop.run_in_executor(self._thread(), self._run_group, group)
+                except BaseException as error:  # every caller hears of it; none waits forever
+                    outcomes = [(False, error)] * len(group)
                 for (_, _, _, future), (ok, value) in zip(group, outcomes, strict=True):
                     if future.done():
                         continue
@@ -93,5 +102,7 @@ class DatabaseThread:
             return [self._run_group([call])[0] for call in group]
 
     def shutdown(self) -> None:
-        """Finish what is queued, then stop the thread."""
-        self._executor.shutdown(wait=True)
+        """Finish what is queued, then stop the thread (a later call starts a new one)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)

@@ -40,3 +40,7 @@ class InvalidSchedule(BackstopError):
 
 class TaskDefinitionError(BackstopError):
     """A `@task` declaration that cannot work (a reserved parameter, a name taken twice)."""
+
+
+class TaskModuleError(BackstopError):
+    """A module named in BACKSTOP_TASK_MODULES that cannot be imported."""

@@ -31,6 +31,11 @@ class Write(Protocol):
     def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Awaitable[T]: ...
 
 
+# Pauses between tries to record an outcome; after the last one the error propagates (the
+# runner logs it, the lease lapses, and the task is reclaimed like after a crash).
+RECORD_RETRIES: tuple[float | None, ...] = (0.1, 0.5, 2.0, 5.0, 10.0, None)
+
+
 class TaskTimeout(TimeoutError):
     """An attempt ran past its task's `timeout`."""
 
@@ -96,13 +101,19 @@ class Executor:
             await self._failed(task, lease, spec, asyncio.CancelledError("cancelled"), now=now)
             return
         except Exception as exc:
-            await self._failed(task, lease, spec, exc, now=now)
             if isinstance(exc, TaskTimeout) and exc.straggler is not None:
-                # Keep the runner slot until the thread returns, so that stuck threads
-                # cannot pile up past `concurrency`.
+                # A thread cannot be killed. Until it returns the attempt is not over: the
+                # task keeps its lease (the heartbeat renews it), so no retry runs beside
+                # it, and its runner slot stays taken, so stuck threads cannot pile up.
+                log.warning(
+                    "task %s attempt %d: timed out; waiting for its thread to return",
+                    task.id,
+                    ctx.attempt,
+                )
                 await asyncio.wait([exc.straggler])
+            await self._failed(task, lease, spec, exc, now=now)
             return
-        finished = await self._write(outcomes.mark_succeeded, lease, result, now=now)
+        finished = await self._record(outcomes.mark_succeeded, task, lease, result, now=now)
         if finished is None:
             log.warning(
                 "task %s attempt %d: lease lost; success not recorded", task.id, ctx.attempt
@@ -156,29 +167,59 @@ class Executor:
         now: datetime | None = None,
     ) -> None:
         now = now or utcnow()
-        run_at = next_run_at(
-            spec.policy if spec is not None else DEFAULT_POLICY,
-            task.attempts,
-            error,
-            max_attempts=task.max_attempts,
-            created_at=task.created_at,
-            now=now,
-        )
         message = f"{type(error).__name__}: {error}"
         trace = "".join(traceback.format_exception(error))
-        finished = await self._write(outcomes.fail_attempt, lease, message, trace, run_at, now=now)
+        try:
+            run_at = next_run_at(
+                spec.policy if spec is not None else DEFAULT_POLICY,
+                task.attempts,
+                error,
+                max_attempts=task.max_attempts,
+                created_at=task.created_at,
+                now=now,
+            )
+        except Exception as policy_error:
+            # A retry strategy that raises cannot decide: give up, and say why.
+            run_at = None
+            message += (
+                f" (and the retry policy failed: {type(policy_error).__name__}: {policy_error})"
+            )
+            log.exception("task %s attempt %d: retry policy raised", task.id, task.attempts)
+        finished = await self._record(
+            outcomes.fail_attempt, task, lease, message, trace, run_at, now=now
+        )
         if finished is None:
             log.warning(
                 "task %s attempt %d: lease lost; failure not recorded", task.id, task.attempts
             )
             return
-        if finished.status != "retrying":
-            log.warning(
-                "task %s attempt %d: %s: %s", task.id, task.attempts, finished.status, message
-            )
+        number = task.attempts
+        if finished.status == "retrying":
+            log.info("task %s attempt %d: %s; retry at %s", task.id, number, message, run_at)
         else:
-            log.info("task %s attempt %d: %s; retry at %s", task.id, task.attempts, message, run_at)
+            log.warning("task %s attempt %d: %s: %s", task.id, number, finished.status, message)
         self._on_finished(finished)
+
+    async def _record(
+        self, fn: Callable[..., Task | None], task: Task, /, *args: Any, **kwargs: Any
+    ) -> Task | None:
+        """Write an outcome, trying again while the database refuses (locked, gone for a
+        moment): the task stays this runner's, its lease renewed, until it is written."""
+        for delay in RECORD_RETRIES:
+            try:
+                return await self._write(fn, *args, **kwargs)
+            except Exception:
+                if delay is None:
+                    raise
+                log.warning(
+                    "task %s attempt %d: could not record the outcome; again in %gs",
+                    task.id,
+                    task.attempts,
+                    delay,
+                    exc_info=True,
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
 
 def _json_result(value: Any) -> Any:

@@ -148,6 +148,16 @@ def _params(
                 )
             context_param = param.name
             continue
+        if context_param is not None and param.kind in (
+            _P.POSITIONAL_OR_KEYWORD,
+            _P.VAR_POSITIONAL,
+        ):
+            # The runner passes the context by keyword: a positional parameter after it
+            # could only be filled by position through the context's own slot.
+            raise TaskDefinitionError(
+                f"task {name!r}: put the TaskContext parameter {context_param!r} after "
+                f"{param.name!r} (last, or keyword-only after *)"
+            )
         kept.append(param)
         # For *args and **kwargs the annotation is that of each element, as Python reads it.
         params[param.name] = _Param(param.name, param.kind, TypeAdapter(annotation))

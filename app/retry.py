@@ -6,11 +6,11 @@ nothing sleeps in-process: the answer is a time that the runner writes to the ta
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from tenacity import RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import RetryCallState, retry_always, retry_if_exception_type, wait_exponential_jitter
 from tenacity.retry import retry_base
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
@@ -62,3 +62,29 @@ def next_run_at(
     if policy.stop is not None and policy.stop(state):
         return None
     return now + timedelta(seconds=max(float(policy.wait(state)), 0.0))
+
+
+class LeaseExpired(Exception):
+    """The runner holding a task stopped renewing its lease (it died, or lost the database)."""
+
+
+def after_lapsed_lease(
+    policy: RetryPolicy,
+    attempt: int,
+    max_attempts: int,
+    created_at: datetime,
+    now: datetime,
+) -> datetime | None:
+    """When to try again after attempt `attempt` lost its runner; None to give up.
+
+    A lapsed lease is never the function's verdict: the runner died, so it is always worth
+    another attempt, within the policy's attempts, stop and wait.
+    """
+    return next_run_at(
+        replace(policy, retry=retry_always),
+        attempt,
+        LeaseExpired("lease expired"),
+        max_attempts=max_attempts,
+        created_at=created_at,
+        now=now,
+    )

@@ -15,20 +15,19 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import uuid4
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.engine import Connection
-from tenacity import retry_always
 
 from app.context import TaskContext
 from app.dbthread import DatabaseThread
 from app.execution import Executor
 from app.registry import Registry
-from app.retry import DEFAULT_POLICY, next_run_at
+from app.retry import DEFAULT_POLICY, after_lapsed_lease
 from app.settings import Settings
 from app.threads import DaemonPool
 from app.wakeup import Doorbell
@@ -44,10 +43,6 @@ T = TypeVar("T")
 Job = Callable[[], Awaitable[object]]
 
 ALL_QUEUES: None = None
-
-
-class LeaseExpired(Exception):
-    """The runner holding a task stopped renewing its lease (it died, or lost the database)."""
 
 
 @dataclass
@@ -139,8 +134,11 @@ class Runner:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start claiming: the interval jobs run on the current event loop."""
+        """Start claiming: the interval jobs run on the current event loop. A stopped runner
+        can start again (on this loop or another)."""
         self._loop = asyncio.get_running_loop()
+        self._claim_landed = asyncio.Event()  # asyncio primitives belong to one loop
+        self._claim_landed.set()
         lease = self.settings.lease_seconds
         poll = self.settings.poll_interval
         scheduler = AsyncIOScheduler(event_loop=self._loop, timezone=UTC)
@@ -207,23 +205,32 @@ class Runner:
                 "runner %s waiting up to %.0fs for %d tasks", self.worker_id, grace, len(pending)
             )
             await asyncio.wait(pending, timeout=grace)
+        try:
+            await self._release_leftovers()
+        finally:
+            if self._scheduler is not None:
+                self._scheduler.shutdown(wait=False)
+                self._scheduler = None
+            for job in self._in_flight.values():
+                job.cancel()
+            await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
+            self._in_flight.clear()
+            self.database.shutdown()
+            self.threads.shutdown()
+            log.info("runner %s stopped", self.worker_id)
+
+    async def _release_leftovers(self) -> None:
         leftover = list(self._running.values())
+        if not leftover:
+            return
         for running in leftover:
             running.ctx._stop.set()  # sync functions see `cancelled`
             running.job.cancel()  # async ones are cancelled with their runner task
-        if leftover:
-            count = await self.write(leases.release, [r.lease for r in leftover])
-            log.warning("runner %s released %d unfinished tasks", self.worker_id, count)
-            await asyncio.wait([r.job for r in leftover])
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
-            self._scheduler = None
-        for job in self._in_flight.values():
-            job.cancel()
-        await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
-        self.database.shutdown()
-        self.threads.shutdown()
-        log.info("runner %s stopped", self.worker_id)
+        # Through the same queue as the outcomes, and after them: a task whose function
+        # returned just now has its outcome written first, and is not released and run again.
+        count = await self.database.write_together(leases.release, [r.lease for r in leftover])
+        log.warning("runner %s released %d unfinished tasks", self.worker_id, count)
+        await asyncio.wait([r.job for r in leftover])
 
     def notify(self) -> None:
         """Claim now rather than at the next poll: a task was just enqueued. Thread-safe."""
@@ -399,15 +406,8 @@ class Runner:
         def decide(task: Task) -> datetime | None:
             spec = self.registry.get(task.name) if task.name in self.registry else None
             policy = spec.policy if spec is not None else DEFAULT_POLICY
-            # A lapsed lease is never the function's verdict: the runner died, so it is
-            # always worth another attempt, within the policy's attempts, stop and wait.
-            return next_run_at(
-                replace(policy, retry=retry_always),
-                task.attempts,
-                LeaseExpired(leases.LEASE_EXPIRED),
-                max_attempts=task.max_attempts,
-                created_at=task.created_at,
-                now=now,
+            return after_lapsed_lease(
+                policy, task.attempts, task.max_attempts, task.created_at, now
             )
 
         try:

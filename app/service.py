@@ -8,6 +8,7 @@ import importlib
 import logging
 
 from app.client import TaskClient
+from app.errors import BackstopError, TaskModuleError
 from app.periodic import Periodic
 from app.registry import Registry, registry
 from app.retention import Pruner
@@ -25,7 +26,14 @@ BUILTIN_MODULES = ("app.builtins",)
 def import_task_modules(modules: list[str]) -> None:
     """Import the modules whose `@task` functions should register (the built-ins first)."""
     for name in (*BUILTIN_MODULES, *modules):
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except BackstopError:
+            raise
+        except Exception as error:
+            raise TaskModuleError(
+                f"BACKSTOP_TASK_MODULES: cannot import {name!r}: {type(error).__name__}: {error}"
+            ) from error
 
 
 def open_database(settings: Settings) -> Database:
@@ -68,7 +76,9 @@ class Pulse:
 
     async def wait(self, seconds: float) -> None:
         """Return when the next task finishes, or after `seconds`."""
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new loop (the app started again): a new event too
+            self._loop, self._event = loop, asyncio.Event()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), seconds)
 

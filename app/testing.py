@@ -44,7 +44,7 @@ from app.service import Backstop
 from app.settings import Settings
 from store import migrate
 from store import tasks as store_tasks
-from store.engine import Database
+from store.engine import Database, create_database, drop_database
 from store.models import Task, TaskStatus
 from store.timeutil import utcnow
 
@@ -78,15 +78,11 @@ def backstop_database_url(tmp_path: Path) -> Iterator[str]:
     if url.get_backend_name() != "postgresql":
         raise pytest.UsageError(f"{DATABASE_ENV} must name a PostgreSQL server, not {server!r}")
     name = f"backstop_test_{uuid4().hex[:16]}"
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    database_url = create_database(server, name)
     try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        yield url.set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield database_url
     finally:
-        admin.dispose()
+        drop_database(server, name)
 
 
 @pytest.fixture

@@ -45,17 +45,23 @@ class DaemonPool:
                 )
                 self._threads.append(thread)
                 thread.start()
-        self._work.put((loop, future, contextvars.copy_context(), lambda: fn(*args, **kwargs)))
+            self._work.put((loop, future, contextvars.copy_context(), lambda: fn(*args, **kwargs)))
         return future
 
     def shutdown(self) -> None:
-        """Let idle threads end; busy ones end with their function (they are daemons)."""
-        for _ in self._threads:
-            self._work.put(None)
+        """Let idle threads end; busy ones end with their function (they are daemons). The
+        pool can be used again: it starts new threads as needed."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+            self._idle = 0
+            stale, self._work = self._work, queue.SimpleQueue()
+        for _ in threads:
+            stale.put(None)
 
     def _serve(self) -> None:
+        inbox = self._work  # a shutdown swaps in a new queue for new threads
         while True:
-            work = self._work.get()
+            work = inbox.get()
             if work is None:
                 return
             loop, future, context, call = work
@@ -67,6 +73,8 @@ class DaemonPool:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, future, *outcome)
             with self._lock:
+                if inbox is not self._work:
+                    return  # the pool was shut down while this ran
                 self._idle += 1
 
 

@@ -50,7 +50,7 @@ class GroupEnqueue:
         self._queue: list[_Job] = []
         # The async side: callers on an event loop hand their task to one writer thread, and
         # whatever queued while it committed goes in its next transaction.
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backstop-enqueue")
+        self._writer: ThreadPoolExecutor | None = None
         self._waiting: list[tuple[_Job, asyncio.Future[tuple[Task, bool]]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -88,7 +88,13 @@ class GroupEnqueue:
             batch = self._waiting[: self.max_group]
             del self._waiting[: self.max_group]
             group = [job for job, _ in batch]
-            await loop.run_in_executor(self._writer, self._commit_seated, group)
+            if self._writer is None:  # started on first use, and again after close()
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="backstop-enqueue")
+            try:
+                await loop.run_in_executor(self._writer, self._commit_seated, group)
+            except BaseException as error:  # every caller hears of it; none waits forever
+                for job in group:
+                    job.error = job.error or error
             for job, future in batch:
                 if future.done():
                     continue
@@ -103,8 +109,10 @@ class GroupEnqueue:
             self._commit(group)
 
     def close(self) -> None:
-        """Stop the writer thread (after what it is committing)."""
-        self._writer.shutdown(wait=True)
+        """Stop the writer thread (after what it is committing); a later call starts one."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
 
     def _commit(self, group: list[_Job]) -> None:
         try:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tenacity import retry_if_exception_type, wait_fixed
+from tenacity import retry_if_exception, retry_if_exception_type, wait_fixed
 
 from app import TaskContext, task
 
@@ -142,3 +142,21 @@ def crash(ctx: TaskContext) -> None:
     try. Only for tests that run it in a subprocess."""
     _mark(ctx, "crashes", str(ctx.attempt))
     os._exit(1)
+
+
+@task(name="test.stubborn_timeout", timeout=0.2, max_attempts=2, wait=wait_fixed(0))
+def stubborn_timeout(ctx: TaskContext) -> None:
+    """Runs past its 0.2 s timeout and ignores the cancel for a while (0.5 s in all)."""
+    _mark(ctx, "runs", f"start {ctx.attempt}")
+    time.sleep(0.5)
+    _mark(ctx, "runs", f"done {ctx.attempt}")
+
+
+def _raising_predicate(_error: BaseException) -> bool:
+    raise KeyError("the predicate looked for a field that is not there")
+
+
+@task(name="test.bad_policy", max_attempts=3, retry=retry_if_exception(_raising_predicate))
+def bad_policy() -> None:
+    """Fails, and its retry predicate raises while deciding what to do."""
+    raise Flaky("fails")
