@@ -1,0 +1,152 @@
+"""Enqueue over HTTP: durable endpoints against the same endpoints with BackgroundTasks.
+
+    .venv/bin/python -m bench.enqueue [--runs 3] [--seconds 2] [--connections 16,64]
+                                      [--synchronous NORMAL,FULL] [--json out.json]
+
+Pairs: POST /bench/durable (a sync endpoint calling `tasks.add_task`) and POST /tasks (the
+API's route, async) against POST /bench/background (sync, BackgroundTasks); POST
+/bench/durable-async (`await tasks.add_task_async`) against POST /bench/background-async.
+The server (`uvicorn --factory bench.apps:build`, no runner) is pinned to CPU 0 and wrk to
+CPU 1. Each run starts a fresh server on a fresh data folder and measures the five
+endpoints one after the other, in a rotated order, at each connection count; figures are
+medians over the runs, ratios the median of each run's own ratio. Afterwards the rows stored
+are checked against wrk's 2xx count (wrk drops the requests in flight when it stops, so up
+to one per connection may be stored and not counted).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from bench import harness
+from bench.report import Figure, Report, arguments, header, integers, median, rotated
+
+# Each durable endpoint and the BackgroundTasks endpoint it is compared with.
+PEERS = {
+    "/bench/durable": "/bench/background",
+    "/tasks": "/bench/background",
+    "/bench/durable-async": "/bench/background-async",
+}
+ENDPOINTS = (
+    "/bench/background",
+    "/bench/durable",
+    "/tasks",
+    "/bench/background-async",
+    "/bench/durable-async",
+)
+WARMUP = 1
+
+Key = tuple[str, int, str]  # synchronous, connections, endpoint
+
+
+def one_run(
+    synchronous: str,
+    run: int,
+    connections: list[int],
+    seconds: int,
+    loads: dict[Key, list[harness.Load]],
+    report: Report,
+) -> None:
+    order = rotated(ENDPOINTS, run)
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder)
+        with harness.server(data, run_worker=False, synchronous=synchronous) as url:
+            for endpoint in order:
+                harness.wrk(url + endpoint, connections[0], WARMUP)
+            for conns in connections:
+                for endpoint in order:
+                    before = harness.stored(data)
+                    load = harness.wrk(url + endpoint, conns, seconds)
+                    time.sleep(0.2)  # let the requests wrk abandoned finish
+                    rows = harness.stored(data) - before
+                    loads[(synchronous, conns, endpoint)].append(load)
+                    check(report, endpoint, conns, load, rows)
+
+
+def check(report: Report, endpoint: str, conns: int, load: harness.Load, rows: int) -> None:
+    expected = load.ok if endpoint in PEERS else 0
+    extra = rows - expected
+    if load.errors or load.ok != load.requests or not 0 <= extra <= conns:
+        report.note(
+            f"CHECK FAILED {endpoint} c={conns}: {load.requests} requests, {load.ok} 2xx, "
+            f"{load.errors} socket errors, {rows} rows stored"
+        )
+
+
+def summarize(
+    report: Report, synchronous: str, connections: list[int], loads: dict[Key, list[harness.Load]]
+) -> None:
+    target = "1" if synchronous == "NORMAL" else "7"
+    for conns in connections:
+        for peer_endpoint in sorted(set(PEERS.values())):
+            peer = loads[(synchronous, conns, peer_endpoint)]
+            label = f"{peer_endpoint} c={conns} {synchronous}"
+            report.add(Figure(label, median(x.rps for x in peer), "req/s"))
+            report.add(Figure(f"{label} p99", median(x.p99_ms for x in peer), "ms"))
+        for endpoint, peer_endpoint in PEERS.items():
+            mine = loads[(synchronous, conns, endpoint)]
+            peer = loads[(synchronous, conns, peer_endpoint)]
+            name = peer_endpoint.removeprefix("/bench/")
+            speed = median(a.rps / b.rps for a, b in zip(mine, peer, strict=True))
+            slowest = median(a.p99_ms / b.p99_ms for a, b in zip(mine, peer, strict=True))
+            report.add(
+                Figure(
+                    f"{endpoint} c={conns} {synchronous}",
+                    median(x.rps for x in mine),
+                    "req/s",
+                    peer=name,
+                    peer_value=median(x.rps for x in peer),
+                    ratio=speed,
+                    target=target,
+                    goal=">= 1.0x",
+                    met=speed >= 1.0,
+                )
+            )
+            report.add(
+                Figure(
+                    f"{endpoint} c={conns} {synchronous} p99",
+                    median(x.p99_ms for x in mine),
+                    "ms",
+                    peer=name,
+                    peer_value=median(x.p99_ms for x in peer),
+                    ratio=slowest,
+                    target=target,
+                    goal="<= 1.0x",
+                    met=slowest <= 1.0,
+                )
+            )
+
+
+def main() -> None:
+    parser = arguments(__doc__, runs=3)
+    parser.add_argument("--seconds", type=int, default=2, help="wrk duration per endpoint")
+    parser.add_argument("--connections", type=integers, default=[16, 64])
+    parser.add_argument("--synchronous", default="NORMAL,FULL", help="SQLite synchronous modes")
+    options = parser.parse_args()
+    modes = [mode.strip().upper() for mode in options.synchronous.split(",") if mode.strip()]
+    settings = {
+        "runs": options.runs,
+        "seconds": options.seconds,
+        "connections": options.connections,
+        "synchronous": modes,
+        "server": "uvicorn, 1 worker, CPU 0",
+        "load": "wrk -t1, CPU 1",
+    }
+    header("enqueue: durable endpoints vs the same with BackgroundTasks", settings)
+    report = Report("enqueue", settings)
+    loads: dict[Key, list[harness.Load]] = defaultdict(list)
+    for synchronous in modes:
+        for run in range(options.runs):
+            one_run(synchronous, run, options.connections, options.seconds, loads, report)
+        summarize(report, synchronous, options.connections, loads)
+    failed = [note for note in report.notes if note.startswith("CHECK FAILED")]
+    if not failed:
+        report.note("rows stored = 2xx answers in every run (within the requests in flight)")
+    report.save(options.json)
+
+
+if __name__ == "__main__":
+    main()
