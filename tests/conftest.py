@@ -18,7 +18,7 @@ from app.settings import Settings
 from store.engine import Database
 
 # tests/kit runs small test files in a sub-session, as a team using the kit would.
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester", "tests.support.backstops"]
 
 
 @pytest.fixture

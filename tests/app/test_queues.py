@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from app.settings import Settings, parse_queues
 from store import tasks as store_tasks
 from store.models import TaskStatus
 from store.timeutil import utcnow
+from tests.support.backstops import MakeBackstop
 from tests.support.client import drain
 from tests.support.waiting import wait_until
 
@@ -47,25 +47,6 @@ def status(client: TestClient, task_id: str) -> str:
 def at(value: str) -> datetime:
     """An API time as an aware datetime."""
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-MakeBackstop = Callable[..., Backstop]
-
-
-@pytest.fixture
-def make_backstop(settings: Settings) -> Iterator[MakeBackstop]:
-    """Builds a migrated Backstop on the test's database with some settings changed."""
-    made: list[Backstop] = []
-
-    def make(**changes: Any) -> Backstop:
-        instance = Backstop(settings.model_copy(update=changes))
-        instance.prepare()
-        made.append(instance)
-        return instance
-
-    yield make
-    for instance in made:
-        instance.close()
 
 
 # -- delay, run_at, priority -------------------------------------------------------------------

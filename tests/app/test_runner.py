@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from app.runner import Runner
 from app.service import Backstop
-from app.settings import Settings
 from store import attempts as store_attempts
 from store import leases
 from store import tasks as store_tasks
 from store.models import Attempt, AttemptOutcome, Task, TaskStatus
+from tests.support.backstops import MakeBackstop
 from tests.support.tasks import flaky
 from tests.support.waiting import wait_until
 
@@ -27,25 +26,6 @@ T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 def at(seconds: float) -> datetime:
     """`seconds` after the pinned start of the test's clock."""
     return T0 + timedelta(seconds=seconds)
-
-
-MakeBackstop = Callable[..., Backstop]
-
-
-@pytest.fixture
-def make_backstop(settings: Settings) -> Iterator[MakeBackstop]:
-    """Builds a migrated Backstop on the test's database with some settings changed."""
-    made: list[Backstop] = []
-
-    def make(**changes: Any) -> Backstop:
-        instance = Backstop(settings.model_copy(update=changes))
-        instance.prepare()
-        made.append(instance)
-        return instance
-
-    yield make
-    for instance in made:
-        instance.close()
 
 
 def _task(backstop: Backstop, task_id: str) -> Task:
