@@ -1,13 +1,17 @@
-"""Running one claimed task and writing its outcome under its lease."""
+"""Calling one claimed task's function, and turning what came of it into an outcome to write.
+
+Nothing here touches the database: the outcome (the result, or the error with the retry
+policy's verdict and the traceback) is worked out where the function ran, so the write
+transaction that records it holds SQLite's lock for the statements alone.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import traceback
-from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from pydantic_core import to_jsonable_python
 
@@ -15,34 +19,18 @@ from app.context import TaskContext
 from app.registry import Registry, TaskSpec, finite
 from app.retry import DEFAULT_POLICY, next_run_at
 from app.settings import Settings
-from app.threads import DaemonPool
-from store import outcomes
-from store.models import Lease, Task, lease_of
+from store.models import Claim, TaskStatus
+from store.outcomes import Outcome
 from store.timeutil import utcnow
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-class Write(Protocol):
-    """Runs `fn(conn, *args, **kwargs)` in a write transaction, off the event loop."""
-
-    def __call__(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Awaitable[T]: ...
-
-
-# Pauses between tries to record an outcome; after the last one the error propagates (the
-# runner logs it, the lease lapses, and the task is reclaimed like after a crash).
-RECORD_RETRIES: tuple[float | None, ...] = (0.1, 0.5, 2.0, 5.0, 10.0, None)
 
 
 class TaskTimeout(TimeoutError):
     """An attempt ran past its task's `timeout`."""
 
-    def __init__(self, timeout: float, straggler: asyncio.Future[Any] | None = None) -> None:
+    def __init__(self, timeout: float) -> None:
         super().__init__(f"timed out after {timeout:g}s")
-        # A sync function's thread, still running: it cannot be killed, only asked to stop.
-        self.straggler = straggler
 
 
 class ResultNotJSON(TypeError):
@@ -50,132 +38,77 @@ class ResultNotJSON(TypeError):
 
 
 class Executor:
-    """Calls task functions and records what came of each attempt."""
+    """Calls task functions and says what came of each attempt."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        settings: Settings,
-        write: Write,
-        on_finished: Callable[[Task], None],
-        threads: DaemonPool,
-    ) -> None:
+    def __init__(self, registry: Registry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
-        self._write = write
-        self._on_finished = on_finished
-        self._threads = threads
 
-    def context(self, task: Task) -> TaskContext:
+    def context(self, claim: Claim) -> TaskContext:
         """The context a claimed task's function receives."""
-        return TaskContext(task_id=task.id, attempt=task.attempts, settings=self.settings)
+        return TaskContext(task_id=claim.id, attempt=claim.attempts, settings=self.settings)
 
-    async def execute(
-        self,
-        task: Task,
-        ctx: TaskContext,
-        *,
-        inline: bool = False,
-        now: datetime | None = None,
-    ) -> None:
-        """Run one attempt of a claimed task and record its outcome.
+    def spec_of(self, claim: Claim) -> TaskSpec | None:
+        """The claimed task's registration; None when this process does not know its name."""
+        return self.registry.get(claim.name) if claim.name in self.registry else None
 
-        `inline` calls a sync function on the caller's thread (tests: deterministic, but no
-        timeout). `now` pins the clock of the outcome and of the retry decision.
-        """
-        lease = lease_of(task)
+    def call_sync(self, claim: Claim, ctx: TaskContext, *, now: datetime | None = None) -> Outcome:
+        """Run a sync function on this thread; its outcome. Never raises."""
+        log.debug("task %s attempt %d: running %s", claim.id, claim.attempts, claim.name)
         spec: TaskSpec | None = None
-        log.debug("task %s attempt %d: running %s", task.id, ctx.attempt, task.name)
         try:
-            spec = self.registry.get(task.name)
-            args, kwargs = spec.load(task.args, task.kwargs)
-            if spec.context_param is not None:
-                kwargs[spec.context_param] = ctx
-            result = _json_result(await self._call(spec, args, kwargs, ctx, inline=inline))
+            spec = self.registry.get(claim.name)
+            args, kwargs = self._arguments(spec, claim, ctx)
+            result = _json_result(spec.fn(*args, **kwargs))
+        except BaseException as error:  # even SystemExit: it ends the attempt, not the thread
+            return self.failed(claim, spec, error, now=now)
+        return Outcome(claim.lease, claim.attempts, now or utcnow(), result=result)
+
+    async def call_async(
+        self, claim: Claim, ctx: TaskContext, *, now: datetime | None = None
+    ) -> Outcome:
+        """Run an async function (or, on the loop's thread, a sync one); its outcome.
+
+        Raises CancelledError only when the runner itself is being stopped past its grace:
+        the stop then releases the lease. A cancel request cancels the function alone, and
+        the attempt is recorded (the store turns it into `cancelled`).
+        """
+        spec: TaskSpec | None = None
+        log.debug("task %s attempt %d: running %s", claim.id, claim.attempts, claim.name)
+        try:
+            spec = self.registry.get(claim.name)
+            if not spec.is_async:
+                return self.call_sync(claim, ctx, now=now)
+            args, kwargs = self._arguments(spec, claim, ctx)
+            result = _json_result(await _awaited(spec, spec.fn(*args, **kwargs), ctx))
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
-                raise  # the runner is stopping past its grace: the stop releases the lease
-            # Only the function was cancelled (by a cancel request): record the attempt;
-            # the store turns it into `cancelled` since the request is on the row.
-            await self._failed(task, lease, spec, asyncio.CancelledError("cancelled"), now=now)
-            return
-        except Exception as exc:
-            if isinstance(exc, TaskTimeout) and exc.straggler is not None:
-                # A thread cannot be killed. Until it returns the attempt is not over: the
-                # task keeps its lease (the heartbeat renews it), so no retry runs beside
-                # it, and its runner slot stays taken, so stuck threads cannot pile up.
-                log.warning(
-                    "task %s attempt %d: timed out; waiting for its thread to return",
-                    task.id,
-                    ctx.attempt,
-                )
-                await asyncio.wait([exc.straggler])
-            await self._failed(task, lease, spec, exc, now=now)
-            return
-        finished = await self._record(outcomes.mark_succeeded, task, lease, result, now=now)
-        if finished is None:
-            log.warning(
-                "task %s attempt %d: lease lost; success not recorded", task.id, ctx.attempt
-            )
-            return
-        log.info("task %s attempt %d: %s", task.id, ctx.attempt, finished.status)
-        self._on_finished(finished)
+                raise
+            return self.failed(claim, spec, asyncio.CancelledError("cancelled"), now=now)
+        except Exception as error:
+            return self.failed(claim, spec, error, now=now)
+        return Outcome(claim.lease, claim.attempts, now or utcnow(), result=result)
 
-    async def _call(
+    def failed(
         self,
-        spec: TaskSpec,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        ctx: TaskContext,
-        *,
-        inline: bool,
-    ) -> Any:
-        if spec.is_async:
-            work = asyncio.ensure_future(spec.fn(*args, **kwargs))
-            ctx._on_stop.append(work.cancel)
-            if ctx.cancelled:
-                # Asked to stop between the claim and now: `_request_stop` ran before this
-                # hook was in place, so cancel here or the function would run to its end.
-                work.cancel()
-            deadline = asyncio.timeout(spec.timeout)
-            try:
-                async with deadline:
-                    return await work
-            except TimeoutError:
-                if spec.timeout is None or not deadline.expired():
-                    raise  # the function's own TimeoutError
-                raise TaskTimeout(spec.timeout) from None
-        if inline:
-            return spec.fn(*args, **kwargs)
-        thread = self._threads.run(spec.fn, *args, **kwargs)
-        done, _ = await asyncio.wait([thread], timeout=spec.timeout)
-        if done:
-            return thread.result()
-        assert spec.timeout is not None
-        ctx._request_stop()
-        thread.add_done_callback(lambda f: f.cancelled() or f.exception())
-        raise TaskTimeout(spec.timeout, straggler=thread)
-
-    async def _failed(
-        self,
-        task: Task,
-        lease: Lease,
+        claim: Claim,
         spec: TaskSpec | None,
         error: BaseException,
         *,
         now: datetime | None = None,
-    ) -> None:
+    ) -> Outcome:
+        """A failed attempt, with the retry policy's verdict: again at `run_at`, or never."""
         now = now or utcnow()
         message = f"{type(error).__name__}: {error}"
         trace = "".join(traceback.format_exception(error))
         try:
             run_at = next_run_at(
                 spec.policy if spec is not None else DEFAULT_POLICY,
-                task.attempts,
+                claim.attempts,
                 error,
-                max_attempts=task.max_attempts,
-                created_at=task.created_at,
+                max_attempts=claim.max_attempts,
+                created_at=claim.created_at,
                 now=now,
             )
         except Exception as policy_error:
@@ -184,42 +117,53 @@ class Executor:
             message += (
                 f" (and the retry policy failed: {type(policy_error).__name__}: {policy_error})"
             )
-            log.exception("task %s attempt %d: retry policy raised", task.id, task.attempts)
-        finished = await self._record(
-            outcomes.fail_attempt, task, lease, message, trace, run_at, now=now
+            log.exception("task %s attempt %d: retry policy raised", claim.id, claim.attempts)
+        return Outcome(
+            claim.lease, claim.attempts, now, error=message, traceback=trace, run_at=run_at
         )
-        if finished is None:
-            log.warning(
-                "task %s attempt %d: lease lost; failure not recorded", task.id, task.attempts
-            )
-            return
-        number = task.attempts
-        if finished.status == "retrying":
-            log.info("task %s attempt %d: %s; retry at %s", task.id, number, message, run_at)
-        else:
-            log.warning("task %s attempt %d: %s: %s", task.id, number, finished.status, message)
-        self._on_finished(finished)
 
-    async def _record(
-        self, fn: Callable[..., Task | None], task: Task, /, *args: Any, **kwargs: Any
-    ) -> Task | None:
-        """Write an outcome, trying again while the database refuses (locked, gone for a
-        moment): the task stays this runner's, its lease renewed, until it is written."""
-        for delay in RECORD_RETRIES:
-            try:
-                return await self._write(fn, *args, **kwargs)
-            except Exception:
-                if delay is None:
-                    raise
-                log.warning(
-                    "task %s attempt %d: could not record the outcome; again in %gs",
-                    task.id,
-                    task.attempts,
-                    delay,
-                    exc_info=True,
-                )
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+    @staticmethod
+    def _arguments(
+        spec: TaskSpec, claim: Claim, ctx: TaskContext
+    ) -> tuple[list[Any], dict[str, Any]]:
+        args, kwargs = spec.load(claim.args, claim.kwargs)
+        if spec.context_param is not None:
+            kwargs[spec.context_param] = ctx
+        return args, kwargs
+
+
+def report(claim: Claim, outcome: Outcome, state: TaskStatus | None) -> None:
+    """Log what was written for an attempt (`state` None: the lease was lost, nothing was)."""
+    number = claim.attempts
+    if state is None:
+        what = "success" if outcome.error is None else "failure"
+        log.warning("task %s attempt %d: lease lost; %s not recorded", claim.id, number, what)
+    elif outcome.error is None or state is TaskStatus.CANCELLED:
+        log.info("task %s attempt %d: %s", claim.id, number, state)
+    elif state is TaskStatus.RETRYING:
+        log.info(
+            "task %s attempt %d: %s; retry at %s", claim.id, number, outcome.error, outcome.run_at
+        )
+    else:
+        log.warning("task %s attempt %d: %s: %s", claim.id, number, state, outcome.error)
+
+
+async def _awaited(spec: TaskSpec, work: Any, ctx: TaskContext) -> Any:
+    """Await an async function's coroutine under its timeout; a stop request cancels it."""
+    job = asyncio.ensure_future(work)
+    ctx._on_stop.append(job.cancel)
+    if ctx.cancelled:
+        # Asked to stop between the claim and now: `_request_stop` ran before this hook was
+        # in place, so cancel here or the function would run to its end.
+        job.cancel()
+    deadline = asyncio.timeout(spec.timeout)
+    try:
+        async with deadline:
+            return await job
+    except TimeoutError:
+        if spec.timeout is None or not deadline.expired():
+            raise  # the function's own TimeoutError
+        raise TaskTimeout(spec.timeout) from None
 
 
 def _json_result(value: Any) -> Any:

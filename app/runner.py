@@ -1,40 +1,41 @@
 """The runner: claims due tasks, runs them, keeps their leases, and takes back lapsed ones.
 
 An APScheduler `AsyncIOScheduler` drives the interval jobs: the claim (every
-`poll_interval`, and at once when this process enqueues or a slot frees up with work
-waiting), the check for cancel requests, the heartbeat that renews the leases of running
+`poll_interval`, and at once when this process enqueues, another process commits, or a slot
+frees up), the check for cancel requests, the heartbeat that renews the leases of running
 tasks, the reclaim of leases that lapsed elsewhere, and any extra jobs the service adds
-(periodic tasks, retention). Sync functions run on threads and async ones on the loop.
-Every database call runs on one dedicated thread, so the loop never waits on SQLite's lock.
+(periodic tasks, retention). The claims, the functions and their outcomes flow through the
+pipeline (`app.pipeline`): sync functions on threads, async ones on the loop. Every database
+call runs on one dedicated thread, so the loop never waits on SQLite's lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import uuid4
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from sqlalchemy.engine import Connection
 
-from app.context import TaskContext
 from app.dbthread import DatabaseThread
-from app.execution import Executor
+from app.execution import Executor, report
+from app.pipeline import ALL_QUEUES, Pipeline, claim_queues
 from app.registry import Registry
 from app.retry import DEFAULT_POLICY, after_lapsed_lease
 from app.settings import Settings
-from app.threads import DaemonPool
+from app.threads import DaemonPool, call_on
 from app.wakeup import Doorbell
 from store import control, leases
+from store import outcomes as store_outcomes
 from store import tasks as store_tasks
 from store.engine import Database
-from store.models import Lease, Task, lease_of
+from store.models import Task
 from store.timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -42,38 +43,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Job = Callable[[], Awaitable[object]]
 
-ALL_QUEUES: None = None
-
-
-@dataclass
-class _Running:
-    lease: Lease
-    queue: str
-    ctx: TaskContext
-    job: asyncio.Task[None]
-
 
 def default_worker_id() -> str:
     """`host:pid:random`: unique per runner, readable in the attempts list."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:6]}"
-
-
-def _claim_queues(
-    conn: Connection,
-    owner: str,
-    free: Mapping[str | None, int],
-    *,
-    lease_seconds: float,
-    now: datetime | None,
-) -> dict[str | None, list[Task]]:
-    """One claim per queue with free slots, in one transaction."""
-    return {
-        queue: leases.claim_due(
-            conn, owner, slots, lease_seconds=lease_seconds, queue=queue, now=now
-        )
-        for queue, slots in free.items()
-        if slots > 0
-    }
 
 
 class Runner:
@@ -88,7 +61,7 @@ class Runner:
         *,
         queues: Mapping[str, int] | None = None,
         worker_id: str | None = None,
-        on_finished: Callable[[Task], None] | None = None,
+        on_finished: Callable[[], None] | None = None,
         inline: bool = False,
     ) -> None:
         self.db = db
@@ -99,28 +72,28 @@ class Runner:
         self.limits: dict[str | None, int] = {ALL_QUEUES: settings.concurrency}
         if named:
             self.limits = {queue: limit for queue, limit in named.items()}
-        self._on_finished = on_finished or (lambda task: None)
+        self._on_finished = on_finished or (lambda: None)
         # Inline (the test kit's drain): database calls and sync functions run on the
         # caller's thread, one after the other; no thread is ever started.
         self.inline = inline
         self.database = DatabaseThread(db, inline=inline)
         self.threads = DaemonPool(self.capacity)
-        self.executor = Executor(
-            registry, settings, self.database.write_together, self._finished, self.threads
+        self.executor = Executor(registry, settings)
+        self.pipeline = Pipeline(
+            self.database,
+            self.executor,
+            self.threads,
+            self.limits,
+            owner=self.worker_id,
+            lease_seconds=settings.lease_seconds,
+            on_finished=self._finished,
         )
-        self._running: dict[str, _Running] = {}
         self._extra_jobs: list[tuple[str, Job, float]] = []
         self._in_flight: dict[str, asyncio.Future[object]] = {}
         self._doorbell: Doorbell | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
-        self._claiming = False
-        self._claim_landed = asyncio.Event()  # set while no claim is in flight
-        self._claim_landed.set()
-        self._claim_again = False
-        self._backlog = False
-        self._filler: asyncio.Future[None] | None = None
 
     @property
     def capacity(self) -> int:
@@ -137,8 +110,7 @@ class Runner:
         """Start claiming: the interval jobs run on the current event loop. A stopped runner
         can start again (on this loop or another)."""
         self._loop = asyncio.get_running_loop()
-        self._claim_landed = asyncio.Event()  # asyncio primitives belong to one loop
-        self._claim_landed.set()
+        self.pipeline.loop = self._loop
         lease = self.settings.lease_seconds
         poll = self.settings.poll_interval
         scheduler = AsyncIOScheduler(event_loop=self._loop, timezone=UTC)
@@ -163,6 +135,7 @@ class Runner:
         scheduler.start()
         self._scheduler = scheduler
         self._accepting = True
+        self.pipeline.claiming = True
         if self.db.dialect == "sqlite":
             # Other processes' enqueues are seen within milliseconds, not at the next poll.
             self._doorbell = Doorbell(self.db, self.notify)
@@ -190,21 +163,21 @@ class Runner:
         """
         grace = self.settings.shutdown_grace if grace is None else grace
         self._accepting = False
+        self.pipeline.claiming = False
         if self._doorbell is not None:
             self._doorbell.stop()
             self._doorbell = None
         if self._scheduler is not None:
             for job_id in ("claim", "reclaim", *(job_id for job_id, _, _ in self._extra_jobs)):
                 self._scheduler.remove_job(job_id)
-        # A claim already in flight still starts what it took: let it land first, so those
+        # A cycle already in flight still starts what it claimed: let it land first, so those
         # tasks are waited for and released like the rest, not left running under a lease.
-        await self._claim_landed.wait()
-        pending = [running.job for running in self._running.values()]
-        if pending:
-            log.info(
-                "runner %s waiting up to %.0fs for %d tasks", self.worker_id, grace, len(pending)
-            )
-            await asyncio.wait(pending, timeout=grace)
+        await self.database.read(lambda _conn: None)
+        held = self.pipeline.snapshot()
+        if held:
+            log.info("runner %s waiting up to %.0fs for %d tasks", self.worker_id, grace, len(held))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.pipeline.settled(set(held)), grace)
         try:
             await self._release_leftovers()
         finally:
@@ -220,45 +193,38 @@ class Runner:
             log.info("runner %s stopped", self.worker_id)
 
     async def _release_leftovers(self) -> None:
-        leftover = list(self._running.values())
+        leftover = [entry for entry in self.pipeline.snapshot().values() if not entry.done]
         if not leftover:
             return
-        for running in leftover:
-            running.ctx._stop.set()  # sync functions see `cancelled`
-            running.job.cancel()  # async ones are cancelled with their runner task
-        # Through the same queue as the outcomes, and after them: a task whose function
-        # returned just now has its outcome written first, and is not released and run again.
-        count = await self.database.write_together(leases.release, [r.lease for r in leftover])
+        for entry in leftover:
+            entry.ctx._stop.set()  # sync functions see `cancelled`
+            if entry.job is not None:
+                entry.job.cancel()  # async ones are cancelled with their runner task
+        # On the database thread, after the outcomes already handed in: a task whose
+        # function returned just now has its outcome written first, not released and rerun.
+        count = await self.write(leases.release, [entry.claim.lease for entry in leftover])
+        self.pipeline.forget(leftover)
         log.warning("runner %s released %d unfinished tasks", self.worker_id, count)
-        await asyncio.wait([r.job for r in leftover])
+        jobs = [entry.job for entry in leftover if entry.job is not None]
+        if jobs:
+            await asyncio.wait(jobs)
 
     def notify(self) -> None:
         """Claim now rather than at the next poll: a task was just enqueued. Thread-safe."""
-        self._call_soon(self._kick)
+        if self._accepting:
+            self.pipeline.wake()
 
     def cancel_local(self, task_id: str) -> None:
         """Stop a task this runner is running, now (its cancel request is already stored)."""
 
         def stop() -> None:
-            running = self._running.get(task_id)
-            if running is not None:
-                log.info("task %s attempt %d: cancelling", task_id, running.ctx.attempt)
-                running.ctx._request_stop()
+            entry = self.pipeline.running.get(task_id)
+            if entry is not None:
+                log.info("task %s attempt %d: cancelling", task_id, entry.claim.attempts)
+                entry.ctx._request_stop()
 
-        self._call_soon(stop)
-
-    def _call_soon(self, callback: Callable[[], None]) -> None:
-        loop = self._loop
-        if loop is None or not self._accepting or loop.is_closed():
-            return
-        try:
-            running_loop = asyncio.get_running_loop()
-        except RuntimeError:
-            running_loop = None
-        if running_loop is loop:
-            callback()
-        else:
-            loop.call_soon_threadsafe(callback)
+        if self._accepting:
+            call_on(self._loop, stop)
 
     # -- the test seam -------------------------------------------------------------------
 
@@ -267,24 +233,28 @@ class Runner:
 
         Outcomes and retry times are reckoned as of `now` too, so tests can pin the clock.
         """
-        free: dict[str | None, int] = dict(self.limits)
         claimed = await self.write(
-            _claim_queues,
+            claim_queues,
             self.worker_id,
-            free,
+            self.limits,
             lease_seconds=self.settings.lease_seconds,
             now=now,
         )
-        batch = [task for tasks in claimed.values() for task in tasks]
+        batch = [claim for claims in claimed.values() for claim in claims]
         if not batch:
             return []
-        run = self.executor
         if self.inline:
-            for task in batch:
-                await run.execute(task, run.context(task), inline=True, now=now)
+            for claim in batch:
+                ctx = self.executor.context(claim)
+                outcome = await self.executor.call_async(claim, ctx, now=now)
+                [state] = await self.write(store_outcomes.record, [outcome])
+                report(claim, outcome, state)
+                self._finished()
         else:
-            await asyncio.gather(*(run.execute(task, run.context(task), now=now) for task in batch))
-        return await self.read(store_tasks.get_tasks, [task.id for task in batch])
+            self.pipeline.loop = asyncio.get_running_loop()
+            self.pipeline.start(batch, now=now)
+            await self.pipeline.settled({claim.id for claim in batch})
+        return await self.read(store_tasks.get_tasks, [claim.id for claim in batch])
 
     async def drain(self, *, now: datetime | None = None, limit: int = 10_000) -> list[Task]:
         """Run due tasks until none is left (as of `now`); returns every task it ran."""
@@ -296,80 +266,17 @@ class Runner:
             done.update((task.id, task) for task in batch)
         return list(done.values())
 
-    # -- claiming ------------------------------------------------------------------------
+    # -- claiming, leases and cancels ----------------------------------------------------
 
     async def _poll(self) -> None:
-        # Returns at once: a claim that is slow (the database busy) must not make the
-        # scheduler skip runs of this job and log about it.
-        self._kick()
+        self.pipeline.wake()
 
-    def _kick(self) -> None:
-        if self._claiming:
-            self._claim_again = True
-        else:
-            self._filler = asyncio.ensure_future(self._fill())
-
-    def _free(self) -> dict[str | None, int]:
-        busy: dict[str | None, int] = dict.fromkeys(self.limits, 0)
-        for running in self._running.values():
-            key = ALL_QUEUES if ALL_QUEUES in self.limits else running.queue
-            busy[key] = busy.get(key, 0) + 1
-        return {queue: limit - busy[queue] for queue, limit in self.limits.items()}
-
-    async def _fill(self) -> None:
-        """Claim up to the free slots of each queue and start each task; repeat if asked."""
-        if self._claiming:
-            self._claim_again = True
-            return
-        self._claiming = True
-        self._claim_landed.clear()
-        try:
-            while self._accepting:
-                self._claim_again = False
-                free = {queue: slots for queue, slots in self._free().items() if slots > 0}
-                if not free:
-                    break
-                claimed = await self.write(
-                    _claim_queues,
-                    self.worker_id,
-                    free,
-                    lease_seconds=self.settings.lease_seconds,
-                    now=None,
-                )
-                self._backlog = any(len(claimed[queue]) == free[queue] for queue in claimed)
-                for tasks in claimed.values():
-                    for task in tasks:
-                        self._start(task)
-                if not self._claim_again:
-                    break
-        except Exception:
-            log.exception("runner %s: claim failed; retrying at the next poll", self.worker_id)
-        finally:
-            self._claiming = False
-            self._claim_landed.set()
-
-    def _start(self, task: Task) -> None:
-        ctx = self.executor.context(task)
-        job = asyncio.ensure_future(self.executor.execute(task, ctx))
-        self._running[task.id] = _Running(lease_of(task), task.queue, ctx, job)
-
-        def done(_job: asyncio.Future[None]) -> None:
-            current = self._running.get(task.id)
-            if current is not None and current.job is job:
-                del self._running[task.id]
-            if self._backlog and self._accepting:
-                self._kick()
-
-        job.add_done_callback(done)
-
-    def _finished(self, task: Task) -> None:
-        self._on_finished(task)
-
-    # -- leases and cancels --------------------------------------------------------------
+    def _finished(self) -> None:
+        self._on_finished()
 
     async def _check_cancels(self) -> None:
         """Stop the running tasks that were cancelled elsewhere (another process's API)."""
-        running = list(self._running)
+        running = list(self.pipeline.snapshot())
         if not running:
             return
         try:
@@ -381,7 +288,7 @@ class Runner:
             self.cancel_local(task_id)
 
     async def _heartbeat(self) -> None:
-        held_before = dict(self._running)
+        held_before = self.pipeline.snapshot()
         if not held_before:
             return
         try:
@@ -394,10 +301,10 @@ class Runner:
         except Exception:
             log.exception("runner %s: heartbeat failed", self.worker_id)
             return
-        for task_id, running in held_before.items():
-            if task_id not in held and self._running.get(task_id) is running:
-                log.warning("task %s attempt %d: lease lost", task_id, running.ctx.attempt)
-                running.ctx._request_stop()
+        for task_id, entry in held_before.items():
+            if task_id not in held and self.pipeline.running.get(task_id) is entry:
+                log.warning("task %s attempt %d: lease lost", task_id, entry.claim.attempts)
+                entry.ctx._request_stop()
 
     async def reclaim(self, *, now: datetime | None = None) -> list[Task]:
         """Fail the attempts whose leases lapsed (their runners died); the reclaimed tasks."""
@@ -428,9 +335,9 @@ class Runner:
                 task.status,
                 task.last_error,
             )
-            self._on_finished(task)
-        if reclaimed and self._accepting:
-            self._kick()
+        if reclaimed:
+            self._finished()
+            self.notify()
         return reclaimed
 
     # -- database ------------------------------------------------------------------------

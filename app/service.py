@@ -14,9 +14,9 @@ from app.registry import Registry, registry
 from app.retention import Pruner
 from app.runner import Runner
 from app.settings import Settings
+from app.threads import call_on
 from store import migrate
 from store.engine import Database, create_engine
-from store.models import Task
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,8 @@ class Pulse:
         self._event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def fire(self, _task: Task | None = None) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            here = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        if here is loop:
-            self._set()
-        else:
-            loop.call_soon_threadsafe(self._set)
+    def fire(self) -> None:
+        call_on(self._loop, self._set)
 
     def _set(self) -> None:
         event, self._event = self._event, asyncio.Event()

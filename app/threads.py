@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
+import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
-_Work = tuple[
-    asyncio.AbstractEventLoop, asyncio.Future[Any], contextvars.Context, Callable[[], Any]
-]
+log = logging.getLogger(__name__)
+
+_Work = tuple[Callable[..., object], tuple[Any, ...]]
 
 
 class DaemonPool:
-    """Up to `size` daemon threads, started as needed, that run functions for the loop."""
+    """Up to `size` daemon threads, started as needed, that run the functions handed to them."""
 
     def __init__(self, size: int, name: str = "backstop-task") -> None:
         self.size = size
@@ -32,10 +32,8 @@ class DaemonPool:
         self._idle = 0
         self._lock = threading.Lock()
 
-    def run(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        """Start `fn(*args, **kwargs)` on a pool thread; its outcome resolves the future."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+    def submit(self, fn: Callable[..., object], /, *args: Any) -> None:
+        """Call `fn(*args)` on a pool thread; it must handle its own errors (they are logged)."""
         with self._lock:
             if self._idle:
                 self._idle -= 1  # an idle thread will take it
@@ -45,8 +43,7 @@ class DaemonPool:
                 )
                 self._threads.append(thread)
                 thread.start()
-            self._work.put((loop, future, contextvars.copy_context(), lambda: fn(*args, **kwargs)))
-        return future
+            self._work.put((fn, args))
 
     def shutdown(self) -> None:
         """Let idle threads end; busy ones end with their function (they are daemons). The
@@ -64,24 +61,30 @@ class DaemonPool:
             work = inbox.get()
             if work is None:
                 return
-            loop, future, context, call = work
+            fn, args = work
             try:
-                outcome: tuple[bool, Any] = (True, context.run(call))
-            except BaseException as exc:  # handed to the awaiting coroutine, not swallowed
-                outcome = (False, exc)
-            # RuntimeError: the loop closed while the function ran, and nobody waits any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, future, *outcome)
+                fn(*args)
+            except BaseException:
+                log.exception("%s: unexpected error", threading.current_thread().name)
             with self._lock:
                 if inbox is not self._work:
                     return  # the pool was shut down while this ran
                 self._idle += 1
 
 
-def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if future.done():
+def call_on(
+    loop: asyncio.AbstractEventLoop | None, callback: Callable[..., object], *args: Any
+) -> None:
+    """Run `callback(*args)` on `loop` from any thread: now when called on that loop, soon
+    otherwise. Nothing happens once the loop is gone or closed."""
+    if loop is None or loop.is_closed():
         return
-    if ok:
-        future.set_result(value)
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    if here is loop:
+        callback(*args)
     else:
-        future.set_exception(value)
+        with contextlib.suppress(RuntimeError):  # closed in the meantime
+            loop.call_soon_threadsafe(callback, *args)

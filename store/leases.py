@@ -7,8 +7,10 @@ A running task is held by one runner under a lease: an owner, an expiry and a fe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -18,6 +20,7 @@ from store.models import (
     CLAIMABLE_WHERE,
     RUNNING_WHERE,
     AttemptOutcome,
+    Claim,
     Lease,
     Task,
     TaskStatus,
@@ -35,6 +38,52 @@ a = attempt_table
 LEASE_EXPIRED = "lease expired"
 
 
+# What a claim reads back: enough to run the task, nothing to rebuild a whole `Task` from.
+_CLAIMED = (
+    t.c.id,
+    t.c.name,
+    t.c.queue,
+    t.c.priority,
+    t.c.args,
+    t.c.kwargs,
+    t.c.attempts,
+    t.c.max_attempts,
+    t.c.lease_token,
+    t.c.created_at,
+    t.c.scheduled_at,
+)
+
+
+@functools.cache
+def _claim_statement(by_queue: bool) -> sa.Update:
+    # Built once: compiling it anew for every claim cost more than SQLite spends running it.
+    def stamp(name: str) -> sa.BindParameter[datetime]:
+        return sa.bindparam(name, type_=t.c.scheduled_at.type)
+
+    due = (
+        sa.select(t.c.id)
+        .where(sa.text(CLAIMABLE_WHERE), t.c.scheduled_at <= stamp("c_now"))
+        .order_by(t.c.priority.desc(), t.c.scheduled_at)
+        .limit(sa.bindparam("c_limit", type_=sa.Integer()))
+        .with_for_update(skip_locked=True)
+    )
+    if by_queue:
+        due = due.where(t.c.queue == sa.bindparam("c_queue"))
+    return (
+        sa.update(t)
+        .where(t.c.id.in_(due.scalar_subquery()), t.c.status.in_(CLAIMABLE))
+        .values(
+            status=TaskStatus.RUNNING,
+            lease_owner=sa.bindparam("c_owner"),
+            lease_expires_at=stamp("c_expires"),
+            lease_token=t.c.lease_token + 1,
+            attempts=t.c.attempts + 1,
+            started_at=stamp("c_started"),
+        )
+        .returning(*_CLAIMED)
+    )
+
+
 def claim_due(
     conn: Connection,
     owner: str,
@@ -43,7 +92,7 @@ def claim_due(
     lease_seconds: float,
     queue: str | None = None,
     now: datetime | None = None,
-) -> list[Task]:
+) -> list[Claim]:
     """Claim up to `limit` due tasks (of `queue`, or of any queue), highest priority then
     oldest first, in one statement.
 
@@ -58,40 +107,52 @@ def claim_due(
     if limit <= 0:
         return []
     now = now or utcnow()
-    due = (
-        sa.select(t.c.id)
-        .where(sa.text(CLAIMABLE_WHERE), t.c.scheduled_at <= now)
-        .order_by(t.c.priority.desc(), t.c.scheduled_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+    expires = now + timedelta(seconds=lease_seconds)
+    params: dict[str, Any] = {
+        "c_now": now,
+        "c_limit": limit,
+        "c_owner": owner,
+        "c_expires": expires,
+        "c_started": now,
+    }
     if queue is not None:
-        due = due.where(t.c.queue == queue)
-    claim = (
-        sa.update(t)
-        .where(t.c.id.in_(due.scalar_subquery()), t.c.status.in_(CLAIMABLE))
-        .values(
-            status=TaskStatus.RUNNING,
+        params["c_queue"] = queue
+    rows = conn.execute(_claim_statement(queue is not None), params).all()
+    if not rows:
+        return []
+    claimed = [
+        Claim(
+            id=row.id,
+            name=row.name,
+            queue=row.queue,
+            priority=row.priority,
+            args=row.args,
+            kwargs=row.kwargs,
+            attempts=row.attempts,
+            max_attempts=row.max_attempts,
+            lease_token=row.lease_token,
+            created_at=row.created_at,
+            scheduled_at=row.scheduled_at,
             lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            lease_token=t.c.lease_token + 1,
-            attempts=t.c.attempts + 1,
+            lease_expires_at=expires,
             started_at=now,
         )
-        .returning(*t.c)
-    )
-    claimed = [to_task(row) for row in conn.execute(claim)]
-    if not claimed:
-        return []
+        for row in rows
+    ]
     conn.execute(
-        sa.insert(a),
+        _attempt_insert(),
         [
-            {"task_id": task.id, "number": task.attempts, "started_at": now, "worker": owner}
-            for task in claimed
+            {"task_id": c.id, "number": c.attempts, "started_at": now, "worker": owner}
+            for c in claimed
         ],
     )
     claimed.sort(key=lambda task: (-task.priority, task.scheduled_at))
     return claimed
+
+
+@functools.cache
+def _attempt_insert() -> sa.Insert:
+    return sa.insert(a)
 
 
 def extend_leases(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -209,7 +210,36 @@ class Lease(NamedTuple):
     token: int
 
 
-def lease_of(task: Task) -> Lease:
+@dataclass(slots=True)
+class Claim:
+    """A task as its claim hands it to a runner: what to run, and the lease to run it under.
+
+    Lighter than a `Task` (a claim builds thousands a second) and holds only what running
+    needs; `attempts` is the number of the attempt the claim started.
+    """
+
+    id: str
+    name: str
+    queue: str
+    priority: int
+    args: list[Any]
+    kwargs: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    lease_token: int
+    created_at: datetime
+    scheduled_at: datetime
+    lease_owner: str
+    lease_expires_at: datetime
+    started_at: datetime
+    status: TaskStatus = TaskStatus.RUNNING
+
+    @property
+    def lease(self) -> Lease:
+        return Lease(self.id, self.lease_token)
+
+
+def lease_of(task: Task | Claim) -> Lease:
     """The lease a claimed task was handed."""
     return Lease(task.id, task.lease_token)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -138,6 +140,108 @@ def mark_succeeded(
         expired=False,
         now=now,
     )
+
+
+@functools.cache
+def _success_statements() -> tuple[sa.Update, sa.Update]:
+    succeed = (
+        sa.update(t)
+        .where(_fence(False), t.c.cancel_requested_at.is_(None))
+        .values(
+            status=TaskStatus.SUCCEEDED,
+            lease_owner=None,
+            lease_expires_at=None,
+            finished_at=sa.bindparam("v_finished_at", type_=t.c.finished_at.type),
+            result=sa.bindparam("v_result", type_=t.c.result.type),
+        )
+    )
+    return succeed, _attempt_statement(("outcome",))
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What came of one attempt, ready to be written under its lease.
+
+    A success when `error` is None; otherwise a failure that is retried at `run_at`, or ends
+    the task when `run_at` is None. `number` is the attempt's number (the claim's `attempts`).
+    """
+
+    lease: Lease
+    number: int
+    now: datetime
+    result: Any = None
+    error: str | None = None
+    traceback: str | None = None
+    run_at: datetime | None = None
+
+
+def record(conn: Connection, outcomes: Sequence[Outcome]) -> list[TaskStatus | None]:
+    """Write the outcomes of attempts that finished together; each one's new task state, or
+    None where the lease is no longer held and nothing was written.
+
+    Successes, the bulk of a busy runner's writes, go in one statement per table; failures,
+    rarer and each with its own values, one at a time.
+    """
+    successes = _mark_many_succeeded(
+        conn, [outcome for outcome in outcomes if outcome.error is None]
+    )
+    states: list[TaskStatus | None] = []
+    for outcome in outcomes:
+        if outcome.error is None:
+            states.append(next(successes))
+            continue
+        task = fail_attempt(
+            conn, outcome.lease, outcome.error, outcome.traceback, outcome.run_at, now=outcome.now
+        )
+        states.append(None if task is None else task.status)
+    return states
+
+
+def _mark_many_succeeded(conn: Connection, done: Sequence[Outcome]) -> Iterator[TaskStatus | None]:
+    """Each success's new state: `succeeded`, `cancelled` (it was asked to stop while it
+    ran), or None when the lease is no longer held.
+
+    The common case, every lease held and nothing cancelled, costs two executemany calls;
+    when any row does not match, the batch is undone to a savepoint and written one by one.
+    """
+    if not done:
+        return iter(())
+    succeed, attempt = _success_statements()
+    savepoint = conn.begin_nested()
+    updated = conn.execute(
+        succeed,
+        [
+            {
+                "f_id": outcome.lease.task_id,
+                "f_token": outcome.lease.token,
+                "f_now": outcome.now,
+                "v_finished_at": outcome.now,
+                "v_result": outcome.result,
+            }
+            for outcome in done
+        ],
+    ).rowcount
+    if updated == len(done) and conn.dialect.supports_sane_multi_rowcount:
+        savepoint.commit()
+        conn.execute(
+            attempt,
+            [
+                {
+                    "a_task_id": outcome.lease.task_id,
+                    "a_number": outcome.number,
+                    "a_finished_at": outcome.now,
+                    "a_outcome": AttemptOutcome.SUCCEEDED,
+                }
+                for outcome in done
+            ],
+        )
+        return iter([TaskStatus.SUCCEEDED] * len(done))
+    savepoint.rollback()
+    answers: list[TaskStatus | None] = []
+    for outcome in done:
+        task = mark_succeeded(conn, outcome.lease, outcome.result, now=outcome.now)
+        answers.append(None if task is None else task.status)
+    return iter(answers)
 
 
 def fail_attempt(

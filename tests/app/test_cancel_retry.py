@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.service import Backstop
 from app.settings import Settings
-from store import control, leases
+from store import control, leases, outcomes
 from store import tasks as store_tasks
 from store.engine import Database
 from store.models import TaskStatus
@@ -293,7 +293,9 @@ def test_an_async_function_asked_to_stop_before_it_starts_never_runs_on(
 
     async def run() -> float:
         started = time.monotonic()
-        await executor.execute(claimed, ctx)
+        outcome = await executor.call_async(claimed, ctx)
+        with backstop.db.write() as conn:
+            outcomes.record(conn, [outcome])
         return time.monotonic() - started
 
     elapsed = asyncio.run(run())

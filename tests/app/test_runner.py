@@ -15,7 +15,7 @@ from app.service import Backstop
 from store import attempts as store_attempts
 from store import leases
 from store import tasks as store_tasks
-from store.models import Attempt, AttemptOutcome, Task, TaskStatus
+from store.models import Attempt, AttemptOutcome, Claim, Task, TaskStatus
 from tests.support.backstops import MakeBackstop
 from tests.support.tasks import flaky
 from tests.support.waiting import wait_until
@@ -318,7 +318,7 @@ def test_heartbeat_keeps_extending_the_lease_while_the_function_runs(
 # -- leases of dead runners ------------------------------------------------------------------
 
 
-def _claim_for_a_dead_runner(backstop: Backstop, lease_seconds: float) -> Task:
+def _claim_for_a_dead_runner(backstop: Backstop, lease_seconds: float) -> Claim:
     with backstop.db.write() as conn:
         [claimed] = leases.claim_due(conn, "dead", 10, lease_seconds=lease_seconds, now=at(0))
     return claimed

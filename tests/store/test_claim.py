@@ -14,9 +14,10 @@ import pytest
 from store.attempts import list_attempts
 from store.engine import Database
 from store.leases import claim_due, extend_leases, release
-from store.models import AttemptOutcome, Task, TaskStatus, lease_of
+from store.models import AttemptOutcome, Claim, TaskStatus, lease_of
 from store.outcomes import mark_succeeded, schedule_retry
 from store.tasks import NewTask, enqueue, enqueue_many, get_task, get_tasks
+from tests.support.states import as_claimed
 
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 LEASE = 30.0
@@ -32,7 +33,7 @@ def _enqueue(db: Database, count: int, *, now: datetime = T) -> set[str]:
     return {task.id for task in tasks}
 
 
-def _claim(db: Database, limit: int, *, owner: str = "w1", now: datetime = T) -> list[Task]:
+def _claim(db: Database, limit: int, *, owner: str = "w1", now: datetime = T) -> list[Claim]:
     with db.write() as conn:
         return claim_due(conn, owner, limit, lease_seconds=LEASE, now=now)
 
@@ -151,7 +152,7 @@ def test_claim_takes_the_lease_and_records_the_attempt(db: Database) -> None:
     assert task.attempts == 1
     assert task.started_at == T + timedelta(seconds=1)
     with db.read() as conn:
-        assert get_task(conn, task_id) == task
+        assert as_claimed(get_task(conn, task_id)) == task
         (attempt,) = list_attempts(conn, task_id)
     assert (attempt.number, attempt.worker, attempt.started_at) == (
         1,
@@ -311,5 +312,5 @@ def test_release_ignores_a_lease_no_longer_held(db: Database) -> None:
     with db.read() as conn:
         current = get_task(conn, task.id)
         attempts = list_attempts(conn, task.id)
-    assert current == again
+    assert as_claimed(current) == again
     assert [(a.number, a.outcome) for a in attempts] == [(1, AttemptOutcome.RELEASED), (1, None)]

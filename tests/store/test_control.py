@@ -13,7 +13,7 @@ from store.control import cancel_requested, cancel_task, retry_task
 from store.engine import Database
 from store.errors import IdempotencyConflict, InvalidTransition, TaskNotFound
 from store.leases import claim_due, reclaim_expired, release
-from store.models import Attempt, AttemptOutcome, Task, TaskStatus, lease_of
+from store.models import Attempt, AttemptOutcome, Claim, Task, TaskStatus, lease_of
 from store.outcomes import fail_attempt, mark_failed, mark_succeeded
 from store.tasks import NewTask, count_by_status, enqueue, enqueue_once, get_task
 
@@ -30,7 +30,7 @@ def _queued(db: Database) -> Task:
         return enqueue(conn, NewTask(name="t"), now=T)
 
 
-def _claimed(db: Database, *, max_attempts: int = 3, now: datetime = T) -> Task:
+def _claimed(db: Database, *, max_attempts: int = 3, now: datetime = T) -> Claim:
     """A task enqueued at T and claimed by `runner-1` at `now` under a 5 s lease."""
     with db.write() as conn:
         enqueue(conn, NewTask(name="t", max_attempts=max_attempts), now=T)
@@ -291,7 +291,7 @@ def test_a_retried_task_that_was_cancelled_while_running_is_not_cancelled_again(
     assert (done.status, done.result) == (TaskStatus.SUCCEEDED, "second")
 
 
-def _running(db: Database) -> Task:
+def _running(db: Database) -> Claim:
     return _claimed(db)
 
 

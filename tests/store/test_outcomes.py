@@ -10,9 +10,10 @@ import pytest
 from store.attempts import list_attempts
 from store.engine import Database
 from store.leases import LEASE_EXPIRED, claim_due, reclaim_expired
-from store.models import Attempt, AttemptOutcome, Lease, Task, TaskStatus, lease_of
+from store.models import Attempt, AttemptOutcome, Claim, Lease, Task, TaskStatus, lease_of
 from store.outcomes import fail_attempt, mark_failed, mark_succeeded, schedule_retry
 from store.tasks import NewTask, enqueue, get_task
+from tests.support.states import as_claimed
 
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -21,7 +22,7 @@ def _seconds(n: float) -> datetime:
     return T + timedelta(seconds=n)
 
 
-def _claimed(db: Database, *, max_attempts: int = 3, lease_seconds: float = 5) -> Task:
+def _claimed(db: Database, *, max_attempts: int = 3, lease_seconds: float = 5) -> Claim:
     """A task enqueued at T and claimed by `runner-1` at T under a short lease."""
     with db.write() as conn:
         enqueue(conn, NewTask(name="t", max_attempts=max_attempts), now=T)
@@ -182,7 +183,7 @@ def test_reclaim_leaves_live_leases_alone_and_honours_its_limit(db: Database) ->
     assert len(first) == len(second) == 1
     assert third == []
     assert {t.id for t in first + second} == {t.id for t in short}
-    assert _state(db, long.id)[0] == long
+    assert as_claimed(_state(db, long.id)[0]) == long
 
 
 def test_the_old_lease_is_fenced_off_after_a_reclaim_and_a_new_claim(db: Database) -> None:
@@ -198,7 +199,7 @@ def test_the_old_lease_is_fenced_off_after_a_reclaim_and_a_new_claim(db: Databas
     with db.write() as conn:
         assert mark_succeeded(conn, old, "stale", now=_seconds(11)) is None
         assert fail_attempt(conn, old, "E: stale", None, None, now=_seconds(11)) is None
-    assert _state(db, task.id)[0] == again
+    assert as_claimed(_state(db, task.id)[0]) == again
     with db.write() as conn:
         done = mark_succeeded(conn, new, "fresh", now=_seconds(12))
     assert done is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import datetime, timedelta
 from uuid import uuid4
 
@@ -10,9 +11,14 @@ from sqlalchemy.engine import Connection
 from store.control import cancel_task
 from store.engine import Database
 from store.leases import claim_due
-from store.models import TaskStatus, lease_of
+from store.models import Claim, Task, TaskStatus, lease_of
 from store.outcomes import mark_failed, mark_succeeded, schedule_retry
 from store.tasks import NewTask, enqueue, get_tasks
+
+
+def as_claimed(task: Task) -> Claim:
+    """A stored running task as its claim handed it out, to compare the two."""
+    return Claim(**{f.name: getattr(task, f.name) for f in fields(Claim)})
 
 
 def _new(conn: Connection, at: datetime, queue: str | None, scheduled_at: datetime | None) -> str:

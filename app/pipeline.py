@@ -1,0 +1,309 @@
+"""The runner's hot path: claim, run, record, in batches, with the event loop out of the way.
+
+One cycle on the database thread writes every outcome that came in since the last one and,
+in the same transaction, claims tasks for the slots those outcomes freed. Sync functions
+then run on the worker threads, which work out their own outcomes (the result, or the retry
+policy's verdict and the traceback) and hand them straight back to the next cycle; async
+functions run on the event loop. A task costs the loop nothing unless its function is async
+or has a timeout, and the write lock is held for the statements alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.engine import Connection
+
+from app.context import TaskContext
+from app.dbthread import DatabaseThread
+from app.execution import Executor, TaskTimeout, report
+from app.threads import DaemonPool, call_on
+from store import leases
+from store import outcomes as store_outcomes
+from store.models import Claim
+from store.outcomes import Outcome
+
+log = logging.getLogger(__name__)
+
+ALL_QUEUES: None = None
+
+# Pauses before writing outcomes again after their transaction failed (the database locked
+# or gone for a moment). Meanwhile the tasks stay this runner's and the heartbeat renews
+# their leases; after the last pause an outcome is dropped, its lease lapses, and the task
+# is reclaimed as after a crash.
+RECORD_RETRIES: tuple[float, ...] = (0.1, 0.5, 2.0, 5.0, 10.0)
+
+
+def claim_queues(
+    conn: Connection,
+    owner: str,
+    free: Mapping[str | None, int],
+    *,
+    lease_seconds: float,
+    now: datetime | None,
+) -> dict[str | None, list[Claim]]:
+    """One claim per queue with free slots (`None`: any queue), in one transaction."""
+    return {
+        queue: leases.claim_due(
+            conn, owner, slots, lease_seconds=lease_seconds, queue=queue, now=now
+        )
+        for queue, slots in free.items()
+        if slots > 0
+    }
+
+
+@dataclass(slots=True, eq=False)
+class Running:
+    """A task this runner holds: claimed, running, or run with its outcome not yet written."""
+
+    claim: Claim
+    ctx: TaskContext
+    now: datetime | None = None  # the clock a test pinned (`Runner.run_once`)
+    job: asyncio.Task[None] | None = None  # an async function's task on the loop
+    timed_out: float | None = None  # the timeout a sync function ran past
+    done: bool = False  # its outcome waits for the next cycle
+    failures: int = 0  # how many times writing its outcome failed
+
+    @property
+    def queue(self) -> str:
+        return self.claim.queue
+
+
+class Pipeline:
+    """Claims for free slots, starts what it claimed, and records outcomes, in cycles."""
+
+    def __init__(
+        self,
+        database: DatabaseThread,
+        executor: Executor,
+        threads: DaemonPool,
+        limits: Mapping[str | None, int],
+        *,
+        owner: str,
+        lease_seconds: float,
+        on_finished: Callable[[], None],
+    ) -> None:
+        self.database = database
+        self.executor = executor
+        self.threads = threads
+        self.limits = dict(limits)
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.on_finished = on_finished
+        self.claiming = False  # cycles claim only while the runner accepts work
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.running: dict[str, Running] = {}
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Running, Outcome]] = []
+        self._scheduled = False
+        self._waiters: list[tuple[set[str], asyncio.Future[None]]] = []
+
+    # -- from any thread -------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Run a cycle soon (one is enough for any number of calls until it starts)."""
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        if not self.database.submit(self._cycle):
+            with self._lock:
+                self._scheduled = False
+
+    def snapshot(self) -> dict[str, Running]:
+        """The tasks held right now, by id."""
+        with self._lock:
+            return dict(self.running)
+
+    def finish(self, entry: Running, outcome: Outcome) -> None:
+        """Hand in an attempt's outcome; the next cycle writes it and frees the slot."""
+        if entry.timed_out is not None:
+            spec = self.executor.spec_of(entry.claim)
+            outcome = self.executor.failed(
+                entry.claim, spec, TaskTimeout(entry.timed_out), now=entry.now
+            )
+        with self._lock:
+            if self.running.get(entry.claim.id) is not entry:
+                return  # released meanwhile: the lease is gone, and so is the outcome
+            entry.done = True
+            self._pending.append((entry, outcome))
+        self.wake()
+
+    def start(self, claims: list[Claim], now: datetime | None = None) -> list[Running]:
+        """Hold the claimed tasks and start their functions."""
+        entries = [Running(claim, self.executor.context(claim), now) for claim in claims]
+        with self._lock:
+            for entry in entries:
+                self.running[entry.claim.id] = entry
+        on_loop: list[tuple[Running, float | None, bool]] = []
+        for entry in entries:
+            spec = self.executor.spec_of(entry.claim)
+            if spec is not None and spec.is_async:
+                on_loop.append((entry, None, True))
+                continue
+            if spec is not None and spec.timeout is not None:
+                on_loop.append((entry, spec.timeout, False))
+            self.threads.submit(self._work, entry)
+        if on_loop:
+            call_on(self.loop, self._launch, on_loop)
+        return entries
+
+    # -- on the loop -----------------------------------------------------------------------
+
+    async def settled(self, task_ids: set[str]) -> None:
+        """Return once none of these tasks is held any more (outcome written, or released)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            waiting = {task_id for task_id in task_ids if task_id in self.running}
+            if not waiting:
+                return
+            self._waiters.append((waiting, future))
+        await future
+
+    def _launch(self, batch: list[tuple[Running, float | None, bool]]) -> None:
+        loop = asyncio.get_running_loop()
+        for entry, timeout, is_async in batch:
+            if is_async:
+                entry.job = loop.create_task(self._run_async(entry))
+            elif timeout is not None:
+                loop.call_later(timeout, self._overdue, entry, timeout)
+
+    async def _run_async(self, entry: Running) -> None:
+        outcome = await self.executor.call_async(entry.claim, entry.ctx, now=entry.now)
+        self.finish(entry, outcome)
+
+    def _overdue(self, entry: Running, timeout: float) -> None:
+        if entry.done or self.running.get(entry.claim.id) is not entry:
+            return
+        # A thread cannot be killed. Until it returns the attempt is not over: the task keeps
+        # its lease (the heartbeat renews it), so no retry runs beside it, and its slot stays
+        # taken, so stuck threads cannot pile up.
+        log.warning(
+            "task %s attempt %d: timed out; waiting for its thread to return",
+            entry.claim.id,
+            entry.claim.attempts,
+        )
+        entry.timed_out = timeout
+        entry.ctx._request_stop()
+
+    # -- on a worker thread ----------------------------------------------------------------
+
+    def _work(self, entry: Running) -> None:
+        self.finish(entry, self.executor.call_sync(entry.claim, entry.ctx, now=entry.now))
+
+    # -- on the database thread ------------------------------------------------------------
+
+    def _cycle(self) -> None:
+        with self._lock:
+            self._scheduled = False
+            batch, self._pending = self._pending, []
+            free = self._free(batch) if self.claiming else {}
+        if not batch and not free:
+            return
+        try:
+            with self.database.db.write() as conn:
+                states = store_outcomes.record(conn, [outcome for _, outcome in batch])
+                claimed = claim_queues(
+                    conn, self.owner, free, lease_seconds=self.lease_seconds, now=None
+                )
+        except Exception:
+            self._failed(batch)
+            return
+        for (entry, outcome), state in zip(batch, states, strict=True):
+            report(entry.claim, outcome, state)
+        self._release([entry for entry, _ in batch])
+        if batch:
+            self.on_finished()
+        for claims in claimed.values():
+            if claims:
+                self.start(claims)
+
+    def _free(self, written: list[tuple[Running, Outcome]]) -> dict[str | None, int]:
+        """Free slots per queue, counting those of the outcomes about to be written."""
+        busy = dict.fromkeys(self.limits, 0)
+        for entry in self.running.values():
+            key = ALL_QUEUES if ALL_QUEUES in self.limits else entry.queue
+            busy[key] = busy.get(key, 0) + 1
+        for entry, _ in written:
+            key = ALL_QUEUES if ALL_QUEUES in self.limits else entry.queue
+            busy[key] -= 1
+        return {
+            queue: limit - busy[queue]
+            for queue, limit in self.limits.items()
+            if limit > busy[queue]
+        }
+
+    def _failed(self, batch: list[tuple[Running, Outcome]]) -> None:
+        """The cycle's transaction failed: write each outcome alone (one bad outcome must
+        not hold up the others), and try again later for those that still fail."""
+        if len(batch) > 1:
+            log.warning("runner %s: writing %d outcomes failed; one by one", self.owner, len(batch))
+            for item in batch:
+                with self._lock:
+                    self._pending.append(item)
+                self._cycle_alone()
+            return
+        log.exception("runner %s: a cycle failed", self.owner)
+        for entry, outcome in batch:
+            if entry.failures >= len(RECORD_RETRIES):
+                log.error(
+                    "task %s attempt %d: outcome not recorded; its lease will lapse",
+                    entry.claim.id,
+                    entry.claim.attempts,
+                )
+                self._release([entry])
+                continue
+            delay = RECORD_RETRIES[entry.failures]
+            entry.failures += 1
+            timer = threading.Timer(delay, self._retry, (entry, outcome))
+            timer.daemon = True
+            timer.start()
+
+    def _cycle_alone(self) -> None:
+        claiming, self.claiming = self.claiming, False
+        try:
+            self._cycle()
+        finally:
+            self.claiming = claiming
+
+    def _retry(self, entry: Running, outcome: Outcome) -> None:
+        with self._lock:
+            if self.running.get(entry.claim.id) is not entry:
+                return
+            self._pending.append((entry, outcome))
+        self.wake()
+
+    def _release(self, entries: list[Running]) -> None:
+        """Forget these tasks (their outcome is written, or they were given back)."""
+        settled: list[asyncio.Future[None]] = []
+        with self._lock:
+            for entry in entries:
+                if self.running.get(entry.claim.id) is entry:
+                    del self.running[entry.claim.id]
+            if self._waiters:
+                gone = {entry.claim.id for entry in entries}
+                still: list[tuple[set[str], asyncio.Future[None]]] = []
+                for waiting, future in self._waiters:
+                    waiting -= gone
+                    if waiting:
+                        still.append((waiting, future))
+                    else:
+                        settled.append(future)
+                self._waiters = still
+        for future in settled:
+            call_on(self.loop, _resolve, future)
+
+    def forget(self, entries: list[Running]) -> None:
+        """Forget tasks that were given back to the queue (a graceful stop released them)."""
+        self._release(entries)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
