@@ -7,7 +7,6 @@ A running task is held by one runner under a lease: an owner, an expiry and a fe
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from store.driver import Driver
 from store.models import (
-    CLAIMABLE,
     CLAIMABLE_WHERE,
     RUNNING_WHERE,
     AttemptOutcome,
@@ -40,48 +39,29 @@ LEASE_EXPIRED = "lease expired"
 
 # What a claim reads back: enough to run the task, nothing to rebuild a whole `Task` from.
 _CLAIMED = (
-    t.c.id,
-    t.c.name,
-    t.c.queue,
-    t.c.priority,
-    t.c.args,
-    t.c.kwargs,
-    t.c.attempts,
-    t.c.max_attempts,
-    t.c.lease_token,
-    t.c.created_at,
-    t.c.scheduled_at,
+    "id, name, queue, priority, args, kwargs, attempts, max_attempts, lease_token,"
+    " created_at, scheduled_at"
 )
 
 
-@functools.cache
-def _claim_statement(by_queue: bool) -> sa.Update:
-    # Built once: compiling it anew for every claim cost more than SQLite spends running it.
-    def stamp(name: str) -> sa.BindParameter[datetime]:
-        return sa.bindparam(name, type_=t.c.scheduled_at.type)
+def claim_statement(dialect: str, *, by_queue: bool) -> str:
+    """The claim, with `?` placeholders for owner, expiry, start, now, [queue,] limit.
 
-    due = (
-        sa.select(t.c.id)
-        .where(sa.text(CLAIMABLE_WHERE), t.c.scheduled_at <= stamp("c_now"))
-        .order_by(t.c.priority.desc(), t.c.scheduled_at)
-        .limit(sa.bindparam("c_limit", type_=sa.Integer()))
-        .with_for_update(skip_locked=True)
-    )
-    if by_queue:
-        due = due.where(t.c.queue == sa.bindparam("c_queue"))
+    On SQLite the subquery carries `CLAIMABLE_WHERE` word for word, so that the planner
+    reads the partial index `ix_task_claimable` in order and stops after `limit` rows.
+    """
+    queue = " AND queue = ?" if by_queue else ""
+    lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
     return (
-        sa.update(t)
-        .where(t.c.id.in_(due.scalar_subquery()), t.c.status.in_(CLAIMABLE))
-        .values(
-            status=TaskStatus.RUNNING,
-            lease_owner=sa.bindparam("c_owner"),
-            lease_expires_at=stamp("c_expires"),
-            lease_token=t.c.lease_token + 1,
-            attempts=t.c.attempts + 1,
-            started_at=stamp("c_started"),
-        )
-        .returning(*_CLAIMED)
+        "UPDATE task SET status = 'running', lease_owner = ?, lease_expires_at = ?,"
+        " lease_token = lease_token + 1, attempts = attempts + 1, started_at = ?"
+        f" WHERE id IN (SELECT id FROM task WHERE {CLAIMABLE_WHERE} AND scheduled_at <= ?{queue}"
+        f" ORDER BY priority DESC, scheduled_at LIMIT ?{lock})"
+        f" AND {CLAIMABLE_WHERE} RETURNING {_CLAIMED}"
     )
+
+
+_ATTEMPT_STARTED = "INSERT INTO attempt (task_id, number, started_at, worker) VALUES (?, ?, ?, ?)"
 
 
 def claim_due(
@@ -108,51 +88,49 @@ def claim_due(
         return []
     now = now or utcnow()
     expires = now + timedelta(seconds=lease_seconds)
-    params: dict[str, Any] = {
-        "c_now": now,
-        "c_limit": limit,
-        "c_owner": owner,
-        "c_expires": expires,
-        "c_started": now,
-    }
+    driver = Driver(conn)
+    started = driver.stamp(now)
+    params: list[Any] = [owner, driver.stamp(expires), started, started]
     if queue is not None:
-        params["c_queue"] = queue
-    rows = conn.execute(_claim_statement(queue is not None), params).all()
+        params.append(queue)
+    params.append(limit)
+    rows = driver.execute(claim_statement(conn.dialect.name, by_queue=queue is not None), params)
     if not rows:
         return []
     claimed = [
         Claim(
-            id=row.id,
-            name=row.name,
-            queue=row.queue,
-            priority=row.priority,
-            args=row.args,
-            kwargs=row.kwargs,
-            attempts=row.attempts,
-            max_attempts=row.max_attempts,
-            lease_token=row.lease_token,
-            created_at=row.created_at,
-            scheduled_at=row.scheduled_at,
+            id=task_id,
+            name=name,
+            queue=task_queue,
+            priority=priority,
+            args=driver.read_json(args),
+            kwargs=driver.read_json(kwargs),
+            attempts=attempts,
+            max_attempts=max_attempts,
+            lease_token=token,
+            created_at=driver.read_stamp(created),
+            scheduled_at=driver.read_stamp(scheduled),
             lease_owner=owner,
             lease_expires_at=expires,
             started_at=now,
         )
-        for row in rows
+        for (
+            task_id,
+            name,
+            task_queue,
+            priority,
+            args,
+            kwargs,
+            attempts,
+            max_attempts,
+            token,
+            created,
+            scheduled,
+        ) in rows
     ]
-    conn.execute(
-        _attempt_insert(),
-        [
-            {"task_id": c.id, "number": c.attempts, "started_at": now, "worker": owner}
-            for c in claimed
-        ],
-    )
+    driver.execute_many(_ATTEMPT_STARTED, [(c.id, c.attempts, started, owner) for c in claimed])
     claimed.sort(key=lambda task: (-task.priority, task.scheduled_at))
     return claimed
-
-
-@functools.cache
-def _attempt_insert() -> sa.Insert:
-    return sa.insert(a)
 
 
 def extend_leases(

@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from store.driver import Driver
 from store.models import AttemptOutcome, Lease, Task, TaskStatus, attempt_table, task_table
 from store.tasks import to_task
 from store.timeutil import utcnow
@@ -142,20 +143,15 @@ def mark_succeeded(
     )
 
 
-@functools.cache
-def _success_statements() -> tuple[sa.Update, sa.Update]:
-    succeed = (
-        sa.update(t)
-        .where(_fence(False), t.c.cancel_requested_at.is_(None))
-        .values(
-            status=TaskStatus.SUCCEEDED,
-            lease_owner=None,
-            lease_expires_at=None,
-            finished_at=sa.bindparam("v_finished_at", type_=t.c.finished_at.type),
-            result=sa.bindparam("v_result", type_=t.c.result.type),
-        )
-    )
-    return succeed, _attempt_statement(("outcome",))
+_SUCCEEDED = (
+    "UPDATE task SET status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL,"
+    " finished_at = ?, result = ? WHERE id = ? AND lease_token = ? AND status = 'running'"
+    " AND lease_expires_at > ? AND cancel_requested_at IS NULL"
+)
+_ATTEMPT_SUCCEEDED = (
+    "UPDATE attempt SET finished_at = ?, outcome = 'succeeded'"
+    " WHERE task_id = ? AND number = ? AND finished_at IS NULL"
+)
 
 
 @dataclass(slots=True)
@@ -206,37 +202,28 @@ def _mark_many_succeeded(conn: Connection, done: Sequence[Outcome]) -> Iterator[
     """
     if not done:
         return iter(())
-    succeed, attempt = _success_statements()
-    savepoint = conn.begin_nested()
-    updated = conn.execute(
-        succeed,
+    driver = Driver(conn)
+    stamps = [driver.stamp(outcome.now) for outcome in done]
+    driver.execute("SAVEPOINT backstop_successes")
+    updated = driver.execute_many(
+        _SUCCEEDED,
         [
-            {
-                "f_id": outcome.lease.task_id,
-                "f_token": outcome.lease.token,
-                "f_now": outcome.now,
-                "v_finished_at": outcome.now,
-                "v_result": outcome.result,
-            }
-            for outcome in done
+            (stamp, driver.json(outcome.result), outcome.lease.task_id, outcome.lease.token, stamp)
+            for outcome, stamp in zip(done, stamps, strict=True)
         ],
-    ).rowcount
-    if updated == len(done) and conn.dialect.supports_sane_multi_rowcount:
-        savepoint.commit()
-        conn.execute(
-            attempt,
+    )
+    if updated == len(done):
+        driver.execute("RELEASE SAVEPOINT backstop_successes")
+        driver.execute_many(
+            _ATTEMPT_SUCCEEDED,
             [
-                {
-                    "a_task_id": outcome.lease.task_id,
-                    "a_number": outcome.number,
-                    "a_finished_at": outcome.now,
-                    "a_outcome": AttemptOutcome.SUCCEEDED,
-                }
-                for outcome in done
+                (stamp, outcome.lease.task_id, outcome.number)
+                for outcome, stamp in zip(done, stamps, strict=True)
             ],
         )
         return iter([TaskStatus.SUCCEEDED] * len(done))
-    savepoint.rollback()
+    driver.execute("ROLLBACK TO SAVEPOINT backstop_successes")
+    driver.execute("RELEASE SAVEPOINT backstop_successes")
     answers: list[TaskStatus | None] = []
     for outcome in done:
         task = mark_succeeded(conn, outcome.lease, outcome.result, now=outcome.now)
