@@ -207,7 +207,7 @@ class Pipeline:
         if not batch and not free:
             return
         try:
-            with self.database.db.write() as conn:
+            with self.database.transaction() as conn:
                 states = store_outcomes.record(conn, [outcome for _, outcome in batch])
                 claimed = claim_queues(
                     conn, self.owner, free, lease_seconds=self.lease_seconds, now=None

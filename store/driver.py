@@ -37,7 +37,7 @@ class Driver:
     def stamp(self, value: datetime) -> Any:
         """An aware datetime as the column stores it: naive UTC text on SQLite."""
         if self.sqlite:
-            return f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f}"
+            return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
         return value
 
     def read_stamp(self, value: Any) -> datetime:
