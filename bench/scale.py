@@ -6,9 +6,10 @@
 Two database files get `--history` succeeded tasks (each with its attempt) written straight
 into the tables with sqlite3's executemany (the schema is the migrations'). Then, in turn on
 each file (alternating, `--runs` times), `--tasks` tasks are queued and this process claims
-and completes them through the store: `leases.claim_due` 100 at a time in one transaction,
-then `outcomes.mark_succeeded` for the 100 in another. Only that loop is timed; the run's
-tasks are deleted afterwards so the history stays the size it says.
+and completes them through the store as the runner's pipeline does: each transaction records
+the outcomes of the last batch (`outcomes.record`) and claims the next 100
+(`leases.claim_due`). Only that loop is timed; the run's tasks are deleted afterwards so the
+history stays the size it says.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from bench.harness import database_file
 from bench.report import Figure, Report, arguments, header, integers, median
 from store import leases, migrate, outcomes
 from store.engine import Database, default_url
-from store.models import lease_of
+from store.models import Claim
+from store.outcomes import Outcome
 from store.tasks import NewTask, enqueue_many
+from store.timeutil import utcnow
 
 BATCH = 100
 STAMP = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores a (naive UTC) datetime on SQLite
@@ -73,15 +76,15 @@ def claim_rate(db: Database, data: Path, tasks: int) -> float:
         queued = enqueue_many(conn, [NewTask(name="bench.noop") for _ in range(tasks)])
     start = time.perf_counter()
     done = 0
+    claimed: list[Claim] = []
     while True:
         with db.write() as conn:
+            now = utcnow()
+            outcomes.record(conn, [Outcome(c.lease, c.attempts, now) for c in claimed])
+            done += len(claimed)
             claimed = leases.claim_due(conn, "bench", BATCH, lease_seconds=60)
         if not claimed:
             break
-        with db.write() as conn:
-            for task in claimed:
-                outcomes.mark_succeeded(conn, lease_of(task), None)
-        done += len(claimed)
     elapsed = time.perf_counter() - start
     if done != tasks:
         raise RuntimeError(f"claimed {done} of {tasks} tasks")
