@@ -41,7 +41,7 @@ TARGETS = {
     "two runner processes >= 1.6x one",
     "4": "Idle pickup p50 <= 5 ms enqueued in the runner's process, <= 20 ms from another",
     "5": "Claim throughput with 1,000,000 finished tasks >= 0.9x that with 10,000",
-    "6": "Runner RSS grows <= 5% over 500,000 tasks (make bench runs 100,000)",
+    "6": "Runner RSS grows <= 5% over 500,000 tasks",
     "7": "Targets 1 and 3 again with synchronous=FULL",
 }
 
