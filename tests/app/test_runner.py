@@ -7,13 +7,17 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
+from app import pipeline
 from app.runner import Runner
 from app.service import Backstop
 from store import attempts as store_attempts
 from store import leases
+from store import outcomes as store_outcomes
 from store import tasks as store_tasks
 from store.models import Attempt, AttemptOutcome, Claim, Task, TaskStatus
 from tests.support.backstops import MakeBackstop
@@ -375,3 +379,74 @@ def test_drain_does_not_run_a_task_another_runner_holds(backstop: Backstop) -> N
 
     assert asyncio.run(backstop.runner.drain(now=at(1))) == []
     assert _task(backstop, task.id).lease_owner == "dead"
+
+
+# -- outcomes the database refuses ------------------------------------------------------------
+
+
+def test_outcomes_whose_transaction_fails_are_written_again_each_on_its_own(
+    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cycle's transaction fails once: its outcomes are retried alone, none is lost."""
+    backstop = make_backstop()
+    real_record = store_outcomes.record
+    failures: list[int] = []
+
+    def flaky_record(conn: Any, outcomes: list[Any]) -> Any:
+        if outcomes and not failures:
+            failures.append(len(outcomes))
+            raise OperationalError("UPDATE task", None, Exception("disk I/O error"))
+        return real_record(conn, outcomes)
+
+    monkeypatch.setattr(store_outcomes, "record", flaky_record)
+    ids = [backstop.tasks.add_task("test.echo", n) for n in range(5)]
+
+    async def scenario() -> None:
+        await backstop.runner.start()
+        try:
+            await _until(
+                lambda: all(_task(backstop, i).status == TaskStatus.SUCCEEDED for i in ids),
+                "every task to succeed",
+            )
+        finally:
+            await backstop.runner.stop()
+
+    asyncio.run(scenario())
+
+    assert failures, "the failure was never injected"
+    assert [len(_attempts(backstop, i)) for i in ids] == [1] * 5
+    assert [_task(backstop, i).result["value"] for i in ids] == list(range(5))
+
+
+def test_an_outcome_that_cannot_be_written_is_given_up_and_frees_its_slot(
+    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the last retry the outcome is dropped: the lease will lapse and a reclaim
+    retries the task, as after a crash; meanwhile the runner goes on with other work."""
+    backstop = make_backstop(concurrency=1)
+    monkeypatch.setattr(pipeline, "RECORD_RETRIES", (0.01, 0.01))
+    real_record = store_outcomes.record
+    doomed = backstop.tasks.add_task("test.echo", 13)
+
+    def refuse_doomed(conn: Any, outcomes: list[Any]) -> Any:
+        if any(outcome.lease.task_id == doomed for outcome in outcomes):
+            raise OperationalError("UPDATE task", None, Exception("disk I/O error"))
+        return real_record(conn, outcomes)
+
+    monkeypatch.setattr(store_outcomes, "record", refuse_doomed)
+
+    async def scenario() -> str:
+        await backstop.runner.start()
+        try:
+            await _until(lambda: _task(backstop, doomed).status == TaskStatus.RUNNING, "the claim")
+            later = backstop.tasks.add_task("test.echo", 14)
+            await _until(_status_is(backstop, later, TaskStatus.SUCCEEDED), "the next task")
+        finally:
+            await backstop.runner.stop()
+        return later
+
+    asyncio.run(scenario())
+
+    # Dropped, not released: the stop found no unfinished task of its own to give back.
+    assert _task(backstop, doomed).status == TaskStatus.RUNNING
+    assert backstop.runner.pipeline.running == {}
