@@ -25,7 +25,7 @@ from app.execution import Executor, TaskTimeout, report
 from app.threads import DaemonPool, call_on
 from store import leases
 from store import outcomes as store_outcomes
-from store.models import Claim
+from store.models import Claim, TaskStatus
 from store.outcomes import Outcome
 
 log = logging.getLogger(__name__)
@@ -213,16 +213,40 @@ class Pipeline:
                     conn, self.owner, free, lease_seconds=self.lease_seconds, now=None
                 )
         except Exception:
-            self._failed(batch)
+            log.exception("runner %s: a cycle's transaction failed", self.owner)
+            if len(batch) == 1:
+                self._retry_later(*batch[0])
+            else:  # one bad outcome must not hold up the others
+                for entry, outcome in batch:
+                    self._write_alone(entry, outcome)
             return
+        self._written(batch, states)
+        for claims in claimed.values():
+            if claims:
+                self.start(claims)
+
+    def _written(
+        self, batch: list[tuple[Running, Outcome]], states: list[TaskStatus | None]
+    ) -> None:
         for (entry, outcome), state in zip(batch, states, strict=True):
             report(entry.claim, outcome, state)
         self._release([entry for entry, _ in batch])
         if batch:
             self.on_finished()
-        for claims in claimed.values():
-            if claims:
-                self.start(claims)
+
+    def _write_alone(self, entry: Running, outcome: Outcome) -> None:
+        try:
+            with self.database.transaction() as conn:
+                states = store_outcomes.record(conn, [outcome])
+        except Exception:
+            log.exception(
+                "task %s attempt %d: writing the outcome failed",
+                entry.claim.id,
+                entry.claim.attempts,
+            )
+            self._retry_later(entry, outcome)
+            return
+        self._written([(entry, outcome)], states)
 
     def _free(self, written: list[tuple[Running, Outcome]]) -> dict[str | None, int]:
         """Free slots per queue, counting those of the outcomes about to be written."""
@@ -239,38 +263,21 @@ class Pipeline:
             if limit > busy[queue]
         }
 
-    def _failed(self, batch: list[tuple[Running, Outcome]]) -> None:
-        """The cycle's transaction failed: write each outcome alone (one bad outcome must
-        not hold up the others), and try again later for those that still fail."""
-        if len(batch) > 1:
-            log.warning("runner %s: writing %d outcomes failed; one by one", self.owner, len(batch))
-            for item in batch:
-                with self._lock:
-                    self._pending.append(item)
-                self._cycle_alone()
+    def _retry_later(self, entry: Running, outcome: Outcome) -> None:
+        """Hand the outcome in again after the next pause, or give up after the last."""
+        if entry.failures >= len(RECORD_RETRIES):
+            log.error(
+                "task %s attempt %d: outcome not recorded; its lease will lapse",
+                entry.claim.id,
+                entry.claim.attempts,
+            )
+            self._release([entry])
             return
-        log.exception("runner %s: a cycle failed", self.owner)
-        for entry, outcome in batch:
-            if entry.failures >= len(RECORD_RETRIES):
-                log.error(
-                    "task %s attempt %d: outcome not recorded; its lease will lapse",
-                    entry.claim.id,
-                    entry.claim.attempts,
-                )
-                self._release([entry])
-                continue
-            delay = RECORD_RETRIES[entry.failures]
-            entry.failures += 1
-            timer = threading.Timer(delay, self._retry, (entry, outcome))
-            timer.daemon = True
-            timer.start()
-
-    def _cycle_alone(self) -> None:
-        claiming, self.claiming = self.claiming, False
-        try:
-            self._cycle()
-        finally:
-            self.claiming = claiming
+        delay = RECORD_RETRIES[entry.failures]
+        entry.failures += 1
+        timer = threading.Timer(delay, self._retry, (entry, outcome))
+        timer.daemon = True
+        timer.start()
 
     def _retry(self, entry: Running, outcome: Outcome) -> None:
         with self._lock:
