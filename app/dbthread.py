@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -18,6 +20,8 @@ from sqlalchemy.engine import Connection
 from store.engine import Database
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class DatabaseThread:
@@ -28,6 +32,8 @@ class DatabaseThread:
         self.inline = inline
         self._executor: ThreadPoolExecutor | None = None
         self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self._closed = False
 
     async def write(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """`fn(conn, ...)` in a write transaction of its own."""
@@ -69,9 +75,16 @@ class DatabaseThread:
 
     def _thread(self) -> ThreadPoolExecutor:
         # Started on first use and again after a shutdown: a runner can stop and start.
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backstop-db")
-        return self._executor
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backstop-db")
+            return self._executor
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the thread, after everything queued before it (no transaction)."""
+        if self.inline:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self._thread(), fn)
 
     async def read(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """`fn(conn, ...)` in a read transaction."""
@@ -84,20 +97,37 @@ class DatabaseThread:
             return run()
         return await asyncio.get_running_loop().run_in_executor(self._thread(), run)
 
+    def open(self) -> None:
+        """Take `submit` calls again (after a `shutdown`)."""
+        with self._lock:
+            self._closed = False
+
     def submit(self, fn: Callable[[], object]) -> bool:
-        """Queue `fn()` on the thread without waiting for it; False once shut down."""
+        """Queue `fn()` on the thread without waiting for it; False once shut down (a late
+        outcome after a stop: its task was released, and the write would be refused)."""
         if self.inline:
             fn()
             return True
+        with self._lock:
+            if self._closed:
+                return False
         try:
-            self._thread().submit(fn)
-        except RuntimeError:  # shut down meanwhile (a stop racing a late outcome)
+            future = self._thread().submit(fn)
+        except RuntimeError:  # shut down meanwhile
             return False
+        future.add_done_callback(_log_failure)
         return True
 
     def shutdown(self) -> None:
         """Finish what is queued, then stop the thread (a later call starts a new one)."""
-        executor, self._executor = self._executor, None
+        with self._lock:
+            self._closed = True
+            executor, self._executor = self._executor, None
         if executor is not None:
             executor.submit(self._close)
             executor.shutdown(wait=True)
+
+
+def _log_failure(future: Future[object]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("database thread: unexpected error", exc_info=future.exception())

@@ -60,7 +60,7 @@ class Executor:
             spec = self.registry.get(claim.name)
             args, kwargs = self._arguments(spec, claim, ctx)
             result = _json_result(spec.fn(*args, **kwargs))
-        except BaseException as error:  # even SystemExit: it ends the attempt, not the thread
+        except Exception as error:
             return self.failed(claim, spec, error, now=now)
         return Outcome(claim.lease, claim.attempts, now or utcnow(), result=result)
 
@@ -100,8 +100,7 @@ class Executor:
     ) -> Outcome:
         """A failed attempt, with the retry policy's verdict: again at `run_at`, or never."""
         now = now or utcnow()
-        message = f"{type(error).__name__}: {error}"
-        trace = "".join(traceback.format_exception(error))
+        message, trace = _describe(error)
         try:
             run_at = next_run_at(
                 spec.policy if spec is not None else DEFAULT_POLICY,
@@ -130,6 +129,20 @@ class Executor:
         if spec.context_param is not None:
             kwargs[spec.context_param] = ctx
         return args, kwargs
+
+
+def _describe(error: BaseException) -> tuple[str, str | None]:
+    """`Type: message` and the traceback; never raises, whatever the exception's `__str__`
+    does (an outcome that cannot be described must still be written)."""
+    try:
+        message = f"{type(error).__name__}: {error}"
+    except Exception:
+        message = f"{type(error).__name__} (its message could not be rendered)"
+    try:
+        trace: str | None = "".join(traceback.format_exception(error))
+    except Exception:
+        trace = None
+    return message, trace
 
 
 def report(claim: Claim, outcome: Outcome, state: TaskStatus | None) -> None:

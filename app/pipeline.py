@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 from app.context import TaskContext
 from app.dbthread import DatabaseThread
@@ -66,6 +67,7 @@ class Running:
     now: datetime | None = None  # the clock a test pinned (`Runner.run_once`)
     job: asyncio.Task[None] | None = None  # an async function's task on the loop
     timed_out: float | None = None  # the timeout a sync function ran past
+    timer: asyncio.TimerHandle | None = None  # the loop's check for that timeout
     done: bool = False  # its outcome waits for the next cycle
     failures: int = 0  # how many times writing its outcome failed
 
@@ -102,6 +104,7 @@ class Pipeline:
         self._pending: list[tuple[Running, Outcome]] = []
         self._scheduled = False
         self._waiters: list[tuple[set[str], asyncio.Future[None]]] = []
+        self._timers: set[threading.Timer] = set()
 
     # -- from any thread -------------------------------------------------------------------
 
@@ -122,17 +125,30 @@ class Pipeline:
 
     def finish(self, entry: Running, outcome: Outcome) -> None:
         """Hand in an attempt's outcome; the next cycle writes it and frees the slot."""
-        if entry.timed_out is not None:
-            spec = self.executor.spec_of(entry.claim)
-            outcome = self.executor.failed(
-                entry.claim, spec, TaskTimeout(entry.timed_out), now=entry.now
-            )
         with self._lock:
             if self.running.get(entry.claim.id) is not entry:
                 return  # released meanwhile: the lease is gone, and so is the outcome
             entry.done = True
+            timed_out = entry.timed_out
+        if timed_out is not None:
+            spec = self.executor.spec_of(entry.claim)
+            outcome = self.executor.failed(entry.claim, spec, TaskTimeout(timed_out), now=entry.now)
+        with self._lock:
             self._pending.append((entry, outcome))
         self.wake()
+
+    def crashed(self, entry: Running, error: BaseException) -> None:
+        """The attempt ended in an exception its function's caller let through (a
+        BaseException): record it as a failure all the same, so the slot is freed."""
+        try:
+            outcome = self.executor.failed(entry.claim, None, error, now=entry.now)
+        except BaseException:
+            log.exception(
+                "task %s: its failure cannot be recorded; its lease will lapse", entry.claim.id
+            )
+            self._release([entry])
+            return
+        self.finish(entry, outcome)
 
     def start(self, claims: list[Claim], now: datetime | None = None) -> list[Running]:
         """Hold the claimed tasks and start their functions."""
@@ -148,7 +164,10 @@ class Pipeline:
                 continue
             if spec is not None and spec.timeout is not None:
                 on_loop.append((entry, spec.timeout, False))
-            self.threads.submit(self._work, entry)
+            try:
+                self.threads.submit(self._work, entry)
+            except Exception as error:  # no thread could be started: the attempt fails
+                self.crashed(entry, error)
         if on_loop:
             call_on(self.loop, self._launch, on_loop)
         return entries
@@ -171,16 +190,24 @@ class Pipeline:
         for entry, timeout, is_async in batch:
             if is_async:
                 entry.job = loop.create_task(self._run_async(entry))
-            elif timeout is not None:
-                loop.call_later(timeout, self._overdue, entry, timeout)
+            elif timeout is not None and not entry.done:
+                entry.timer = loop.call_later(timeout, self._overdue, entry, timeout)
 
     async def _run_async(self, entry: Running) -> None:
-        outcome = await self.executor.call_async(entry.claim, entry.ctx, now=entry.now)
+        try:
+            outcome = await self.executor.call_async(entry.claim, entry.ctx, now=entry.now)
+        except asyncio.CancelledError:
+            raise  # the runner is stopping past its grace: the stop releases the task
+        except BaseException as error:
+            self.crashed(entry, error)
+            return
         self.finish(entry, outcome)
 
     def _overdue(self, entry: Running, timeout: float) -> None:
-        if entry.done or self.running.get(entry.claim.id) is not entry:
-            return
+        with self._lock:
+            if entry.done or self.running.get(entry.claim.id) is not entry:
+                return
+            entry.timed_out = timeout
         # A thread cannot be killed. Until it returns the attempt is not over: the task keeps
         # its lease (the heartbeat renews it), so no retry runs beside it, and its slot stays
         # taken, so stuck threads cannot pile up.
@@ -189,13 +216,17 @@ class Pipeline:
             entry.claim.id,
             entry.claim.attempts,
         )
-        entry.timed_out = timeout
         entry.ctx._request_stop()
 
     # -- on a worker thread ----------------------------------------------------------------
 
     def _work(self, entry: Running) -> None:
-        self.finish(entry, self.executor.call_sync(entry.claim, entry.ctx, now=entry.now))
+        try:
+            outcome = self.executor.call_sync(entry.claim, entry.ctx, now=entry.now)
+        except BaseException as error:  # SystemExit and the like end the attempt, not the thread
+            self.crashed(entry, error)
+            return
+        self.finish(entry, outcome)
 
     # -- on the database thread ------------------------------------------------------------
 
@@ -212,18 +243,27 @@ class Pipeline:
                 claimed = claim_queues(
                     conn, self.owner, free, lease_seconds=self.lease_seconds, now=None
                 )
-        except Exception:
+        except Exception as error:
             log.exception("runner %s: a cycle's transaction failed", self.owner)
-            if len(batch) == 1:
-                self._retry_later(*batch[0])
-            else:  # one bad outcome must not hold up the others
-                for entry, outcome in batch:
-                    self._write_alone(entry, outcome)
+            if len(batch) > 1 and not isinstance(error, OperationalError):
+                # One bad outcome must not hold up the others. (Not when the database is
+                # locked or unreachable: each would wait out the same timeout in turn.)
+                for item in batch:
+                    self._write_alone(*item)
+            else:
+                self._retry_later(batch)
             return
-        self._written(batch, states)
-        for claims in claimed.values():
-            if claims:
-                self.start(claims)
+        try:
+            self._written(batch, states)
+            for claims in claimed.values():
+                if claims:
+                    self.start(claims)
+        except Exception:
+            log.exception("runner %s: after a cycle's commit", self.owner)
+
+    def flush(self) -> None:
+        """Write the outcomes handed in so far, now (on the database thread)."""
+        self._cycle()
 
     def _written(
         self, batch: list[tuple[Running, Outcome]], states: list[TaskStatus | None]
@@ -244,7 +284,7 @@ class Pipeline:
                 entry.claim.id,
                 entry.claim.attempts,
             )
-            self._retry_later(entry, outcome)
+            self._retry_later([(entry, outcome)])
             return
         self._written([(entry, outcome)], states)
 
@@ -263,28 +303,46 @@ class Pipeline:
             if limit > busy[queue]
         }
 
-    def _retry_later(self, entry: Running, outcome: Outcome) -> None:
-        """Hand the outcome in again after the next pause, or give up after the last."""
-        if entry.failures >= len(RECORD_RETRIES):
-            log.error(
-                "task %s attempt %d: outcome not recorded; its lease will lapse",
-                entry.claim.id,
-                entry.claim.attempts,
-            )
-            self._release([entry])
+    def _retry_later(self, batch: list[tuple[Running, Outcome]]) -> None:
+        """Hand the outcomes in again after their next pause; give up on those past the last
+        (their tasks are forgotten: the leases lapse and a reclaim retries them)."""
+        again: list[tuple[Running, Outcome]] = []
+        for entry, outcome in batch:
+            if entry.failures >= len(RECORD_RETRIES):
+                log.error(
+                    "task %s attempt %d: outcome not recorded; its lease will lapse",
+                    entry.claim.id,
+                    entry.claim.attempts,
+                )
+                self._release([entry])
+                continue
+            entry.failures += 1
+            again.append((entry, outcome))
+        if not again:
             return
-        delay = RECORD_RETRIES[entry.failures]
-        entry.failures += 1
-        timer = threading.Timer(delay, self._retry, (entry, outcome))
+        delay = RECORD_RETRIES[max(entry.failures for entry, _ in again) - 1]
+        timer = threading.Timer(delay, lambda: self._retry(timer, again))
         timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
         timer.start()
 
-    def _retry(self, entry: Running, outcome: Outcome) -> None:
+    def _retry(self, timer: threading.Timer, batch: list[tuple[Running, Outcome]]) -> None:
         with self._lock:
-            if self.running.get(entry.claim.id) is not entry:
-                return
-            self._pending.append((entry, outcome))
+            self._timers.discard(timer)
+            self._pending.extend(
+                (entry, outcome)
+                for entry, outcome in batch
+                if self.running.get(entry.claim.id) is entry
+            )
         self.wake()
+
+    def close(self) -> None:
+        """Cancel the pending retries of outcomes (a stopping runner releases their tasks)."""
+        with self._lock:
+            timers, self._timers = self._timers, set()
+        for timer in timers:
+            timer.cancel()
 
     def _release(self, entries: list[Running]) -> None:
         """Forget these tasks (their outcome is written, or they were given back)."""
@@ -293,6 +351,8 @@ class Pipeline:
             for entry in entries:
                 if self.running.get(entry.claim.id) is entry:
                     del self.running[entry.claim.id]
+                if entry.timer is not None:
+                    call_on(self.loop, entry.timer.cancel)
             if self._waiters:
                 gone = {entry.claim.id for entry in entries}
                 still: list[tuple[set[str], asyncio.Future[None]]] = []

@@ -109,8 +109,11 @@ class Runner:
     async def start(self) -> None:
         """Start claiming: the interval jobs run on the current event loop. A stopped runner
         can start again (on this loop or another)."""
+        if self.inline:
+            raise RuntimeError("an inline runner (the test kit's drain) runs only by run_once")
         self._loop = asyncio.get_running_loop()
         self.pipeline.loop = self._loop
+        self.database.open()
         lease = self.settings.lease_seconds
         poll = self.settings.poll_interval
         scheduler = AsyncIOScheduler(event_loop=self._loop, timezone=UTC)
@@ -170,17 +173,20 @@ class Runner:
         if self._scheduler is not None:
             for job_id in ("claim", "reclaim", *(job_id for job_id, _, _ in self._extra_jobs)):
                 self._scheduler.remove_job(job_id)
-        # A cycle already in flight still starts what it claimed: let it land first, so those
-        # tasks are waited for and released like the rest, not left running under a lease.
-        await self.database.read(lambda _conn: None)
-        held = self.pipeline.snapshot()
-        if held:
-            log.info("runner %s waiting up to %.0fs for %d tasks", self.worker_id, grace, len(held))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.pipeline.settled(set(held)), grace)
         try:
+            # A cycle already in flight still starts what it claimed: let it land first, so
+            # those tasks are waited for and released like the rest, not left running.
+            await self.database.call(lambda: None)
+            held = self.pipeline.snapshot()
+            if held:
+                log.info(
+                    "runner %s waiting up to %.0fs for %d tasks", self.worker_id, grace, len(held)
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.pipeline.settled(set(held)), grace)
             await self._release_leftovers()
         finally:
+            self.pipeline.close()
             if self._scheduler is not None:
                 self._scheduler.shutdown(wait=False)
                 self._scheduler = None
@@ -193,17 +199,22 @@ class Runner:
             log.info("runner %s stopped", self.worker_id)
 
     async def _release_leftovers(self) -> None:
-        leftover = [entry for entry in self.pipeline.snapshot().values() if not entry.done]
+        # The outcomes already handed in are written first: a task whose function returned
+        # just now is recorded, not released and run again.
+        await self.database.call(self.pipeline.flush)
+        leftover = list(self.pipeline.snapshot().values())
         if not leftover:
             return
         for entry in leftover:
             entry.ctx._stop.set()  # sync functions see `cancelled`
             if entry.job is not None:
                 entry.job.cancel()  # async ones are cancelled with their runner task
-        # On the database thread, after the outcomes already handed in: a task whose
-        # function returned just now has its outcome written first, not released and rerun.
-        count = await self.write(leases.release, [entry.claim.lease for entry in leftover])
-        self.pipeline.forget(leftover)
+        # Whatever is still held goes back to the queue, outcomes that could not be written
+        # too (the release is fenced by the lease, so nothing written is undone).
+        try:
+            count = await self.write(leases.release, [entry.claim.lease for entry in leftover])
+        finally:
+            self.pipeline.forget(leftover)
         log.warning("runner %s released %d unfinished tasks", self.worker_id, count)
         jobs = [entry.job for entry in leftover if entry.job is not None]
         if jobs:
@@ -252,6 +263,7 @@ class Runner:
                 self._finished()
         else:
             self.pipeline.loop = asyncio.get_running_loop()
+            self.database.open()
             self.pipeline.start(batch, now=now)
             await self.pipeline.settled({claim.id for claim in batch})
         return await self.read(store_tasks.get_tasks, [claim.id for claim in batch])

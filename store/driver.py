@@ -26,6 +26,11 @@ class Driver:
         self._conn = conn
         self.sqlite = conn.dialect.name == "sqlite"
         if not self.sqlite:
+            if conn.dialect.driver != "psycopg":
+                raise ValueError(
+                    "Backstop on PostgreSQL needs the psycopg (3) driver: a URL that starts "
+                    f"with postgresql+psycopg://, not {conn.dialect.name}+{conn.dialect.driver}"
+                )
             from psycopg.types.json import Json
 
             self._json = Json
@@ -36,6 +41,8 @@ class Driver:
 
     def stamp(self, value: datetime) -> Any:
         """An aware datetime as the column stores it: naive UTC text on SQLite."""
+        if value.tzinfo is None:  # as `UTCDateTime` refuses it: a local time must not slip in
+            raise ValueError(f"expected an aware datetime, got {value!r}")
         if self.sqlite:
             return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
         return value

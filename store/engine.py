@@ -75,7 +75,9 @@ def _begin_immediate(raw: sqlite3.Connection, busy_timeout_ms: int) -> None:
                 raw.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                if "locked" not in str(exc):
+                    raise
+                if time.monotonic() >= deadline:
                     break
             time.sleep(pause)
             pause = min(pause * 2, 0.0005)
@@ -130,7 +132,7 @@ def create_engine(
             else:
                 raw.execute(f"BEGIN {mode}")
         except sqlite3.Error as exc:  # as SQLAlchemy would have raised it
-            raise sa.exc.OperationalError(f"BEGIN {mode}", None, exc) from exc
+            raise sa.exc.DBAPIError.instance(f"BEGIN {mode}", None, exc, sqlite3.Error) from exc
 
     return engine
 

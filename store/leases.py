@@ -52,10 +52,14 @@ def claim_statement(dialect: str, *, by_queue: bool) -> str:
     """
     queue = " AND queue = ?" if by_queue else ""
     lock = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
+    # SQLite finds the rows by rowid, which the index entries hold: looking them up by `id`
+    # went through the primary key's index, a random page for each (ids are random UUIDs).
+    key = "id" if dialect == "postgresql" else "rowid"
     return (
         "UPDATE task SET status = 'running', lease_owner = ?, lease_expires_at = ?,"
         " lease_token = lease_token + 1, attempts = attempts + 1, started_at = ?"
-        f" WHERE id IN (SELECT id FROM task WHERE {CLAIMABLE_WHERE} AND scheduled_at <= ?{queue}"
+        f" WHERE {key} IN (SELECT {key} FROM task WHERE {CLAIMABLE_WHERE}"
+        f" AND scheduled_at <= ?{queue}"
         f" ORDER BY priority DESC, scheduled_at LIMIT ?{lock})"
         f" AND {CLAIMABLE_WHERE} RETURNING {_CLAIMED}"
     )

@@ -450,3 +450,89 @@ def test_an_outcome_that_cannot_be_written_is_given_up_and_frees_its_slot(
     # Dropped, not released: the stop found no unfinished task of its own to give back.
     assert _task(backstop, doomed).status == TaskStatus.RUNNING
     assert backstop.runner.pipeline.running == {}
+
+
+@pytest.mark.parametrize("name", ["test.async_escape", "test.escape", "test.unprintable"])
+def test_an_attempt_that_ends_oddly_is_still_recorded_and_frees_its_slot(
+    make_backstop: MakeBackstop, name: str
+) -> None:
+    """A BaseException that is not an Exception, or an exception that cannot be printed:
+    the attempt fails like any other, and the runner's only slot goes to the next task."""
+    backstop = make_backstop(concurrency=1)
+    odd = backstop.tasks.add_task(name)
+    after = backstop.tasks.add_task("test.echo", 1)
+
+    async def scenario() -> None:
+        await backstop.runner.start()
+        try:
+            await _until(_status_is(backstop, after, TaskStatus.SUCCEEDED), "the next task")
+        finally:
+            await backstop.runner.stop()
+
+    asyncio.run(scenario())
+
+    failed = _task(backstop, odd)
+    assert failed.status == TaskStatus.FAILED
+    assert failed.last_error is not None
+    assert failed.last_error.startswith(("Escape: out of band", "Unprintable"))
+
+
+def test_a_thread_that_cannot_start_fails_the_attempt_instead_of_holding_it(
+    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backstop = make_backstop()
+    task_id = backstop.tasks.add_task("test.echo", 1)
+
+    def refuse(*_args: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(backstop.runner.threads, "submit", refuse)
+
+    async def scenario() -> None:
+        await backstop.runner.start()
+        try:
+            await _until(_status_is(backstop, task_id, TaskStatus.RETRYING), "the failure")
+        finally:
+            await backstop.runner.stop()
+
+    asyncio.run(scenario())
+
+    assert _task(backstop, task_id).last_error == "RuntimeError: can't start new thread"
+    assert backstop.runner.pipeline.running == {}
+
+
+def test_a_stopped_runner_releases_tasks_whose_outcome_waits_for_a_retry_and_writes_no_more(
+    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outcome could not be written before the stop: the task goes back to the queue,
+    and no retry of the write outlives the runner."""
+    backstop = make_backstop()
+    monkeypatch.setattr(pipeline, "RECORD_RETRIES", (60.0,))
+
+    def refuse(conn: Any, outcomes: list[Any]) -> Any:
+        if outcomes:
+            raise OperationalError("UPDATE task", None, Exception("database is locked"))
+        return []
+
+    monkeypatch.setattr(store_outcomes, "record", refuse)
+    task_id = backstop.tasks.add_task("test.echo", 1)
+
+    async def scenario() -> None:
+        await backstop.runner.start()
+        try:
+            await _until(lambda: bool(backstop.runner.pipeline._timers), "a retry to wait")
+        finally:
+            await backstop.runner.stop()
+
+    asyncio.run(scenario())
+
+    released = _task(backstop, task_id)
+    assert (released.status, released.attempts) == (TaskStatus.QUEUED, 0)
+    assert backstop.runner.pipeline._timers == set()
+    assert backstop.runner.database.submit(lambda: None) is False
+
+
+def test_an_inline_runner_cannot_be_started(backstop: Backstop) -> None:
+    runner = Runner(backstop.db, backstop.registry, backstop.settings, inline=True)
+    with pytest.raises(RuntimeError, match="inline"):
+        asyncio.run(runner.start())

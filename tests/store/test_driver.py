@@ -9,6 +9,7 @@ import pytest
 
 from store.attempts import list_attempts
 from store.control import cancel_task
+from store.driver import Driver
 from store.engine import Database
 from store.leases import claim_due
 from store.models import AttemptOutcome, Claim, Lease, TaskStatus
@@ -97,3 +98,8 @@ def test_a_batch_with_a_lost_lease_and_a_cancel_writes_each_as_alone(db: Databas
         assert get_task(conn, cancelled.id).result is None
         assert [a.outcome for a in list_attempts(conn, held.id)] == [AttemptOutcome.SUCCEEDED]
         assert [a.outcome for a in list_attempts(conn, lost.id)] == [None]
+
+
+def test_a_naive_datetime_is_refused_as_the_column_type_refuses_it(db: Database) -> None:
+    with db.read() as conn, pytest.raises(ValueError, match="aware datetime"):
+        Driver(conn).stamp(datetime(2026, 3, 1, 12, 0))

@@ -160,3 +160,27 @@ def _raising_predicate(_error: BaseException) -> bool:
 def bad_policy() -> None:
     """Fails, and its retry predicate raises while deciding what to do."""
     raise Flaky("fails")
+
+
+class Escape(BaseException):
+    """Not an Exception: what a careless library might raise (the way SystemExit is)."""
+
+
+@task(name="test.async_escape", max_attempts=1)
+async def async_escape() -> None:
+    raise Escape("out of band")
+
+
+@task(name="test.escape", max_attempts=1)
+def escape() -> None:
+    raise Escape("out of band")
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+@task(name="test.unprintable", max_attempts=1)
+def unprintable() -> None:
+    raise Unprintable()
