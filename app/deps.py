@@ -1,4 +1,9 @@
-"""FastAPI dependencies, as `Annotated` aliases so route signatures read like sentences."""
+"""FastAPI dependencies, as `Annotated` aliases so route signatures read like sentences.
+
+They are `async def` although they never await: FastAPI runs a plain `def` dependency in
+its thread pool, a hand-over to another thread and back on every request, for what is an
+attribute lookup.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,16 @@ from app.client import TaskClient
 from app.service import Backstop
 
 
-def get_backstop(request: Request) -> Backstop:
+async def get_backstop(request: Request) -> Backstop:
     """The Backstop instance of the app serving this request."""
     backstop: Backstop = request.app.state.backstop
     return backstop
 
 
-def get_tasks(request: Request) -> TaskClient:
+async def get_tasks(request: Request) -> TaskClient:
     """The task client: `tasks.add_task(fn, *args)` commits before the endpoint returns."""
-    return get_backstop(request).tasks
+    tasks: TaskClient = request.app.state.backstop.tasks
+    return tasks
 
 
 Service = Annotated[Backstop, Depends(get_backstop)]
