@@ -58,19 +58,11 @@ class TaskClient:
         The keyword names above are options, not arguments of `fn`; for a function with a
         parameter of one of those names, use `enqueue(fn, args, kwargs, ...)`.
         """
-        task = self.enqueue(
-            fn,
-            list(args),
-            kwargs,
-            session=session,
-            delay=delay,
-            run_at=run_at,
-            queue=queue,
-            priority=priority,
-            max_attempts=max_attempts,
-            idempotency_key=idempotency_key,
+        new, now = self.prepare(
+            fn, list(args), kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
         )
-        return task.id
+        existing = self._store(new, now, session)
+        return new.id if existing is None else existing.id
 
     def enqueue(
         self,
@@ -124,19 +116,23 @@ class TaskClient:
         new, now = self.prepare(
             fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
         )
-        conn = session.connection() if session is not None else None
-        if conn is not None:
+        return _answer(new, now, self._store(new, now, session))
+
+    def _store(self, new: NewTask, now: datetime, session: Session | None) -> Task | None:
+        """Commit `new` (or add it to the caller's session); None when it was stored, else
+        the earlier task with its idempotency key."""
+        if session is not None:
             # Join the caller's transaction: the task commits or rolls back with their data,
             # and the local runner is woken only once it is committed.
-            task, created = self._insert(conn, new, now)
-            if created:
+            existing = self._insert(session.connection(), new, now)
+            if existing is None:
                 event.listen(session, "after_commit", lambda _session: self._wake(), once=True)
         else:
-            task, created = self._commits.enqueue(new, now)
-            if created:
+            existing = self._commits.enqueue(new, now)
+            if existing is None:
                 self._wake()
-        log.debug("task %s (%s) %s", task.id, task.name, "enqueued" if created else "exists")
-        return task, created
+        log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
+        return existing
 
     async def add_task_async(
         self,
@@ -153,18 +149,11 @@ class TaskClient:
     ) -> str:
         """`add_task` for `async def` endpoints: the event loop never waits on the database,
         and concurrent calls commit together. Committed when the await returns."""
-        task, _created = await self.submit_async(
-            fn,
-            list(args),
-            kwargs,
-            delay=delay,
-            run_at=run_at,
-            queue=queue,
-            priority=priority,
-            max_attempts=max_attempts,
-            idempotency_key=idempotency_key,
+        new, now = self.prepare(
+            fn, list(args), kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
         )
-        return task.id
+        existing = await self.store_async(new, now)
+        return new.id if existing is None else existing.id
 
     async def submit_async(
         self,
@@ -184,10 +173,16 @@ class TaskClient:
         new, now = self.prepare(
             fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
         )
-        task, created = await self._commits.enqueue_async(new, now)
-        if created:
+        return _answer(new, now, await self.store_async(new, now))
+
+    async def store_async(self, new: NewTask, now: datetime) -> Task | None:
+        """Commit a task that `prepare` made: None once it is stored, or the earlier task
+        with its idempotency key (nothing is stored then)."""
+        existing = await self._commits.enqueue_async(new, now)
+        if existing is None:
             self._wake()
-        return task, created
+        log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
+        return existing
 
     def prepare(
         self,
@@ -200,7 +195,7 @@ class TaskClient:
         priority: int | None,
         max_attempts: int | None,
         idempotency_key: str | None,
-        now: datetime | None,
+        now: datetime | None = None,
     ) -> tuple[NewTask, datetime]:
         """The row to store for this call, with everything checked; and the time it is."""
         spec = self.registry.resolve(fn)
@@ -225,14 +220,23 @@ class TaskClient:
         return new, now
 
     def close(self) -> None:
-        """Stop the async enqueue writer thread."""
+        """Stop the enqueue writer thread (after what it was given to commit)."""
         self._commits.close()
 
     @staticmethod
-    def _insert(conn: Connection, new: NewTask, now: datetime) -> tuple[Task, bool]:
+    def _insert(conn: Connection, new: NewTask, now: datetime) -> Task | None:
         if new.idempotency_key is None:
-            return store_tasks.enqueue(conn, new, now=now), True
-        return store_tasks.enqueue_once(conn, new, now=now)
+            store_tasks.enqueue_batch(conn, [(new, now)])
+            return None
+        task, created = store_tasks.enqueue_once(conn, new, now=now)
+        return None if created else task
+
+
+def _answer(new: NewTask, now: datetime, existing: Task | None) -> tuple[Task, bool]:
+    """`submit`'s answer: the task stored now, or the earlier one with the same key."""
+    if existing is None:
+        return store_tasks.stored_task(new, now), True
+    return existing, False
 
 
 def _fingerprint(new: NewTask, delay: float | None, run_at: datetime | None) -> str:

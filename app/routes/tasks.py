@@ -41,21 +41,23 @@ async def create_task(
     With an `Idempotency-Key` header, the same key and body again answer 200 with the first
     task and store nothing; the same key with another body is refused with 422.
     """
-    task, created = await tasks.submit_async(
+    new, now = tasks.prepare(
         body.name,
         body.args,
         body.kwargs,
-        delay=body.delay,
-        run_at=body.run_at,
-        queue=body.queue,
-        priority=body.priority,
-        max_attempts=body.max_attempts,
-        idempotency_key=idempotency_key,
+        body.delay,
+        body.run_at,
+        body.queue,
+        body.priority,
+        body.max_attempts,
+        idempotency_key,
     )
+    existing = await tasks.store_async(new, now)
+    task = TaskOut.queued(new, now) if existing is None else TaskOut.of(existing)
     response.headers["Location"] = f"/tasks/{task.id}"
-    if not created:
+    if existing is not None:
         response.status_code = status.HTTP_200_OK
-    return TaskOut.of(task)
+    return task
 
 
 @router.get("/stats", response_model=StatsOut)

@@ -123,6 +123,28 @@ def test_enqueue_answers_202_with_the_whole_task_and_its_location(client: TestCl
     assert parse_utc(body["scheduled_at"]) == created
 
 
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        ({"name": "test.echo", "args": [3]}, {}),
+        (
+            {"name": "test.flaky", "args": [1], "delay": 2.5, "priority": -3, "queue": "q"},
+            {"Idempotency-Key": "answer-1"},
+        ),
+        ({"name": "test.noop", "run_at": "2030-06-01T09:30:00.5+02:00", "max_attempts": 2}, {}),
+    ],
+)
+def test_the_202_answer_is_the_task_as_it_reads_back(
+    client: TestClient, body: dict[str, Any], headers: dict[str, str]
+) -> None:
+    # The answer is built from the request, not read from the row: it must say the same.
+    accepted = client.post("/tasks", json=body, headers=headers)
+    assert accepted.status_code == 202, accepted.text
+
+    read = client.get(f"/tasks/{accepted.json()['id']}")
+    assert read.json() == accepted.json()
+
+
 def test_ids_are_random_not_counters(client: TestClient) -> None:
     ids = [enqueue(client, {"name": "test.noop"})["id"] for _ in range(3)]
 

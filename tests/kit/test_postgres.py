@@ -88,8 +88,11 @@ def test_each_test_gets_its_own_postgresql_database_dropped_after_it(
             backstop_database_url, backstop_client, backstop_drain, backstop_tasks
         ):
             record(backstop_database_url)
-            response = backstop_client.post("/tasks", json={"name": "pg.flaky"})
+            key = {"Idempotency-Key": "pg-1"}
+            response = backstop_client.post("/tasks", json={"name": "pg.flaky"}, headers=key)
             assert response.status_code == 202
+            again = backstop_client.post("/tasks", json={"name": "pg.flaky"}, headers=key)
+            assert (again.status_code, again.json()["id"]) == (200, response.json()["id"])
             backstop_tasks.assert_enqueued("pg.flaky")
 
             [first] = backstop_drain()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from store import migrate
 from store.attempts import list_attempts
 from store.engine import Database
 from store.errors import InvalidCursor, TaskNotFound
@@ -20,10 +22,14 @@ from store.tasks import (
     NewTask,
     count_by_status,
     enqueue,
+    enqueue_batch,
     enqueue_many,
+    enqueue_once,
     get_task,
     get_tasks,
     list_tasks,
+    stored_row,
+    stored_task,
 )
 
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -99,6 +105,87 @@ def test_an_idempotency_key_is_unique(db: Database) -> None:
         enqueue_many(conn, [NewTask(name="c"), NewTask(name="d")], now=T)
     with db.read() as conn:
         assert sum(count_by_status(conn).values()) == 3
+
+
+# Values that each column's conversion must get exactly right: JSON with unicode, floats,
+# nesting and nulls; times with and without microseconds, and in another time zone.
+ODD_TASKS = [
+    NewTask(name="plain"),
+    NewTask(
+        name="odd.values",
+        args=[1, -2.5, 1e-7, 10**18, 'é ☃ \u0000 "q"', None, True, [], {}],
+        kwargs={"nested": {"list": [{"x": None}]}, "ünï": "cödé", "big": 2**53 + 1},
+        queue="slow",
+        priority=-7,
+        max_attempts=1,
+        scheduled_at=datetime(2031, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        idempotency_key="key-\u00e9",
+        request_hash="f" * 64,
+    ),
+    NewTask(
+        name="offset.time",
+        scheduled_at=datetime(2030, 6, 1, 9, 30, tzinfo=timezone(timedelta(hours=2))),
+    ),
+]
+
+
+def _raw_rows(db: Database) -> dict[str, tuple[Any, ...]]:
+    """Every row as SQLite holds it (text, storage class and all), by name, without the id."""
+    columns = [column.name for column in task_table.columns if column.name != "id"]
+    select = ", ".join(f"{name}, typeof({name})" for name in columns)
+    with db.read() as conn:
+        rows = conn.exec_driver_sql(f"SELECT name, {select} FROM task").all()
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+@pytest.mark.parametrize("now", [T, T.replace(microsecond=123456)])
+def test_enqueue_stores_exactly_what_sqlalchemy_would(tmp_path: Path, now: datetime) -> None:
+    # On SQLite the enqueue functions hand rows to the driver themselves: every column must
+    # hold the same text, number or NULL as through SQLAlchemy's own insert.
+    ours = Database.from_url(f"sqlite:///{tmp_path / 'ours.db'}")
+    theirs = Database.from_url(f"sqlite:///{tmp_path / 'theirs.db'}")
+    for database in (ours, theirs):
+        migrate.upgrade(database)
+    with ours.write() as conn:
+        enqueue(conn, ODD_TASKS[0], now=now)
+        enqueue_once(conn, ODD_TASKS[1], now=now)
+        enqueue_batch(conn, [(ODD_TASKS[2], now)])
+    with theirs.write() as conn:
+        conn.execute(sa.insert(task_table), [_sqlalchemy_row(new, now) for new in ODD_TASKS])
+    try:
+        assert _raw_rows(ours) == _raw_rows(theirs)
+        with ours.read() as conn:
+            for new in ODD_TASKS:
+                assert get_task(conn, new.id) == stored_task(new, now)
+    finally:
+        ours.dispose()
+        theirs.dispose()
+
+
+def _sqlalchemy_row(new: NewTask, now: datetime) -> dict[str, Any]:
+    return {
+        "id": new.id,
+        "name": new.name,
+        "status": TaskStatus.QUEUED,
+        "queue": new.queue,
+        "priority": new.priority,
+        "args": new.args,
+        "kwargs": new.kwargs,
+        "attempts": 0,
+        "max_attempts": new.max_attempts,
+        "created_at": now,
+        "scheduled_at": new.scheduled_at or now,
+        "idempotency_key": new.idempotency_key,
+        "request_hash": new.request_hash,
+    }
+
+
+def test_a_stored_row_reads_like_the_task_read_back(db: Database) -> None:
+    with db.write() as conn:
+        enqueue_many(conn, ODD_TASKS, now=T)
+    with db.read() as conn:
+        for new in ODD_TASKS:
+            assert get_task(conn, new.id).model_dump() == stored_row(new, T)
 
 
 def test_get_task_raises_for_an_unknown_id(db: Database) -> None:
