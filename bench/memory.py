@@ -7,10 +7,10 @@
 first tenth: the SQLite page caches of the runner's connections (2 MiB each) fill over the
 first tens of thousands of tasks, then RSS stays flat. This process is the runner's (default
 settings, a fresh database), and it keeps the runner fed: whenever fewer than 2,000 tasks
-wait it enqueues 2,000 more in one transaction. RSS is VmRSS from /proc/self/status: at start (service
-built, schema migrated, runner not started), after `--warmup` tasks, then every 10% of the
-way; the peak is VmHWM. Growth is the final RSS against the warmed-up one: the figure
-the target is about.
+wait it enqueues 2,000 more in one transaction. RSS is VmRSS from /proc/self/status: at
+start (service built, schema migrated, runner not started), after `--warmup` tasks, then
+every 10% of the way; the peak is VmHWM. Growth is the final RSS against the warmed-up one:
+the figure the target is about.
 """
 
 from __future__ import annotations
