@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +39,9 @@ ALL_QUEUES: None = None
 # their leases; after the last pause an outcome is dropped, its lease lapses, and the task
 # is reclaimed as after a crash.
 RECORD_RETRIES: tuple[float, ...] = (0.1, 0.5, 2.0, 5.0, 10.0)
+
+# While claims keep finding the queue nearly empty, cycles start at most this often (seconds).
+GATHER = 0.005
 
 
 def claim_queues(
@@ -105,6 +109,8 @@ class Pipeline:
         self._scheduled = False
         self._waiters: list[tuple[set[str], asyncio.Future[None]]] = []
         self._timers: set[threading.Timer] = set()
+        self._last_cycle = 0.0
+        self._ran_dry = False
 
     # -- from any thread -------------------------------------------------------------------
 
@@ -231,6 +237,15 @@ class Pipeline:
     # -- on the database thread ------------------------------------------------------------
 
     def _cycle(self) -> None:
+        if self._ran_dry:
+            # The last claim found less than it had room for: work trickles in. Let it
+            # gather for what is left of GATHER seconds since that cycle, so that one
+            # transaction carries several tasks rather than one each (an idle runner's
+            # first cycle, long after its last, starts at once).
+            pause = self._last_cycle + GATHER - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+        self._last_cycle = time.monotonic()
         with self._lock:
             self._scheduled = False
             batch, self._pending = self._pending, []
@@ -253,6 +268,7 @@ class Pipeline:
             else:
                 self._retry_later(batch)
             return
+        self._ran_dry = any(len(claimed.get(queue, ())) < slots for queue, slots in free.items())
         try:
             self._written(batch, states)
             for claims in claimed.values():
