@@ -80,7 +80,7 @@ class Executor:
             if not spec.is_async:
                 return self.call_sync(claim, ctx, now=now)
             args, kwargs = self._arguments(spec, claim, ctx)
-            result = _json_result(await _awaited(spec, spec.fn(*args, **kwargs), ctx))
+            result = _json_result(await _awaited(spec, args, kwargs, ctx))
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -161,22 +161,42 @@ def report(claim: Claim, outcome: Outcome, state: TaskStatus | None) -> None:
         log.warning("task %s attempt %d: %s: %s", claim.id, number, state, outcome.error)
 
 
-async def _awaited(spec: TaskSpec, work: Any, ctx: TaskContext) -> Any:
-    """Await an async function's coroutine under its timeout; a stop request cancels it."""
-    job = asyncio.ensure_future(work)
-    ctx._on_stop.append(job.cancel)
+async def _awaited(
+    spec: TaskSpec, args: list[Any], kwargs: dict[str, Any], ctx: TaskContext
+) -> Any:
+    """Await an async function in the current task, under its timeout; a stop request
+    cancels it there, and only that cancellation is taken back once it has unwound (a
+    cancel of the task from outside, a runner stopping past its grace, goes through)."""
     if ctx.cancelled:
-        # Asked to stop between the claim and now: `_request_stop` ran before this hook was
-        # in place, so cancel here or the function would run to its end.
-        job.cancel()
+        # Asked to stop between the claim and now: the function never starts.
+        raise asyncio.CancelledError
+    task = asyncio.current_task()
+    assert task is not None, "an async task function runs in an asyncio task"
+    asked = False
+
+    def stop() -> None:
+        nonlocal asked
+        asked = True
+        task.cancel()
+
+    ctx._on_stop.append(stop)
     deadline = asyncio.timeout(spec.timeout)
     try:
         async with deadline:
-            return await job
+            result = await spec.fn(*args, **kwargs)
+        if asked and task.cancelling():
+            task.uncancel()  # the function swallowed the stop request's cancellation
+        return result
     except TimeoutError:
         if spec.timeout is None or not deadline.expired():
             raise  # the function's own TimeoutError
         raise TaskTimeout(spec.timeout) from None
+    except asyncio.CancelledError:
+        if asked and task.cancelling() == 1:
+            task.uncancel()  # the stop request's own: the attempt is recorded as cancelled
+        raise
+    finally:
+        ctx._on_stop.remove(stop)
 
 
 def _json_result(value: Any) -> Any:
