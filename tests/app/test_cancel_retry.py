@@ -20,8 +20,10 @@ from store import control, leases, outcomes
 from store import tasks as store_tasks
 from store.engine import Database
 from store.models import TaskStatus
+from store.outcomes import Outcome
 from store.timeutil import utcnow
 from tests.support.client import count_tasks, drain, service
+from tests.support.tasks import SWALLOW_STARTED
 from tests.support.waiting import wait_until
 
 # Long enough that a test passing on a deadline far shorter proves the function was stopped.
@@ -399,3 +401,34 @@ def test_retry_of_a_task_that_is_not_failed_or_cancelled_is_409_and_changes_noth
 def test_retry_of_an_unknown_task_is_404(client: TestClient) -> None:
     assert act(client, "no-such-task", "retry", 404) == {"detail": "task 'no-such-task' not found"}
     assert count_tasks(client) == 0
+
+
+def test_an_async_function_that_swallows_its_cancel_leaves_its_runner_task_uncancelled(
+    backstop: Backstop,
+) -> None:
+    """The stop request's cancellation is taken back when the function returns anyway, so
+    the runner's task is not left half-cancelled for whatever it awaits next."""
+    backstop.tasks.enqueue("test.async_swallow")
+    with backstop.db.write() as conn:
+        (claimed,) = leases.claim_due(conn, "w", 1, lease_seconds=30)
+    executor = backstop.runner.executor
+
+    async def run() -> tuple[Outcome, int]:
+        started = asyncio.Event()
+        SWALLOW_STARTED[:] = [started]
+        ctx = executor.context(claimed)
+
+        async def attempt() -> tuple[Outcome, int]:
+            outcome = await executor.call_async(claimed, ctx)
+            current = asyncio.current_task()
+            assert current is not None
+            return outcome, current.cancelling()
+
+        job = asyncio.ensure_future(attempt())
+        await asyncio.wait_for(started.wait(), PROMPT)
+        ctx._request_stop()
+        return await job
+
+    outcome, cancelling = asyncio.run(run())
+
+    assert (outcome.error, outcome.result, cancelling) == (None, "swallowed", 0)

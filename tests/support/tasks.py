@@ -184,3 +184,18 @@ class Unprintable(Exception):
 @task(name="test.unprintable", max_attempts=1)
 def unprintable() -> None:
     raise Unprintable()
+
+
+# Set by a test before it runs `test.async_swallow`: the function sets it once it waits.
+SWALLOW_STARTED: list[asyncio.Event] = []
+
+
+@task(name="test.async_swallow", max_attempts=1)
+async def async_swallow() -> str:
+    """Swallows its cancellation and returns normally (as some libraries' cleanup does)."""
+    try:
+        SWALLOW_STARTED[0].set()
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        return "swallowed"
+    return "slept"
