@@ -4,19 +4,41 @@ SQLAlchemy's execution path (the compiled-statement cache, parameter and result 
 events) costs some 40 µs a statement, more than SQLite takes to run one. The few statements
 a busy runner sends thousands of times a second (the claim, the attempt rows, the outcome of
 a success) therefore go to the DBAPI cursor of the same connection, inside the same
-transaction, in the driver's own parameter style. Values are converted here exactly as the
-column types convert them (`store.timeutil.UTCDateTime`, SQLAlchemy's JSON), and a test
-checks that rows written either way read back the same.
+transaction, in the driver's own parameter style. Values are written through the column
+types' own bind processors (`bind_processor`: `store.timeutil.UTCDateTime`, SQLAlchemy's
+JSON), so the stored bytes are what the SQLAlchemy path stores; tests compare the two.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.engine import Connection
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect
+
+from store.models import task_table
+
+Convert = Callable[[Any], Any]
+_processors: weakref.WeakKeyDictionary[Dialect, dict[sa.Column[Any], Convert | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def bind_processor(column: sa.Column[Any], dialect: Dialect) -> Convert | None:
+    """How `column`'s type turns a value into what the driver takes on `dialect` (None: as
+    it is). Cached: looking it up costs more than converting."""
+    known = _processors.setdefault(dialect, {})
+    if column not in known:
+        known[column] = column.type.dialect_impl(dialect).bind_processor(dialect)
+    return known[column]
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 class Driver:
@@ -25,27 +47,23 @@ class Driver:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self.sqlite = conn.dialect.name == "sqlite"
-        if not self.sqlite:
-            if conn.dialect.driver != "psycopg":
-                raise ValueError(
-                    "Backstop on PostgreSQL needs the psycopg (3) driver: a URL that starts "
-                    f"with postgresql+psycopg://, not {conn.dialect.name}+{conn.dialect.driver}"
-                )
-            from psycopg.types.json import Json
-
-            self._json = Json
+        if not self.sqlite and conn.dialect.driver != "psycopg":
+            raise ValueError(
+                "Backstop on PostgreSQL needs the psycopg (3) driver: a URL that starts "
+                f"with postgresql+psycopg://, not {conn.dialect.name}+{conn.dialect.driver}"
+            )
+        dialect = conn.dialect
+        self._stamp = bind_processor(task_table.c.finished_at, dialect) or _identity
+        self._json = bind_processor(task_table.c.result, dialect) or _identity
 
     def sql(self, statement: str) -> str:
         """`statement`, written with `?` placeholders, in the driver's parameter style."""
         return statement if self.sqlite else statement.replace("?", "%s")
 
     def stamp(self, value: datetime) -> Any:
-        """An aware datetime as the column stores it: naive UTC text on SQLite."""
-        if value.tzinfo is None:  # as `UTCDateTime` refuses it: a local time must not slip in
-            raise ValueError(f"expected an aware datetime, got {value!r}")
-        if self.sqlite:
-            return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-        return value
+        """An aware datetime as the column stores it (naive UTC text on SQLite); a naive one
+        is refused, as `UTCDateTime` refuses it."""
+        return self._stamp(value)
 
     def read_stamp(self, value: Any) -> datetime:
         """A stored timestamp as an aware UTC datetime."""
@@ -56,9 +74,7 @@ class Driver:
 
     def json(self, value: Any) -> Any:
         """A JSON column's value as the driver takes it (None stays SQL NULL)."""
-        if value is None:
-            return None
-        return json.dumps(value) if self.sqlite else self._json(value)
+        return self._json(value)
 
     def read_json(self, value: Any) -> Any:
         """A stored JSON value as Python data."""

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -14,6 +13,7 @@ from uuid import uuid4
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect, Row
 
+from store.driver import Convert, bind_processor
 from store.errors import IdempotencyConflict, InvalidCursor, TaskNotFound
 from store.models import CLAIMABLE_WHERE, TERMINAL, TERMINAL_WHERE, Task, TaskStatus, task_table
 from store.timeutil import utcnow
@@ -130,21 +130,17 @@ _SQLITE_INSERT = (
 )
 _SQLITE_INSERT_ONCE = f"{_SQLITE_INSERT} ON CONFLICT (idempotency_key) DO NOTHING"
 
-_Processors = list[tuple[int, Callable[[Any], Any]]]
-_processors: weakref.WeakKeyDictionary[Dialect, _Processors] = weakref.WeakKeyDictionary()
+_Processors = list[tuple[int, Convert]]
 
 
 def _bind_processors(dialect: Dialect) -> _Processors:
     """The positions in `_COLUMNS` whose type converts values for the driver, with the
     conversions (SQLAlchemy's own: JSON text, and naive UTC text for the times)."""
-    found = _processors.get(dialect)
-    if found is None:
-        found = []
-        for position, name in enumerate(_COLUMNS):
-            process = t.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-            if process is not None:
-                found.append((position, process))
-        _processors[dialect] = found
+    found = []
+    for position, name in enumerate(_COLUMNS):
+        process = bind_processor(t.c[name], dialect)
+        if process is not None:
+            found.append((position, process))
     return found
 
 
