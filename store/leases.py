@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from store.attempts import of_task
 from store.driver import Driver
 from store.models import (
     CLAIMABLE_WHERE,
@@ -65,7 +66,10 @@ def claim_statement(dialect: str, *, by_queue: bool) -> str:
     )
 
 
-_ATTEMPT_STARTED = "INSERT INTO attempt (task_id, number, started_at, worker) VALUES (?, ?, ?, ?)"
+_ATTEMPT_STARTED = (
+    "INSERT INTO attempt (task_id, task_created_at, number, started_at, worker)"
+    " VALUES (?, ?, ?, ?, ?)"
+)
 
 
 def claim_due(
@@ -132,7 +136,14 @@ def claim_due(
             scheduled,
         ) in rows
     ]
-    driver.execute_many(_ATTEMPT_STARTED, [(c.id, c.attempts, started, owner) for c in claimed])
+    # The task's creation time goes back as the driver gave it: the same value, unconverted.
+    driver.execute_many(
+        _ATTEMPT_STARTED,
+        [
+            (c.id, created, c.attempts, started, owner)
+            for c, (*_, created, _scheduled) in zip(claimed, rows, strict=True)
+        ],
+    )
     claimed.sort(key=lambda task: (-task.priority, task.scheduled_at))
     return claimed
 
@@ -257,7 +268,7 @@ def release(conn: Connection, leases: Sequence[Lease], *, now: datetime | None =
         released += 1
         conn.execute(
             sa.update(a)
-            .where(a.c.task_id == lease.task_id, a.c.number == number, a.c.finished_at.is_(None))
+            .where(*of_task(lease.task_id), a.c.number == number, a.c.finished_at.is_(None))
             .values(finished_at=now, outcome=outcome)
         )
     return released

@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from store.attempts import of_task
 from store.driver import Driver
 from store.models import AttemptOutcome, Lease, Task, TaskStatus, attempt_table, task_table
 from store.tasks import to_task
@@ -79,7 +80,7 @@ def _attempt_statement(columns: tuple[str, ...]) -> sa.Update:
     return (
         sa.update(a)
         .where(
-            a.c.task_id == sa.bindparam("a_task_id"),
+            *of_task(sa.bindparam("a_task_id")),
             a.c.number == sa.bindparam("a_number"),
             a.c.finished_at.is_(None),
         )
@@ -148,9 +149,10 @@ _SUCCEEDED = (
     " finished_at = ?, result = ? WHERE id = ? AND lease_token = ? AND status = 'running'"
     " AND lease_expires_at > ? AND cancel_requested_at IS NULL"
 )
-_ATTEMPT_SUCCEEDED = (
+ATTEMPT_SUCCEEDED = (
     "UPDATE attempt SET finished_at = ?, outcome = 'succeeded'"
-    " WHERE task_id = ? AND number = ? AND finished_at IS NULL"
+    " WHERE task_created_at = (SELECT created_at FROM task WHERE id = ?) AND task_id = ?"
+    " AND number = ? AND finished_at IS NULL"
 )
 
 
@@ -215,9 +217,9 @@ def _mark_many_succeeded(conn: Connection, done: Sequence[Outcome]) -> Iterator[
     if updated == len(done):
         driver.execute("RELEASE SAVEPOINT backstop_successes")
         driver.execute_many(
-            _ATTEMPT_SUCCEEDED,
+            ATTEMPT_SUCCEEDED,
             [
-                (stamp, outcome.lease.task_id, outcome.number)
+                (stamp, outcome.lease.task_id, outcome.lease.task_id, outcome.number)
                 for outcome, stamp in zip(done, stamps, strict=True)
             ],
         )

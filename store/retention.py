@@ -39,11 +39,14 @@ def prune_finished(
         return 0
     # The delete repeats the test: on SQLite the write lock makes it redundant, but on
     # PostgreSQL a retry may have queued one of these tasks again since the select.
-    deleted = list(
-        conn.execute(sa.delete(t).where(t.c.id.in_(ids), *past_age).returning(t.c.id)).scalars()
-    )
+    deleted = conn.execute(
+        sa.delete(t).where(t.c.id.in_(ids), *past_age).returning(t.c.created_at, t.c.id)
+    ).all()
     # The foreign key cascades to the attempts on PostgreSQL and on Backstop's SQLite
     # connections (`PRAGMA foreign_keys=ON`); this covers a connection without it.
+    # Two lists, not one of pairs: SQLite scans the table for a row-value IN.
     if deleted:
-        conn.execute(sa.delete(a).where(a.c.task_id.in_(deleted)))
+        created = {row.created_at for row in deleted}
+        gone = [row.id for row in deleted]
+        conn.execute(sa.delete(a).where(a.c.task_created_at.in_(created), a.c.task_id.in_(gone)))
     return len(deleted)

@@ -80,7 +80,15 @@ def test_the_journal_is_wal_and_foreign_keys_are_on(db: Database) -> None:
     with pytest.raises(IntegrityError, match="FOREIGN KEY"), db.write() as conn:
         conn.execute(
             sa.insert(attempt_table),
-            [{"task_id": "missing", "number": 1, "started_at": T, "worker": "w"}],
+            [
+                {
+                    "task_id": "missing",
+                    "task_created_at": T,
+                    "number": 1,
+                    "started_at": T,
+                    "worker": "w",
+                }
+            ],
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import re
 import shutil
@@ -21,7 +22,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from store import migrate
+from store import leases, migrate
+from store.attempts import list_attempts
 from store.engine import Database
 from store.models import metadata, task_table
 from store.tasks import NewTask, enqueue, get_task
@@ -94,7 +96,7 @@ def test_the_partial_indexes_exist_with_their_where_clauses(db: Database) -> Non
 
 
 def test_is_current_only_after_upgrade(fresh: Database) -> None:
-    assert migrate.head_revision() == "0001"
+    assert migrate.head_revision() == "0002"
     assert migrate.is_current(fresh) is False
     migrate.upgrade(fresh)
     assert migrate.is_current(fresh) is True
@@ -113,7 +115,64 @@ def test_upgrade_twice_changes_nothing(fresh: Database) -> None:
     with fresh.read() as conn:
         assert get_task(conn, task.id) == task
         versions = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
-        assert list(versions) == ["0001"]
+        assert list(versions) == ["0002"]
+
+
+def _attempts(db: Database) -> list[tuple[str, int, str]]:
+    with db.read() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT task_id, number, worker FROM attempt ORDER BY task_id, number"
+        ).all()
+    return [(row[0], row[1], row[2]) for row in rows]
+
+
+def test_0002_keeps_every_attempt_and_refers_it_to_its_task_by_creation_time(
+    fresh: Database,
+) -> None:
+    migrate.upgrade(fresh, "0001")
+    with fresh.write() as conn:  # rows as 0001 stored them
+        first = enqueue(conn, NewTask(name="a"), now=datetime(2026, 3, 1, tzinfo=UTC))
+        second = enqueue(conn, NewTask(name="b"), now=datetime(2026, 3, 2, tzinfo=UTC))
+        conn.exec_driver_sql(
+            "INSERT INTO attempt (task_id, number, started_at, worker) VALUES"
+            " (?, 1, '2026-03-03 00:00:00.000000', 'w1'),"
+            " (?, 2, '2026-03-04 00:00:00.000000', 'w2'),"
+            " (?, 1, '2026-03-05 00:00:00.000000', 'w3')",
+            (first.id, first.id, second.id),
+        )
+    before = _attempts(fresh)
+    migrate.upgrade(fresh)
+    assert _attempts(fresh) == before
+    with fresh.read() as conn:
+        listed = list_attempts(conn, first.id)
+        assert [(attempt.number, attempt.worker) for attempt in listed] == [(1, "w1"), (2, "w2")]
+        unlinked = conn.exec_driver_sql(
+            "SELECT count(*) FROM attempt JOIN task ON task.id = attempt.task_id"
+            " WHERE attempt.task_created_at IS NOT task.created_at"
+        ).scalar()
+        assert unlinked == 0
+    with fresh.write() as conn:  # the new foreign key cascades
+        conn.exec_driver_sql("DELETE FROM task WHERE id = ?", (second.id,))
+    assert [row[0] for row in _attempts(fresh)] == [first.id, first.id]
+
+
+def test_0002_downgrades_to_0001_and_back(fresh: Database) -> None:
+    migrate.upgrade(fresh)
+    with fresh.write() as conn:
+        task = enqueue(conn, NewTask(name="a"))
+        leases.claim_due(conn, "w", 1, lease_seconds=30)
+    url = str(fresh.engine.url)
+    for step in (["downgrade", "0001"], ["upgrade", "head"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), *step],
+            env={**os.environ, "BACKSTOP_DATABASE_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    assert migrate.is_current(fresh)
+    assert _attempts(fresh) == [(task.id, 1, "w")]
 
 
 def _upgrade_in_process(url: str, meet: Barrier, out: multiprocessing.Queue[str]) -> None:
@@ -154,7 +213,7 @@ def test_two_processes_can_upgrade_a_fresh_file_at_once(tmp_path: Path) -> None:
         assert migrate.is_current(db)
         with db.read() as conn:
             versions = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
-            assert list(versions) == ["0001"]
+            assert list(versions) == ["0002"]
     finally:
         db.dispose()
 
@@ -197,6 +256,7 @@ def test_the_wheel_ships_the_migrations_and_they_run_from_it(tmp_path: Path) -> 
             "store/migrations/env.py",
             "store/migrations/script.py.mako",
             "store/migrations/versions/0001_initial.py",
+            "store/migrations/versions/0002_attempt_by_task_created.py",
         } <= names
         archive.extractall(tmp_path / "unzipped")
 

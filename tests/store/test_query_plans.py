@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from store import leases
+from store import leases, outcomes
+from store.attempts import list_attempts
 from store.engine import Database
 from store.models import TERMINAL, TaskStatus
+from store.outcomes import Outcome
 from store.retention import prune_finished
 from store.tasks import NewTask, enqueue_many, list_tasks
 from store.timeutil import utcnow
@@ -34,7 +36,7 @@ def _plans(db: Database) -> Iterator[list[str]]:
         sa.event.remove(db.engine, "before_cursor_execute", capture)
     with db.read() as conn:
         for statement, parameters in executed:
-            if statement.lstrip().upper().startswith(("SELECT", "UPDATE")):
+            if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE")):
                 rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters).all()
                 plans.append(" | ".join(str(row[-1]) for row in rows))
 
@@ -108,3 +110,34 @@ def test_claim_due_is_unchanged_by_a_future_backlog(history: Database) -> None:
         claimed = leases.claim_due(conn, "w", 2000, lease_seconds=30)
     assert {task.name for task in claimed} == {"x"}
     assert len(claimed) == 1000
+
+
+def _attempt_plans(plans: list[str]) -> list[str]:
+    return [plan for plan in plans if " attempt " in f"{plan} "]
+
+
+def test_every_statement_on_attempts_reads_their_index_by_task_creation_time(
+    history: Database,
+) -> None:
+    # New attempts land at the end of ix_attempt_task only if it leads with the task's
+    # creation time; each lookup must then name that time too, or it scans every attempt.
+    with history.write() as conn:
+        done, failed, released, kept = leases.claim_due(conn, "w", 4, lease_seconds=30)
+    with _plans(history) as plans:
+        with history.write() as conn:
+            outcomes.record(conn, [Outcome(failed.lease, failed.attempts, utcnow(), error="E: x")])
+            leases.release(conn, [released.lease])
+        with history.read() as conn:
+            list_attempts(conn, kept.id)
+        with history.write() as conn:
+            prune_finished(conn, TaskStatus.SUCCEEDED, utcnow() + timedelta(hours=1), limit=10)
+    with history.read() as conn:
+        # Successes go to the driver in one executemany, unseen by SQLAlchemy's events.
+        rows = conn.exec_driver_sql(
+            f"EXPLAIN QUERY PLAN {outcomes.ATTEMPT_SUCCEEDED}", ("t", done.id, done.id, 1)
+        ).all()
+    on_attempts = [*_attempt_plans(plans), " | ".join(str(row[-1]) for row in rows)]
+    assert len(on_attempts) == 6, on_attempts
+    for plan in on_attempts:
+        assert "INDEX ix_attempt_task (task_created_at=? AND task_id=?" in plan, plan
+        assert "SCAN attempt" not in plan, plan
