@@ -110,7 +110,7 @@ class Pipeline:
         self._waiters: list[tuple[set[str], asyncio.Future[None]]] = []
         self._timers: set[threading.Timer] = set()
         self._last_cycle = 0.0
-        self._ran_dry = False
+        self._ran_dry = True  # nothing claimed yet: waiting for work
 
     # -- from any thread -------------------------------------------------------------------
 
@@ -123,6 +123,13 @@ class Pipeline:
         if not self.database.submit(self._cycle):
             with self._lock:
                 self._scheduled = False
+
+    def waiting(self) -> bool:
+        """Whether only a wake would make the runner claim soon: no cycle is due, and the
+        last claim found less than it had room for. (A claim that filled every free slot
+        claims again when one frees.) Read without the lock: a stale answer costs one look
+        of the doorbell, two milliseconds."""
+        return self._ran_dry and not self._scheduled
 
     def snapshot(self) -> dict[str, Running]:
         """The tasks held right now, by id."""

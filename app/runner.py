@@ -141,7 +141,7 @@ class Runner:
         self.pipeline.claiming = True
         if self.db.dialect == "sqlite":
             # Other processes' enqueues are seen within milliseconds, not at the next poll.
-            self._doorbell = Doorbell(self.db, self.notify)
+            self._doorbell = Doorbell(self.db, self.notify, self.pipeline.waiting)
             self._doorbell.start()
         served = ", ".join(f"{q or '*'}={n}" for q, n in self.limits.items())
         log.info("runner %s started (queues %s)", self.worker_id, served)

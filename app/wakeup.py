@@ -1,7 +1,9 @@
 """Waking the runner when another process enqueues (SQLite has no NOTIFY).
 
 A daemon thread looks at the store's change feed every `WATCH_INTERVAL` seconds and, when
-another connection committed, asks the runner to claim now instead of at its next poll.
+another connection committed, asks the runner to claim now instead of at its next poll. It
+looks only while the runner waits for work: a busy runner claims again anyway, and the
+looks cost it a share of the core it runs on.
 """
 
 from __future__ import annotations
@@ -19,11 +21,22 @@ WATCH_INTERVAL = 0.002
 
 
 class Doorbell:
-    """Rings `ring` (from its own thread) whenever the database changes."""
+    """Rings `ring` (from its own thread) whenever the database changes while `waiting()`.
 
-    def __init__(self, db: Database, ring: Callable[[], None], interval: float = WATCH_INTERVAL):
+    Changes made while the runner is busy are not lost: the feed compares with its last
+    look, so the first look once the runner waits again rings for them.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        ring: Callable[[], None],
+        waiting: Callable[[], bool] = lambda: True,
+        interval: float = WATCH_INTERVAL,
+    ):
         self._feed = ChangeFeed(db)
         self._ring = ring
+        self._waiting = waiting
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="backstop-doorbell", daemon=True)
@@ -41,7 +54,7 @@ class Doorbell:
     def _watch(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                if self._feed.changed():
+                if self._waiting() and self._feed.changed():
                     self._ring()
             except Exception:
                 log.exception("doorbell: could not read the change feed; polling only")

@@ -19,7 +19,9 @@ from store import attempts as store_attempts
 from store import leases
 from store import outcomes as store_outcomes
 from store import tasks as store_tasks
+from store.engine import Database
 from store.models import Attempt, AttemptOutcome, Claim, Task, TaskStatus
+from store.tasks import NewTask
 from tests.support.backstops import MakeBackstop
 from tests.support.tasks import flaky
 from tests.support.waiting import wait_until
@@ -227,6 +229,28 @@ def test_started_runner_picks_up_a_local_enqueue_without_waiting_for_a_poll(
             )
         finally:
             await backstop.runner.stop()
+
+    asyncio.run(scenario())
+
+
+def test_started_runner_picks_up_another_process_enqueue_without_waiting_for_a_poll(
+    make_backstop: MakeBackstop,
+) -> None:
+    backstop = make_backstop(poll_interval=60)
+    elsewhere = Database.from_url(backstop.settings.url)  # no wake: only the doorbell tells
+
+    async def scenario() -> None:
+        await backstop.runner.start()
+        try:
+            for n in range(3):  # also after claims that ran dry
+                with elsewhere.write() as conn:
+                    task = store_tasks.enqueue(conn, NewTask(name="test.echo", args=[n]))
+                await _until(
+                    _status_is(backstop, task.id, TaskStatus.SUCCEEDED), "the doorbell", 10
+                )
+        finally:
+            await backstop.runner.stop()
+            elsewhere.dispose()
 
     asyncio.run(scenario())
 
