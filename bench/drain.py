@@ -17,8 +17,8 @@ processes that import everything, say they are ready, and only then are told to 
   last SIGNAL_COMPLETE, timed there (CLOCK_MONOTONIC is shared by all processes).
 
 The configurations run one after the other in a rotated order, `--runs` times; figures are
-medians, ratios the median of each run's own ratio. With FULL only sync at the first
-concurrency and Huey run. Note the two do different work: Backstop records every attempt and
+medians, ratios the median of each run's own ratio. With FULL only sync (at each
+concurrency) and Huey run. Note the two do different work: Backstop records every attempt and
 outcome (a claim, a lease, an attempt row, the result); Huey deletes the message as it
 dequeues it and keeps nothing for a task that returns None.
 """
@@ -65,7 +65,7 @@ def configs(concurrency: list[int], modes: list[str]) -> list[Config]:
     found = [Config("huey", mode) for mode in sorted({*modes, "FULL"})]
     for mode in modes:
         kinds = ("sync", "async") if mode == "NORMAL" else ("sync",)
-        levels = concurrency if mode == "NORMAL" else concurrency[:1]
+        levels = concurrency
         found += [Config("backstop", mode, kind, level) for kind in kinds for level in levels]
         if mode == "NORMAL":
             found.append(Config("backstop", mode, "sync", concurrency[0], processes=2))
