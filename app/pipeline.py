@@ -160,6 +160,7 @@ class Pipeline:
                 "task %s: its failure cannot be recorded; its lease will lapse", entry.claim.id
             )
             self._release([entry])
+            self.wake()  # a slot is free, and no claim took it
             return
         self.finish(entry, outcome)
 
@@ -267,6 +268,8 @@ class Pipeline:
                 )
         except Exception as error:
             log.exception("runner %s: a cycle's transaction failed", self.owner)
+            # Its claim did not happen: the doorbell (or a slot freed below) must ask again.
+            self._ran_dry = True
             if len(batch) > 1 and not isinstance(error, OperationalError):
                 # One bad outcome must not hold up the others. (Not when the database is
                 # locked or unreachable: each would wait out the same timeout in turn.)
@@ -310,6 +313,7 @@ class Pipeline:
             self._retry_later([(entry, outcome)])
             return
         self._written([(entry, outcome)], states)
+        self.wake()  # a slot is free, and no claim took it
 
     def _free(self, written: list[tuple[Running, Outcome]]) -> dict[str | None, int]:
         """Free slots per queue, counting those of the outcomes about to be written."""
@@ -330,6 +334,7 @@ class Pipeline:
         """Hand the outcomes in again after their next pause; give up on those past the last
         (their tasks are forgotten: the leases lapse and a reclaim retries them)."""
         again: list[tuple[Running, Outcome]] = []
+        given_up: list[Running] = []
         for entry, outcome in batch:
             if entry.failures >= len(RECORD_RETRIES):
                 log.error(
@@ -337,10 +342,13 @@ class Pipeline:
                     entry.claim.id,
                     entry.claim.attempts,
                 )
-                self._release([entry])
+                given_up.append(entry)
                 continue
             entry.failures += 1
             again.append((entry, outcome))
+        if given_up:
+            self._release(given_up)
+            self.wake()  # their slots are free, and no claim took them
         if not again:
             return
         delay = RECORD_RETRIES[max(entry.failures for entry, _ in again) - 1]

@@ -476,6 +476,35 @@ def test_an_outcome_that_cannot_be_written_is_given_up_and_frees_its_slot(
     assert backstop.runner.pipeline.running == {}
 
 
+def test_a_slot_freed_by_giving_up_an_outcome_is_claimed_at_once(
+    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No claim follows a given-up outcome in its cycle: the runner must ask for one, not
+    leave the slot to the next poll (a minute away here) or to a doorbell with nothing new."""
+    backstop = make_backstop(concurrency=1, poll_interval=60)
+    monkeypatch.setattr(pipeline, "RECORD_RETRIES", (0.01, 0.01))
+    real_record = store_outcomes.record
+    doomed = backstop.tasks.add_task("test.echo", 13)
+    waiting = backstop.tasks.add_task("test.echo", 14)
+
+    def refuse_doomed(conn: Any, outcomes: list[Any]) -> Any:
+        if any(outcome.lease.task_id == doomed for outcome in outcomes):
+            raise OperationalError("UPDATE task", None, Exception("disk I/O error"))
+        return real_record(conn, outcomes)
+
+    monkeypatch.setattr(store_outcomes, "record", refuse_doomed)
+
+    async def scenario() -> None:
+        await backstop.runner.start()
+        try:
+            await _until(_status_is(backstop, waiting, TaskStatus.SUCCEEDED), "the next task", 10)
+        finally:
+            await backstop.runner.stop()
+
+    asyncio.run(scenario())
+    assert _task(backstop, doomed).status == TaskStatus.RUNNING
+
+
 @pytest.mark.parametrize("name", ["test.async_escape", "test.escape", "test.unprintable"])
 def test_an_attempt_that_ends_oddly_is_still_recorded_and_frees_its_slot(
     make_backstop: MakeBackstop, name: str
