@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import queue
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import traceback
 import zipfile
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -127,7 +130,7 @@ def _attempts(db: Database) -> list[tuple[str, int, str]]:
 
 
 def test_0002_keeps_every_attempt_and_refers_it_to_its_task_by_creation_time(
-    fresh: Database,
+    fresh: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     migrate.upgrade(fresh, "0001")
     with fresh.write() as conn:  # rows as 0001 stored them
@@ -140,9 +143,18 @@ def test_0002_keeps_every_attempt_and_refers_it_to_its_task_by_creation_time(
             " (?, 1, '2026-03-05 00:00:00.000000', 'w3')",
             (first.id, first.id, second.id),
         )
-    before = _attempts(fresh)
-    migrate.upgrade(fresh)
+    # An attempt whose task was deleted by a connection with foreign keys off (sqlite3's
+    # default): it has no creation time to carry over.
+    with closing(sqlite3.connect(str(fresh.engine.url.database))) as raw, raw:
+        raw.execute(
+            "INSERT INTO attempt (task_id, number, started_at, worker)"
+            " VALUES ('gone', 1, '2026-03-06 00:00:00.000000', 'w4')"
+        )
+    before = [row for row in _attempts(fresh) if row[0] != "gone"]
+    with caplog.at_level(logging.WARNING):
+        migrate.upgrade(fresh)
     assert _attempts(fresh) == before
+    assert "1 attempts of tasks that no longer exist were dropped" in caplog.text
     with fresh.read() as conn:
         listed = list_attempts(conn, first.id)
         assert [(attempt.number, attempt.worker) for attempt in listed] == [(1, "w1"), (2, "w2")]

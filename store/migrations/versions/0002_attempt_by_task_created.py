@@ -10,6 +10,7 @@ Create Date: 2026-11-21
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -21,6 +22,8 @@ revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+
+log = logging.getLogger(__name__)
 
 _COPIED = "id, task_id, number, started_at, finished_at, outcome, error, traceback, worker"
 
@@ -66,6 +69,14 @@ def _rebuild_attempts(*, by_created: bool) -> None:
         f"INSERT INTO attempt_new ({columns}) SELECT {picked}"
         " FROM attempt AS a JOIN task AS t ON t.id = a.task_id"
     )
+    # Attempts of tasks that no longer exist (deleted by a connection without
+    # `PRAGMA foreign_keys=ON`) have no creation time to take: they are left behind.
+    bind = op.get_bind()
+    count = "SELECT count(*) FROM {}"
+    orphans = bind.exec_driver_sql(count.format("attempt")).scalar_one()
+    orphans -= bind.exec_driver_sql(count.format("attempt_new")).scalar_one()
+    if orphans:
+        log.warning("%d attempts of tasks that no longer exist were dropped", orphans)
     op.drop_table("attempt")
     op.rename_table("attempt_new", "attempt")
 
