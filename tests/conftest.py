@@ -6,19 +6,40 @@ The API tests run on Backstop's own test kit (`app.testing`): `client` is its
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 import tests.support.tasks  # noqa: F401  (registers the test tasks)
 from app.service import Backstop
 from app.settings import Settings
+from app.testing import DATABASE_ENV
 from store.engine import Database
 
 # tests/kit runs small test files in a sub-session, as a team using the kit would.
 pytest_plugins = ["pytester", "tests.support.backstops"]
+
+# The local server of the development machines and of CI; the variable overrides it.
+LOCAL_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def server() -> str:
+    """A PostgreSQL server's URL; skips the test when nothing answers there."""
+    url = os.environ.get(DATABASE_ENV, "").strip() or LOCAL_SERVER
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except sa.exc.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL server answers at {url}: {exc.orig}")
+    finally:
+        engine.dispose()
+    return url
 
 
 @pytest.fixture

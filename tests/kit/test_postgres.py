@@ -3,31 +3,11 @@ database of its own there, dropped after it."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import sqlalchemy as sa
 
 from app.testing import DATABASE_ENV
 from tests.kit.conftest import RunKit
-
-# The local server of the development machines and of CI; the variable overrides it.
-LOCAL_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-
-
-@pytest.fixture
-def server() -> str:
-    """The PostgreSQL server's URL; skips the test when nothing answers there."""
-    url = os.environ.get(DATABASE_ENV, "").strip() or LOCAL_SERVER
-    engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-    except sa.exc.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server answers at {url}: {exc.orig}")
-    finally:
-        engine.dispose()
-    return url
 
 
 def databases(server: str) -> set[str]:

@@ -19,6 +19,7 @@ from contextlib import closing
 from datetime import UTC, datetime
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 import sqlalchemy as sa
@@ -27,7 +28,7 @@ from alembic.runtime.migration import MigrationContext
 
 from store import leases, migrate
 from store.attempts import list_attempts
-from store.engine import Database
+from store.engine import Database, create_database, drop_database
 from store.models import metadata, task_table
 from store.tasks import NewTask, enqueue, get_task
 
@@ -129,51 +130,80 @@ def _attempts(db: Database) -> list[tuple[str, int, str]]:
     return [(row[0], row[1], row[2]) for row in rows]
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty(request: pytest.FixtureRequest, fresh: Database) -> Iterator[Database]:
+    """An empty database: the SQLite file of `fresh`, or a new one on the PostgreSQL server
+    (skipped when none answers), dropped after the test."""
+    if request.param == "sqlite":
+        yield fresh
+        return
+    server: str = request.getfixturevalue("server")
+    name = f"backstop_test_{uuid4().hex[:16]}"
+    db = Database.from_url(create_database(server, name))
+    try:
+        yield db
+    finally:
+        db.dispose()
+        drop_database(server, name)
+
+
 def test_0002_keeps_every_attempt_and_refers_it_to_its_task_by_creation_time(
+    empty: Database,
+) -> None:
+    migrate.upgrade(empty, "0001")
+    with empty.write() as conn:  # rows as 0001 stored them
+        first = enqueue(conn, NewTask(name="a"), now=datetime(2026, 3, 1, tzinfo=UTC))
+        second = enqueue(conn, NewTask(name="b"), now=datetime(2026, 3, 2, tzinfo=UTC))
+        conn.execute(
+            sa.text(
+                "INSERT INTO attempt (task_id, number, started_at, worker)"
+                " VALUES (:task, :number, :started, :worker)"
+            ),
+            [
+                {"task": task, "number": number, "started": datetime(2026, 3, day, tzinfo=UTC)}
+                | {"worker": f"w{day}"}
+                for task, number, day in ((first.id, 1, 3), (first.id, 2, 4), (second.id, 1, 5))
+            ],
+        )
+    before = _attempts(empty)
+    migrate.upgrade(empty)
+    assert _attempts(empty) == before
+    with empty.read() as conn:
+        listed = list_attempts(conn, first.id)
+        assert [(attempt.number, attempt.worker) for attempt in listed] == [(1, "w3"), (2, "w4")]
+        unlinked = conn.exec_driver_sql(
+            "SELECT count(*) FROM attempt JOIN task ON task.id = attempt.task_id"
+            " WHERE attempt.task_created_at <> task.created_at"
+        ).scalar()
+        assert unlinked == 0
+    with empty.write() as conn:  # the new foreign key cascades
+        conn.execute(sa.delete(task_table).where(task_table.c.id == second.id))
+    assert [row[0] for row in _attempts(empty)] == [first.id, first.id]
+
+
+def test_0002_drops_attempts_whose_task_is_gone_and_says_so(
     fresh: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     migrate.upgrade(fresh, "0001")
-    with fresh.write() as conn:  # rows as 0001 stored them
-        first = enqueue(conn, NewTask(name="a"), now=datetime(2026, 3, 1, tzinfo=UTC))
-        second = enqueue(conn, NewTask(name="b"), now=datetime(2026, 3, 2, tzinfo=UTC))
-        conn.exec_driver_sql(
-            "INSERT INTO attempt (task_id, number, started_at, worker) VALUES"
-            " (?, 1, '2026-03-03 00:00:00.000000', 'w1'),"
-            " (?, 2, '2026-03-04 00:00:00.000000', 'w2'),"
-            " (?, 1, '2026-03-05 00:00:00.000000', 'w3')",
-            (first.id, first.id, second.id),
-        )
-    # An attempt whose task was deleted by a connection with foreign keys off (sqlite3's
-    # default): it has no creation time to carry over.
+    # Deleted by a connection with foreign keys off (sqlite3's default): the attempt has no
+    # creation time to carry over. (PostgreSQL always enforces the key.)
     with closing(sqlite3.connect(str(fresh.engine.url.database))) as raw, raw:
         raw.execute(
             "INSERT INTO attempt (task_id, number, started_at, worker)"
-            " VALUES ('gone', 1, '2026-03-06 00:00:00.000000', 'w4')"
+            " VALUES ('gone', 1, '2026-03-06 00:00:00.000000', 'w')"
         )
-    before = [row for row in _attempts(fresh) if row[0] != "gone"]
     with caplog.at_level(logging.WARNING):
         migrate.upgrade(fresh)
-    assert _attempts(fresh) == before
+    assert _attempts(fresh) == []
     assert "1 attempts of tasks that no longer exist were dropped" in caplog.text
-    with fresh.read() as conn:
-        listed = list_attempts(conn, first.id)
-        assert [(attempt.number, attempt.worker) for attempt in listed] == [(1, "w1"), (2, "w2")]
-        unlinked = conn.exec_driver_sql(
-            "SELECT count(*) FROM attempt JOIN task ON task.id = attempt.task_id"
-            " WHERE attempt.task_created_at IS NOT task.created_at"
-        ).scalar()
-        assert unlinked == 0
-    with fresh.write() as conn:  # the new foreign key cascades
-        conn.exec_driver_sql("DELETE FROM task WHERE id = ?", (second.id,))
-    assert [row[0] for row in _attempts(fresh)] == [first.id, first.id]
 
 
-def test_0002_downgrades_to_0001_and_back(fresh: Database) -> None:
-    migrate.upgrade(fresh)
-    with fresh.write() as conn:
+def test_0002_downgrades_to_0001_and_back(empty: Database) -> None:
+    migrate.upgrade(empty)
+    with empty.write() as conn:
         task = enqueue(conn, NewTask(name="a"))
         leases.claim_due(conn, "w", 1, lease_seconds=30)
-    url = str(fresh.engine.url)
+    url = empty.engine.url.render_as_string(hide_password=False)
     for step in (["downgrade", "0001"], ["upgrade", "head"]):
         done = subprocess.run(
             [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), *step],
@@ -183,8 +213,8 @@ def test_0002_downgrades_to_0001_and_back(fresh: Database) -> None:
             timeout=60,
         )
         assert done.returncode == 0, done.stderr
-    assert migrate.is_current(fresh)
-    assert _attempts(fresh) == [(task.id, 1, "w")]
+    assert migrate.is_current(empty)
+    assert _attempts(empty) == [(task.id, 1, "w")]
 
 
 def _upgrade_in_process(url: str, meet: Barrier, out: multiprocessing.Queue[str]) -> None:
@@ -279,7 +309,7 @@ def test_the_wheel_ships_the_migrations_and_they_run_from_it(tmp_path: Path) -> 
         import sys
         import store
         from store import migrate
-        from store.engine import Database
+        from store.engine import Database, create_database, drop_database
 
         assert store.__file__.startswith(sys.argv[1]), store.__file__
         db = Database.from_url(f"sqlite:///{sys.argv[2]}")

@@ -23,7 +23,8 @@ down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-log = logging.getLogger(__name__)
+# Named as the module that runs migrations: Alembic loads this file by its path.
+log = logging.getLogger("store.migrate")
 
 _COPIED = "id, task_id, number, started_at, finished_at, outcome, error, traceback, worker"
 
