@@ -53,6 +53,7 @@ class Driver:
                 f"with postgresql+psycopg://, not {conn.dialect.name}+{conn.dialect.driver}"
             )
         dialect = conn.dialect
+        self._errors: type[Exception] = dialect.loaded_dbapi.Error
         self._stamp = bind_processor(task_table.c.finished_at, dialect) or _identity
         self._json = bind_processor(task_table.c.result, dialect) or _identity
 
@@ -88,6 +89,8 @@ class Driver:
         try:
             cursor.execute(self.sql(statement), params)
             return list(cursor.fetchall()) if cursor.description else []
+        except self._errors as error:
+            raise _as_sqlalchemy(error, statement, params, self._errors) from error
         finally:
             cursor.close()
 
@@ -98,5 +101,14 @@ class Driver:
             cursor.executemany(self.sql(statement), rows)
             count: int = cursor.rowcount
             return count
+        except self._errors as error:
+            raise _as_sqlalchemy(error, statement, rows, self._errors) from error
         finally:
             cursor.close()
+
+
+def _as_sqlalchemy(error: Exception, statement: str, params: Any, base: type) -> Exception:
+    """The driver's error as SQLAlchemy raises it (`OperationalError`, `IntegrityError`...,
+    the original in `.orig`), so that callers handle one family of exceptions whichever
+    path ran the statement."""
+    return sa.exc.DBAPIError.instance(statement, params, error, base)

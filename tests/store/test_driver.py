@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from store.attempts import list_attempts
 from store.control import cancel_task
@@ -103,3 +105,21 @@ def test_a_batch_with_a_lost_lease_and_a_cancel_writes_each_as_alone(db: Databas
 def test_a_naive_datetime_is_refused_as_the_column_type_refuses_it(db: Database) -> None:
     with db.read() as conn, pytest.raises(ValueError, match="aware datetime"):
         Driver(conn).stamp(datetime(2026, 3, 1, 12, 0))
+
+
+def test_the_drivers_errors_come_out_as_sqlalchemys_with_the_original_inside(
+    db: Database,
+) -> None:
+    # One family of exceptions whichever path ran the statement: the runner tells a locked
+    # or unreachable database (OperationalError) from a bad row by SQLAlchemy's classes.
+    with pytest.raises(sa.exc.OperationalError) as missing, db.write() as conn:
+        Driver(conn).execute("SELECT * FROM no_such_table WHERE id = ?", ("x",))
+    assert isinstance(missing.value.orig, sqlite3.OperationalError)
+    stamp = "2026-03-01 12:00:00.000000"
+    with pytest.raises(sa.exc.IntegrityError) as orphan, db.write() as conn:
+        Driver(conn).execute_many(
+            "INSERT INTO attempt (task_id, task_created_at, number, started_at, worker)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [("no-such-task", stamp, 1, stamp, "w")],
+        )
+    assert isinstance(orphan.value.orig, sqlite3.IntegrityError)
