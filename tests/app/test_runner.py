@@ -442,15 +442,11 @@ def test_outcomes_whose_transaction_fails_are_written_again_each_on_its_own(
     assert [_task(backstop, i).result["value"] for i in ids] == list(range(5))
 
 
-def test_an_outcome_that_cannot_be_written_is_given_up_and_frees_its_slot(
-    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After the last retry the outcome is dropped: the lease will lapse and a reclaim
-    retries the task, as after a crash; meanwhile the runner goes on with other work."""
-    backstop = make_backstop(concurrency=1)
+def _never_record(monkeypatch: pytest.MonkeyPatch, doomed: str) -> None:
+    """Every write of `doomed`'s outcome fails as a broken disk would, and it is given up
+    after two quick retries."""
     monkeypatch.setattr(pipeline, "RECORD_RETRIES", (0.01, 0.01))
     real_record = store_outcomes.record
-    doomed = backstop.tasks.add_task("test.echo", 13)
 
     def refuse_doomed(conn: Any, outcomes: list[Any]) -> Any:
         if any(outcome.lease.task_id == doomed for outcome in outcomes):
@@ -458,6 +454,16 @@ def test_an_outcome_that_cannot_be_written_is_given_up_and_frees_its_slot(
         return real_record(conn, outcomes)
 
     monkeypatch.setattr(store_outcomes, "record", refuse_doomed)
+
+
+def test_an_outcome_that_cannot_be_written_is_given_up_and_frees_its_slot(
+    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the last retry the outcome is dropped: the lease will lapse and a reclaim
+    retries the task, as after a crash; meanwhile the runner goes on with other work."""
+    backstop = make_backstop(concurrency=1)
+    doomed = backstop.tasks.add_task("test.echo", 13)
+    _never_record(monkeypatch, doomed)
 
     async def scenario() -> str:
         await backstop.runner.start()
@@ -482,17 +488,9 @@ def test_a_slot_freed_by_giving_up_an_outcome_is_claimed_at_once(
     """No claim follows a given-up outcome in its cycle: the runner must ask for one, not
     leave the slot to the next poll (a minute away here) or to a doorbell with nothing new."""
     backstop = make_backstop(concurrency=1, poll_interval=60)
-    monkeypatch.setattr(pipeline, "RECORD_RETRIES", (0.01, 0.01))
-    real_record = store_outcomes.record
     doomed = backstop.tasks.add_task("test.echo", 13)
     waiting = backstop.tasks.add_task("test.echo", 14)
-
-    def refuse_doomed(conn: Any, outcomes: list[Any]) -> Any:
-        if any(outcome.lease.task_id == doomed for outcome in outcomes):
-            raise OperationalError("UPDATE task", None, Exception("disk I/O error"))
-        return real_record(conn, outcomes)
-
-    monkeypatch.setattr(store_outcomes, "record", refuse_doomed)
+    _never_record(monkeypatch, doomed)
 
     async def scenario() -> None:
         await backstop.runner.start()
