@@ -26,8 +26,10 @@ def of_task(task_id: Any) -> tuple[sa.ColumnElement[bool], sa.ColumnElement[bool
 
 def list_attempts(conn: Connection, task_id: str) -> list[Attempt]:
     """Every attempt at a task, oldest first; `TaskNotFound` when the task does not exist."""
-    exists = conn.execute(sa.select(t.c.id).where(t.c.id == task_id)).first()
-    if exists is None:
+    created = conn.execute(sa.select(t.c.created_at).where(t.c.id == task_id)).scalar()
+    if created is None:
         raise TaskNotFound(task_id)
-    rows = conn.execute(sa.select(a).where(*of_task(task_id)).order_by(a.c.id))
+    rows = conn.execute(
+        sa.select(a).where(a.c.task_created_at == created, a.c.task_id == task_id).order_by(a.c.id)
+    )
     return [Attempt.model_validate(row._mapping) for row in rows]
