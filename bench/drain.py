@@ -88,13 +88,12 @@ def drain_backstop(config: Config, data: Path, tasks: int) -> float:
     from app.service import open_database
     from app.settings import Settings
     from store import migrate
-    from store.tasks import NewTask, enqueue_many
 
     name = "bench.noop" if config.kind == "sync" else "bench.async_noop"
     db = open_database(Settings(data_dir=data, sqlite_synchronous=config.synchronous))
     migrate.upgrade(db)
     with db.write() as conn:
-        enqueue_many(conn, [NewTask(name=name) for _ in range(tasks)])
+        harness.backlog(conn, name, tasks)
     db.dispose()
     env = harness.backstop_env(
         data,

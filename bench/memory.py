@@ -26,7 +26,6 @@ from app.service import Backstop
 from app.settings import Settings
 from bench import harness
 from bench.report import Figure, Report, arguments, header
-from store.tasks import NewTask, enqueue_many
 
 BATCH = 2_000
 
@@ -48,7 +47,7 @@ async def feed(backstop: Backstop, data: Path, name: str, count: int) -> None:
 
     def enqueue(size: int) -> None:
         with backstop.db.write() as conn:
-            enqueue_many(conn, [NewTask(name=name) for _ in range(size)])
+            harness.backlog(conn, name, size)
         backstop.runner.notify()
 
     sent = 0

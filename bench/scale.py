@@ -5,7 +5,8 @@
 
 Two database files get `--history` succeeded tasks (each with its attempt) written straight
 into the tables with sqlite3's executemany (the schema is the migrations'). Then, in turn on
-each file (alternating, `--runs` times), `--tasks` tasks are queued and this process claims
+each file (alternating, `--runs` times), `--tasks` tasks are queued (`harness.backlog`: each
+with its own creation time, as the service creates them) and this process claims
 and completes them through the store as the runner's pipeline does: each transaction records
 the outcomes of the last batch (`outcomes.record`) and claims the next 100
 (`leases.claim_due`). Only that loop is timed for target 5; the run's tasks are deleted
@@ -28,13 +29,12 @@ from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bench.harness import database_file
+from bench.harness import backlog, database_file
 from bench.report import Figure, Report, arguments, header, integers, median
 from store import leases, migrate, outcomes
 from store.engine import Database, default_url
 from store.models import Claim
 from store.outcomes import Outcome
-from store.tasks import NewTask, enqueue_many
 from store.timeutil import utcnow
 
 BATCH = 100
@@ -78,9 +78,10 @@ def build(data: Path, history: int) -> Database:
 def rates(db: Database, data: Path, tasks: int) -> tuple[float, float]:
     """Tasks per second enqueued (one transaction, then a checkpoint), and claimed and
     completed in batches of 100, straight through the store."""
+    first = utcnow().replace(tzinfo=None).strftime(STAMP)  # after the whole history
     start = time.perf_counter()
     with db.write() as conn:
-        queued = enqueue_many(conn, [NewTask(name="bench.noop") for _ in range(tasks)])
+        backlog(conn, "bench.noop", tasks)
     # The enqueue's pages (random ones in the index of task ids) go to the database file
     # now, not in a checkpoint that would fall inside the timed claims.
     checkpoint(data)
@@ -101,7 +102,7 @@ def rates(db: Database, data: Path, tasks: int) -> tuple[float, float]:
         raise RuntimeError(f"claimed {done} of {tasks} tasks")
     with closing(sqlite3.connect(database_file(data))) as raw, raw:
         raw.execute("PRAGMA foreign_keys=ON")  # the attempts go with their tasks
-        raw.executemany("DELETE FROM task WHERE id = ?", [(task.id,) for task in queued])
+        raw.execute("DELETE FROM task WHERE created_at >= ?", (first,))
     checkpoint(data)
     return enqueued, tasks / elapsed
 
