@@ -43,6 +43,8 @@ _CLAIMED = (
     "id, name, queue, priority, args, kwargs, attempts, max_attempts, lease_token,"
     " created_at, scheduled_at"
 )
+# ... and where the row is: its rowid on SQLite (PostgreSQL has no stable equivalent).
+_ROW = {"sqlite": "rowid", "postgresql": "NULL"}
 
 
 def claim_statement(dialect: str, *, by_queue: bool) -> str:
@@ -62,7 +64,7 @@ def claim_statement(dialect: str, *, by_queue: bool) -> str:
         f" WHERE {key} IN (SELECT {key} FROM task WHERE {CLAIMABLE_WHERE}"
         f" AND scheduled_at <= ?{queue}"
         f" ORDER BY priority DESC, scheduled_at LIMIT ?{lock})"
-        f" AND {CLAIMABLE_WHERE} RETURNING {_CLAIMED}"
+        f" AND {CLAIMABLE_WHERE} RETURNING {_CLAIMED}, {_ROW[dialect]}"
     )
 
 
@@ -121,6 +123,7 @@ def claim_due(
             lease_owner=owner,
             lease_expires_at=expires,
             started_at=now,
+            row=row,
         )
         for (
             task_id,
@@ -134,6 +137,7 @@ def claim_due(
             token,
             created,
             scheduled,
+            row,
         ) in rows
     ]
     # The task's creation time goes back as the driver gave it: the same value, unconverted.
@@ -141,7 +145,7 @@ def claim_due(
         _ATTEMPT_STARTED,
         [
             (c.id, created, c.attempts, started, owner)
-            for c, (*_, created, _scheduled) in zip(claimed, rows, strict=True)
+            for c, (*_, created, _scheduled, _row) in zip(claimed, rows, strict=True)
         ],
     )
     claimed.sort(key=lambda task: (-task.priority, task.scheduled_at))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -216,10 +216,15 @@ class Schedule(StoreModel, table=True):
 
 
 class Lease(NamedTuple):
-    """The proof a runner holds a task: its id and the token its claim received."""
+    """The proof a runner holds a task: its id and the token its claim received.
+
+    `row` is where the claim found the row on SQLite (its rowid), so that writing the outcome
+    goes straight to it instead of through the index of random ids; None: find it by id.
+    """
 
     task_id: str
     token: int
+    row: int | None = None
 
 
 @dataclass(slots=True)
@@ -245,10 +250,11 @@ class Claim:
     lease_expires_at: datetime
     started_at: datetime
     status: TaskStatus = TaskStatus.RUNNING
+    row: int | None = field(default=None, compare=False)  # the rowid on SQLite (see `Lease`)
 
     @property
     def lease(self) -> Lease:
-        return Lease(self.id, self.lease_token)
+        return Lease(self.id, self.lease_token, self.row)
 
 
 def lease_of(task: Task | Claim) -> Lease:

@@ -144,16 +144,28 @@ def mark_succeeded(
     )
 
 
-_SUCCEEDED = (
-    "UPDATE task SET status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL,"
-    " finished_at = ?, result = ? WHERE id = ? AND lease_token = ? AND status = 'running'"
-    " AND lease_expires_at > ? AND cancel_requested_at IS NULL"
-)
-ATTEMPT_SUCCEEDED = (
-    "UPDATE attempt SET finished_at = ?, outcome = 'succeeded'"
-    " WHERE task_created_at = (SELECT created_at FROM task WHERE id = ?) AND task_id = ?"
-    " AND number = ? AND finished_at IS NULL"
-)
+def _succeeded(key: str) -> tuple[str, str]:
+    """The two statements of a success, finding the task's row by `key` (`?`: the key, then
+    the task's id), then the task's creation time (the attempt's key) on that row."""
+    task = (
+        "UPDATE task SET status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL,"
+        f" finished_at = ?, result = ? WHERE {key} AND lease_token = ? AND status = 'running'"
+        " AND lease_expires_at > ? AND cancel_requested_at IS NULL"
+    )
+    attempt = (
+        "UPDATE attempt SET finished_at = ?, outcome = 'succeeded'"
+        f" WHERE task_created_at = (SELECT created_at FROM task WHERE {key}) AND task_id = ?"
+        " AND number = ? AND finished_at IS NULL"
+    )
+    return task, attempt
+
+
+# By id, through the index of ids; by rowid on SQLite when every lease knows its row: the ids
+# are random, so at a large history each lookup by id reads a page no other task shares.
+# Parameters of the task's: finished_at, result, [row,] id, token, now; of the attempt's:
+# finished_at, [row,] id, id, number.
+SUCCEEDED_BY_ID = _succeeded("id = ?")
+SUCCEEDED_BY_ROW = _succeeded("rowid = ? AND id = ?")
 
 
 @dataclass(slots=True)
@@ -206,21 +218,24 @@ def _mark_many_succeeded(conn: Connection, done: Sequence[Outcome]) -> Iterator[
         return iter(())
     driver = Driver(conn)
     stamps = [driver.stamp(outcome.now) for outcome in done]
+    by_row = driver.sqlite and all(outcome.lease.row is not None for outcome in done)
+    task_statement, attempt_statement = SUCCEEDED_BY_ROW if by_row else SUCCEEDED_BY_ID
+    keys = [(o.lease.row, o.lease.task_id) if by_row else (o.lease.task_id,) for o in done]
     driver.execute("SAVEPOINT backstop_successes")
     updated = driver.execute_many(
-        _SUCCEEDED,
+        task_statement,
         [
-            (stamp, driver.json(outcome.result), outcome.lease.task_id, outcome.lease.token, stamp)
-            for outcome, stamp in zip(done, stamps, strict=True)
+            (stamp, driver.json(o.result), *key, o.lease.token, stamp)
+            for o, stamp, key in zip(done, stamps, keys, strict=True)
         ],
     )
     if updated == len(done):
         driver.execute("RELEASE SAVEPOINT backstop_successes")
         driver.execute_many(
-            ATTEMPT_SUCCEEDED,
+            attempt_statement,
             [
-                (stamp, outcome.lease.task_id, outcome.lease.task_id, outcome.number)
-                for outcome, stamp in zip(done, stamps, strict=True)
+                (stamp, *key, o.lease.task_id, o.number)
+                for o, stamp, key in zip(done, stamps, keys, strict=True)
             ],
         )
         return iter([TaskStatus.SUCCEEDED] * len(done))

@@ -102,6 +102,24 @@ def test_a_batch_with_a_lost_lease_and_a_cancel_writes_each_as_alone(db: Databas
         assert [a.outcome for a in list_attempts(conn, lost.id)] == [None]
 
 
+def test_a_lease_whose_row_is_another_tasks_never_writes_that_task(db: Database) -> None:
+    # The rowid only finds the row faster; the id and the token still decide. (A rowid can
+    # change under a VACUUM; the outcome is then written by id, one at a time.)
+    first, second = _claim_two(db)
+    assert None not in (first.row, second.row)
+    assert first.row != second.row
+    moved = first.lease._replace(row=second.row)
+    with db.write() as conn:
+        assert record(conn, [Outcome(moved, first.attempts, T + timedelta(seconds=1))]) == [
+            TaskStatus.SUCCEEDED
+        ]
+    with db.read() as conn:
+        assert get_task(conn, first.id).status is TaskStatus.SUCCEEDED
+        assert get_task(conn, second.id).status is TaskStatus.RUNNING
+        assert [a.outcome for a in list_attempts(conn, first.id)] == [AttemptOutcome.SUCCEEDED]
+        assert [a.outcome for a in list_attempts(conn, second.id)] == [None]
+
+
 def test_a_naive_datetime_is_refused_as_the_column_type_refuses_it(db: Database) -> None:
     with db.read() as conn, pytest.raises(ValueError, match="aware datetime"):
         Driver(conn).stamp(datetime(2026, 3, 1, 12, 0))

@@ -131,13 +131,32 @@ def test_every_statement_on_attempts_reads_their_index_by_task_creation_time(
             list_attempts(conn, kept.id)
         with history.write() as conn:
             prune_finished(conn, TaskStatus.SUCCEEDED, utcnow() + timedelta(hours=1), limit=10)
-    with history.read() as conn:
-        # Successes go to the driver in one executemany, unseen by SQLAlchemy's events.
-        rows = conn.exec_driver_sql(
-            f"EXPLAIN QUERY PLAN {outcomes.ATTEMPT_SUCCEEDED}", ("t", done.id, done.id, 1)
-        ).all()
-    on_attempts = [*_attempt_plans(plans), " | ".join(str(row[-1]) for row in rows)]
-    assert len(on_attempts) == 6, on_attempts
+    # Successes go to the driver in one executemany, unseen by SQLAlchemy's events.
+    successes = [
+        _plan(history, outcomes.SUCCEEDED_BY_ID[1], ("t", done.id, done.id, 1)),
+        _plan(history, outcomes.SUCCEEDED_BY_ROW[1], ("t", done.row, done.id, done.id, 1)),
+    ]
+    on_attempts = [*_attempt_plans(plans), *successes]
+    assert len(on_attempts) == 7, on_attempts
     for plan in on_attempts:
         assert "INDEX ix_attempt_task (task_created_at=? AND task_id=?" in plan, plan
         assert "SCAN attempt" not in plan, plan
+
+
+def _plan(db: Database, statement: str, params: tuple[object, ...]) -> str:
+    with db.read() as conn:
+        rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", params).all()
+    return " | ".join(str(row[-1]) for row in rows)
+
+
+def test_a_success_finds_its_task_by_rowid_when_the_claim_gave_one(history: Database) -> None:
+    # Ids are random: at a million tasks each lookup by id reads a page of the id index that
+    # no other task shares. The claim's rowid goes straight to the row.
+    with history.write() as conn:
+        (claim,) = leases.claim_due(conn, "w", 1, lease_seconds=30)
+    assert claim.row is not None
+    params = ("t", "null", claim.row, claim.id, claim.lease_token, "t")
+    by_row = _plan(history, outcomes.SUCCEEDED_BY_ROW[0], params)
+    assert "USING INTEGER PRIMARY KEY (rowid=?)" in by_row, by_row
+    by_id = _plan(history, outcomes.SUCCEEDED_BY_ID[0], ("t", "null", *params[3:]))
+    assert "sqlite_autoindex_task_1 (id=?)" in by_id, by_id

@@ -18,7 +18,7 @@ from store.tasks import NewTask, enqueue, get_tasks
 
 def as_claimed(task: Task) -> Claim:
     """A stored running task as its claim handed it out, to compare the two."""
-    return Claim(**{f.name: getattr(task, f.name) for f in fields(Claim)})
+    return Claim(**{f.name: getattr(task, f.name) for f in fields(Claim) if f.name != "row"})
 
 
 def _new(conn: Connection, at: datetime, queue: str | None, scheduled_at: datetime | None) -> str:
