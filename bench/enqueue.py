@@ -38,6 +38,7 @@ ENDPOINTS = (
     "/bench/durable-async",
 )
 WARMUP = 1
+SETTLE = 0.2  # seconds for the requests wrk abandoned when it stopped to finish
 
 Key = tuple[str, int, str]  # synchronous, connections, endpoint
 
@@ -56,11 +57,12 @@ def one_run(
         with harness.server(data, run_worker=False, synchronous=synchronous) as url:
             for endpoint in order:
                 harness.wrk(url + endpoint, connections[0], WARMUP)
+            time.sleep(SETTLE)  # the warm-up's abandoned requests must not count as the next's
             for conns in connections:
                 for endpoint in order:
                     before = harness.stored(data)
                     load = harness.wrk(url + endpoint, conns, seconds)
-                    time.sleep(0.2)  # let the requests wrk abandoned finish
+                    time.sleep(SETTLE)  # let the requests wrk abandoned finish
                     rows = harness.stored(data) - before
                     loads[(synchronous, conns, endpoint)].append(load)
                     check(report, endpoint, conns, load, rows)
