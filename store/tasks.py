@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,7 +14,7 @@ from uuid import uuid4
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect, Row
 
-from store.driver import Convert, bind_processor
+from store.driver import Convert, Driver, bind_processor
 from store.errors import IdempotencyConflict, InvalidCursor, TaskNotFound
 from store.models import CLAIMABLE_WHERE, TERMINAL, TERMINAL_WHERE, Task, TaskStatus, task_table
 from store.timeutil import utcnow
@@ -102,12 +103,12 @@ def stored_row(new: NewTask, now: datetime) -> dict[str, Any]:
     return {**_values(new, now), **_EMPTY}
 
 
-# On SQLite the enqueue statements go to the driver as text, with rows of plain values:
-# through `sa.insert(t)` each statement costs some 25 µs more (its execution set-up and
-# generic parameter processing), about what SQLite takes to insert the row, and an enqueue is
-# on the request path of every endpoint that adds a task. Each value goes through its column
-# type's own bind processor, so the row holds exactly what `sa.insert(t)` would store
-# (tests/store/test_tasks.py compares the two).
+# On SQLite the enqueue statements go to the driver's cursor (`store.driver.Driver`) as text,
+# with rows of plain values: through `sa.insert(t)` each statement costs some 25 µs more (its
+# execution set-up and generic parameter processing), about what SQLite takes to insert the
+# row, and an enqueue is on the request path of every endpoint that adds a task. Each value
+# goes through its column type's own bind processor, so the row holds exactly what
+# `sa.insert(t)` would store (tests/store/test_tasks.py compares the two).
 _COLUMNS = (
     "id",
     "name",
@@ -131,16 +132,20 @@ _SQLITE_INSERT = (
 _SQLITE_INSERT_ONCE = f"{_SQLITE_INSERT} ON CONFLICT (idempotency_key) DO NOTHING"
 
 _Processors = list[tuple[int, Convert]]
+_processors: weakref.WeakKeyDictionary[Dialect, _Processors] = weakref.WeakKeyDictionary()
 
 
 def _bind_processors(dialect: Dialect) -> _Processors:
     """The positions in `_COLUMNS` whose type converts values for the driver, with the
-    conversions (SQLAlchemy's own: JSON text, and naive UTC text for the times)."""
-    found = []
-    for position, name in enumerate(_COLUMNS):
-        process = bind_processor(t.c[name], dialect)
-        if process is not None:
-            found.append((position, process))
+    conversions (SQLAlchemy's own: JSON text, and naive UTC text for the times). Cached:
+    finding them cost as much as converting a row."""
+    found = _processors.get(dialect)
+    if found is None:
+        found = _processors[dialect] = [
+            (position, process)
+            for position, name in enumerate(_COLUMNS)
+            if (process := bind_processor(t.c[name], dialect)) is not None
+        ]
     return found
 
 
@@ -161,10 +166,7 @@ def _insert(conn: Connection, rows: list[dict[str, Any]]) -> None:
         return
     processors = _bind_processors(conn.dialect)
     sql = _SQLITE_INSERT
-    if len(rows) == 1:
-        conn.exec_driver_sql(sql, _driver_row(sql, rows[0], processors))
-    else:
-        conn.exec_driver_sql(sql, [_driver_row(sql, values, processors) for values in rows])
+    Driver(conn).execute_many(sql, [_driver_row(sql, values, processors) for values in rows])
 
 
 def _insert_or_ignore(conn: Connection) -> sa.Insert:
@@ -179,15 +181,14 @@ def _insert_or_ignore(conn: Connection) -> sa.Insert:
 
 def _insert_once(conn: Connection, values: dict[str, Any]) -> bool:
     """Insert one row unless its idempotency key is taken; whether it was inserted."""
-    # SQLAlchemy keeps an INSERT's rowcount only when asked to.
-    options = {"preserve_rowcount": True}
     if conn.dialect.name != "sqlite":
+        # SQLAlchemy keeps an INSERT's rowcount only when asked to.
+        options = {"preserve_rowcount": True}
         result = conn.execute(_insert_or_ignore(conn), values, execution_options=options)
-    else:
-        sql = _SQLITE_INSERT_ONCE
-        row = _driver_row(sql, values, _bind_processors(conn.dialect))
-        result = conn.exec_driver_sql(sql, row, execution_options=options)
-    return result.rowcount == 1
+        return result.rowcount == 1
+    sql = _SQLITE_INSERT_ONCE
+    row = _driver_row(sql, values, _bind_processors(conn.dialect))
+    return Driver(conn).execute_many(sql, [row]) == 1
 
 
 def enqueue(conn: Connection, new: NewTask, *, now: datetime | None = None) -> Task:
