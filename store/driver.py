@@ -83,9 +83,17 @@ class Driver:
             return json.loads(value)
         return value
 
+    def _cursor(self) -> Any:
+        # A connection outside a transaction begins one first, as SQLAlchemy's own execution
+        # does (autobegin): the driver's connection is in autocommit mode, so a statement
+        # sent to it alone would be committed at once, beyond the caller's rollback.
+        if not self._conn.in_transaction():
+            self._conn.begin()
+        return self._conn.connection.cursor()
+
     def execute(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
         """Run one statement; the rows it returns (empty for a plain write)."""
-        cursor = self._conn.connection.cursor()
+        cursor = self._cursor()
         try:
             cursor.execute(self.sql(statement), params)
             return list(cursor.fetchall()) if cursor.description else []
@@ -96,7 +104,7 @@ class Driver:
 
     def execute_many(self, statement: str, rows: Sequence[Sequence[Any]]) -> int:
         """Run one statement for each parameter row; how many rows it changed in all."""
-        cursor = self._conn.connection.cursor()
+        cursor = self._cursor()
         try:
             cursor.executemany(self.sql(statement), rows)
             count: int = cursor.rowcount

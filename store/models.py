@@ -259,7 +259,7 @@ class Claim:
 
 def lease_of(task: Task | Claim) -> Lease:
     """The lease a claimed task was handed."""
-    return Lease(task.id, task.lease_token)
+    return task.lease if isinstance(task, Claim) else Lease(task.id, task.lease_token)
 
 
 task_table = Task.__table__  # type: ignore[attr-defined]

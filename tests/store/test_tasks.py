@@ -107,6 +107,20 @@ def test_an_idempotency_key_is_unique(db: Database) -> None:
         assert sum(count_by_status(conn).values()) == 3
 
 
+def test_an_enqueue_outside_a_transaction_begins_one_and_a_rollback_undoes_it(
+    db: Database,
+) -> None:
+    # The hot statements go to the driver's cursor, whose connection is in autocommit mode;
+    # they must begin a transaction as SQLAlchemy's own execution would.
+    with db.engine.connect() as conn:
+        enqueue_many(conn, [NewTask(name="a"), NewTask(name="b")], now=T)
+        enqueue_once(conn, NewTask(name="c", idempotency_key="k"), now=T)
+        assert conn.in_transaction()
+        conn.rollback()
+    with db.read() as conn:
+        assert sum(count_by_status(conn).values()) == 0
+
+
 # Values that each column's conversion must get exactly right: JSON with unicode, floats,
 # nesting and nulls; times with and without microseconds, and in another time zone.
 ODD_TASKS = [
