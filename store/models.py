@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -215,16 +215,18 @@ class Schedule(StoreModel, table=True):
     updated_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
 
 
-class Lease(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Lease:
     """The proof a runner holds a task: its id and the token its claim received.
 
     `row` is where the claim found the row on SQLite (its rowid), so that writing the outcome
-    goes straight to it instead of through the index of random ids; None: find it by id.
+    goes straight to it instead of through the index of random ids; None: find it by id. It
+    only locates the row, so two leases with the same id and token are equal whatever it is.
     """
 
     task_id: str
     token: int
-    row: int | None = None
+    row: int | None = field(default=None, compare=False)
 
 
 @dataclass(slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -108,7 +109,7 @@ def test_a_lease_whose_row_is_another_tasks_never_writes_that_task(db: Database)
     first, second = _claim_two(db)
     assert None not in (first.row, second.row)
     assert first.row != second.row
-    moved = first.lease._replace(row=second.row)
+    moved = replace(first.lease, row=second.row)
     with db.write() as conn:
         assert record(conn, [Outcome(moved, first.attempts, T + timedelta(seconds=1))]) == [
             TaskStatus.SUCCEEDED
