@@ -2,9 +2,11 @@
 
 SQLAlchemy's execution path (the compiled-statement cache, parameter and result processing,
 events) costs some 40 µs a statement, more than SQLite takes to run one. The few statements
-a busy runner sends thousands of times a second (the claim, the attempt rows, the outcome of
-a success) therefore go to the DBAPI cursor of the same connection, inside the same
-transaction, in the driver's own parameter style. Values are written through the column
+sent thousands of times a second (the enqueue on SQLite; the runner's claim, attempt rows
+and outcome of a success) therefore go to the DBAPI cursor of the same connection, inside
+the same transaction (begun first if there is none, as SQLAlchemy would), in the driver's
+own parameter style. They are not seen by SQLAlchemy's events (nor logged by `echo`); their
+errors come out as SQLAlchemy's all the same. Values are written through the column
 types' own bind processors (`bind_processor`: `store.timeutil.UTCDateTime`, SQLAlchemy's
 JSON), so the stored bytes are what the SQLAlchemy path stores; tests compare the two.
 """
