@@ -1,4 +1,4 @@
-"""Statements sent straight to the database driver, for the runner's hot path.
+"""Statements sent straight to the database driver, for the hot paths.
 
 SQLAlchemy's execution path (the compiled-statement cache, parameter and result processing,
 events) costs some 40 µs a statement, more than SQLite takes to run one. The few statements
