@@ -22,6 +22,7 @@ import select
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,11 @@ WATCH_INTERVAL = 0.002
 # How often it looks all the same while told of no write: a write inotify cannot see (the
 # file on a network share, which SQLite does not support anyway) waits at most this long.
 IDLE_LOOK = 0.25
+# How long it keeps looking every `WATCH_INTERVAL` after being told of a write. A commit is
+# written to the WAL (what inotify reports) before it is published in the WAL index (a
+# write to shared memory, which inotify does not see), after an fsync with
+# synchronous=FULL: a look in between finds nothing yet.
+PUBLISH_GRACE = 0.05
 
 
 class Doorbell:
@@ -78,6 +84,9 @@ class Doorbell:
         self._stop.set()
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=1)
+        if self._thread.is_alive():  # stuck in a look: leave it what it holds, and go
+            log.warning("doorbell: its thread did not stop within 1 s")
+            return
         self._feed.close()
         if self._writes is not None:
             self._writes.close()
@@ -86,19 +95,24 @@ class Doorbell:
 
     def _watch(self) -> None:
         look = True  # a commit may predate the watch
+        keep_looking = 0.0  # after a write, look every interval until this time
         try:
             while not self._stop.is_set():
                 if look and self._waiting():
                     look = False
                     if self._feed.changed():
                         self._ring()
+                        keep_looking = 0.0
                 if self._writes is None:
                     self._stop.wait(self._interval)
                     look = True
-                elif look:  # told of a write while the runner was busy: look again soon
+                elif look or time.monotonic() < keep_looking:
+                    # A write seen while the runner was busy, or not published yet.
                     self._stop.wait(self._interval)
-                else:
-                    look = self._await_write()
+                    look = True
+                elif self._await_write():
+                    look = True
+                    keep_looking = time.monotonic() + PUBLISH_GRACE
         except Exception:
             log.exception("doorbell: could not read the change feed; polling only")
 
@@ -107,7 +121,7 @@ class Doorbell:
         doorbell stops; whether to look."""
         assert self._writes is not None
         ready, _, _ = select.select([self._writes.fileno(), self._wake_r], [], [], IDLE_LOOK)
-        if self._wake_r in ready:
+        if self._wake_r in ready or self._stop.is_set():
             return False
         if not ready:
             return True  # the idle look
@@ -119,8 +133,9 @@ class _Writes:
 
     _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name, len bytes
     _MASK = 0x2 | 0x80 | 0x100  # IN_MODIFY | IN_MOVED_TO | IN_CREATE
+    _OVERFLOW = 0x4000  # IN_Q_OVERFLOW: events were dropped, any of them may have been a write
 
-    def __init__(self, fd: int, names: set[str]) -> None:
+    def __init__(self, fd: int, names: set[bytes]) -> None:
         self._fd = fd
         self._names = names
 
@@ -129,6 +144,7 @@ class _Writes:
         """A watch on `database` and its WAL; None where inotify cannot be had."""
         if not sys.platform.startswith("linux") or not database.name:
             return None
+        database = Path(os.path.realpath(database))  # SQLite puts the WAL beside the target
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -141,7 +157,8 @@ class _Writes:
         except (OSError, AttributeError) as error:  # no libc symbol, or out of watches
             log.info("doorbell: no inotify (%s); polling every %gs", error, WATCH_INTERVAL)
             return None
-        return cls(fd, {database.name, f"{database.name}-wal"})
+        name = os.fsencode(database.name)
+        return cls(fd, {name, name + b"-wal"})
 
     def fileno(self) -> int:
         return self._fd
@@ -156,13 +173,15 @@ class _Writes:
                 if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                     return written
                 raise
+            if not data:
+                return written
             offset = 0
             while offset < len(data):
-                _wd, _mask, _cookie, size = self._EVENT.unpack_from(data, offset)
+                _wd, mask, _cookie, size = self._EVENT.unpack_from(data, offset)
                 offset += self._EVENT.size
-                name = data[offset : offset + size].rstrip(b"\0").decode(errors="replace")
+                name = data[offset : offset + size].rstrip(b"\0")
                 offset += size
-                written = written or name in self._names
+                written = written or name in self._names or bool(mask & self._OVERFLOW)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 import sys
 import threading
@@ -80,6 +81,54 @@ def test_a_busy_runner_is_not_rung_and_hears_of_the_commit_once_it_waits(
     assert not runner.rung.is_set()
     runner.waits = True
     assert runner.rung.wait(timeout=10)
+
+
+class OneWrite:
+    """Stands in for the kernel's reports: a write is reported when the test says so."""
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe()
+
+    def report(self) -> None:
+        os.write(self.write_end, b"w")
+
+    def fileno(self) -> int:
+        return self.read_end
+
+    def drain(self) -> bool:
+        return bool(os.read(self.read_end, 64))
+
+    def close(self) -> None:
+        os.close(self.read_end)
+        os.close(self.write_end)
+
+
+def test_a_write_published_after_the_first_look_still_rings(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # inotify reports the WAL write; the commit shows in data_version only once the WAL
+    # index is updated (after an fsync at synchronous=FULL). The doorbell keeps looking.
+    monkeypatch.setattr(wakeup, "IDLE_LOOK", 60.0)
+    runner = Runner()
+    doorbell = Doorbell(db, runner.rung.set, runner.waiting, interval=0.001, notified=False)
+    writes = OneWrite()
+    doorbell._writes = writes  # type: ignore[assignment]
+    looks: list[bool] = []
+
+    def changed() -> bool:
+        # The look at start, and the first after the write, find nothing; then it shows.
+        looks.append(len(looks) >= 2)
+        return looks[-1]
+
+    monkeypatch.setattr(doorbell._feed, "changed", changed)
+    doorbell.start()
+    try:
+        wait_until(lambda: len(looks) >= 1, what="the doorbell's first look")
+        writes.report()
+        assert runner.rung.wait(timeout=10)
+        assert looks[:3] == [False, False, True]
+    finally:
+        doorbell.stop()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
