@@ -27,6 +27,7 @@ from bench.report import Figure, Report, arguments, header, integers, median, ro
 PEER = "/bench/background"
 DURABLE = "/bench/durable"
 BOUNDED = 0.05  # the backlog at the end of the load, as a share of the tasks accepted
+SETTLE = 0.2  # seconds for the requests wrk abandoned when it stopped to finish
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,12 @@ def durable_load(url: str, data: Path, conns: int, seconds: int, report: Report)
             f"CHECK FAILED c={conns}: {load.requests} requests, {load.ok} 2xx, "
             f"{load.errors} socket errors, {accepted} rows stored"
         )
-    if harness.succeeded(data) != harness.stored(data):
-        report.note(f"CHECK FAILED c={conns}: some tasks did not succeed")
+    # Requests wrk abandoned when it stopped may still be stored and run: let them.
+    time.sleep(SETTLE)
+    harness.wait_finished(data, timeout=120)
+    states = harness.by_status(data)
+    if set(states) != {"succeeded"}:
+        report.note(f"CHECK FAILED c={conns}: not every task succeeded: {states}")
     return Run(0.0, accepted, done_end - done, load.seconds, stored_end - done_end, drained - end)
 
 

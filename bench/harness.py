@@ -242,12 +242,21 @@ def succeeded(data_dir: Path) -> int:
 
 
 def unfinished(data_dir: Path) -> int:
-    """Queued, retrying or running: the queries carry the partial indexes' own WHERE
-    clauses, so they read those indexes (the backlog), not the whole history."""
-    path = database_file(data_dir)
-    return _scalar(path, f"SELECT count(*) FROM task WHERE {CLAIMABLE_WHERE}") + _scalar(
-        path, f"SELECT count(*) FROM task WHERE {RUNNING_WHERE}"
+    """Queued, retrying or running, in one snapshot (a task claimed between two queries
+    would be in neither). The subqueries carry the partial indexes' own WHERE clauses, so
+    they read those indexes (the backlog), not the whole history."""
+    return _scalar(
+        database_file(data_dir),
+        f"SELECT (SELECT count(*) FROM task WHERE {CLAIMABLE_WHERE})"
+        f" + (SELECT count(*) FROM task WHERE {RUNNING_WHERE})",
     )
+
+
+def by_status(data_dir: Path) -> dict[str, int]:
+    """How many tasks are in each state, in one snapshot."""
+    with closing(sqlite3.connect(database_file(data_dir), timeout=30)) as conn:
+        rows = conn.execute("SELECT status, count(*) FROM task GROUP BY status").fetchall()
+    return {status: count for status, count in rows}
 
 
 def wait_finished(data_dir: Path, timeout: float, every: float = 0.005) -> float:
