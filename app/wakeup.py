@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from store.changes import ChangeFeed
 from store.engine import Database
@@ -40,8 +41,11 @@ IDLE_LOOK = 0.25
 # How long it keeps looking every `WATCH_INTERVAL` after being told of a write. A commit is
 # written to the WAL (what inotify reports) before it is published in the WAL index (a
 # write to shared memory, which inotify does not see), after an fsync with
-# synchronous=FULL: a look in between finds nothing yet.
+# synchronous=FULL: a look in between finds nothing yet. (An fsync slower than this leaves
+# the commit to the idle look.)
 PUBLISH_GRACE = 0.05
+
+Woke = Literal["write", "idle", "nothing", "stop"]
 
 
 class Doorbell:
@@ -68,6 +72,10 @@ class Doorbell:
         self._writes = _Writes.watch(Path(db.engine.url.database or "")) if notified else None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
+        self._poll = select.poll()  # unlike select(), any file descriptor number will do
+        self._poll.register(self._wake_r, select.POLLIN)
+        if self._writes is not None:
+            self._poll.register(self._writes.fileno(), select.POLLIN)
         self._thread = threading.Thread(target=self._watch, name="backstop-doorbell", daemon=True)
 
     @property
@@ -110,22 +118,32 @@ class Doorbell:
                     # A write seen while the runner was busy, or not published yet.
                     self._stop.wait(self._interval)
                     look = True
-                elif self._await_write():
-                    look = True
-                    keep_looking = time.monotonic() + PUBLISH_GRACE
+                else:
+                    woke = self._await_write()
+                    look = woke in ("write", "idle")
+                    if woke == "write":
+                        keep_looking = time.monotonic() + PUBLISH_GRACE
         except Exception:
             log.exception("doorbell: could not read the change feed; polling only")
 
-    def _await_write(self) -> bool:
+    def _await_write(self) -> Woke:
         """Sleep until the database or its WAL is written, `IDLE_LOOK` passes, or the
-        doorbell stops; whether to look."""
+        doorbell stops; which of them woke it ("nothing": another file was written). If
+        inotify fails, the doorbell polls from then on."""
         assert self._writes is not None
-        ready, _, _ = select.select([self._writes.fileno(), self._wake_r], [], [], IDLE_LOOK)
-        if self._wake_r in ready or self._stop.is_set():
-            return False
-        if not ready:
-            return True  # the idle look
-        return self._writes.drain()
+        try:
+            ready = {fd for fd, _ in self._poll.poll(IDLE_LOOK * 1000)}
+            if self._wake_r in ready or self._stop.is_set():
+                return "stop"
+            if not ready:
+                return "idle"
+            return "write" if self._writes.drain() else "nothing"
+        except OSError:
+            log.warning("doorbell: inotify failed; polling instead", exc_info=True)
+            self._poll.unregister(self._writes.fileno())
+            self._writes.close()
+            self._writes = None
+            return "idle"
 
 
 class _Writes:
@@ -155,7 +173,7 @@ class _Writes:
                 os.close(fd)
                 raise OSError(error, "inotify_add_watch")
         except (OSError, AttributeError) as error:  # no libc symbol, or out of watches
-            log.info("doorbell: no inotify (%s); polling every %gs", error, WATCH_INTERVAL)
+            log.info("doorbell: no inotify (%s); polling instead", error)
             return None
         name = os.fsencode(database.name)
         return cls(fd, {name, name + b"-wal"})

@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,9 +111,9 @@ def test_a_write_published_after_the_first_look_still_rings(
     # index is updated (after an fsync at synchronous=FULL). The doorbell keeps looking.
     monkeypatch.setattr(wakeup, "IDLE_LOOK", 60.0)
     runner = Runner()
-    doorbell = Doorbell(db, runner.rung.set, runner.waiting, interval=0.001, notified=False)
     writes = OneWrite()
-    doorbell._writes = writes  # type: ignore[assignment]
+    monkeypatch.setattr(_Writes, "watch", classmethod(lambda _cls, _path: writes))
+    doorbell = Doorbell(db, runner.rung.set, runner.waiting, interval=0.001)
     looks: list[bool] = []
 
     def changed() -> bool:
@@ -129,6 +130,42 @@ def test_a_write_published_after_the_first_look_still_rings(
         assert looks[:3] == [False, False, True]
     finally:
         doorbell.stop()
+
+
+class CountedPoll:
+    """The doorbell's poll, counting how often it sleeps in it."""
+
+    def __init__(self, poll: Any) -> None:
+        self._poll = poll
+        self.sleeps = 0
+
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        self.sleeps += 1
+        return list(self._poll.poll(timeout))
+
+    def unregister(self, fd: int) -> None:
+        self._poll.unregister(fd)
+
+
+def test_an_idle_look_is_one_look_not_a_burst(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a write starts the 50 ms of looks every interval; with none, the doorbell looks
+    # once per idle period and sleeps again.
+    monkeypatch.setattr(wakeup, "IDLE_LOOK", 0.002)
+    writes = OneWrite()
+    monkeypatch.setattr(_Writes, "watch", classmethod(lambda _cls, _path: writes))
+    runner = Runner()
+    doorbell = Doorbell(db, runner.rung.set, runner.waiting, interval=0.001)
+    counted = CountedPoll(doorbell._poll)
+    doorbell._poll = counted  # type: ignore[assignment]
+    doorbell.start()
+    try:
+        wait_until(lambda: counted.sleeps >= 10, what="ten idle periods")
+    finally:
+        doorbell.stop()
+    assert runner.asked <= counted.sleeps + 1
+    assert not runner.rung.is_set()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
