@@ -166,6 +166,13 @@ class Database:
                 yield own
 
     @contextmanager
+    def writers_held(self) -> Iterator[None]:
+        """Keep this process's writers waiting until the block ends (on SQLite; elsewhere
+        there is no such lock)."""
+        with self._write_lock:
+            yield
+
+    @contextmanager
     def read(self) -> Iterator[Connection]:
         """A read transaction (deferred on SQLite: it never waits for a writer)."""
         with self.engine.connect() as conn:
