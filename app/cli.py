@@ -105,7 +105,8 @@ async def _work(settings: Settings) -> None:
         loop.add_signal_handler(signum, stopping.set)
     await backstop.runner.start()
     try:
-        await stopping.wait()
+        with backstop.serving():
+            await stopping.wait()
     finally:
         await backstop.runner.stop()
         backstop.close()

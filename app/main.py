@@ -31,7 +31,8 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
         if with_runner:
             await backstop.runner.start()
         try:
-            yield
+            with backstop.serving():
+                yield
         finally:
             if with_runner:
                 await backstop.runner.stop()

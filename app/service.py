@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
+from collections.abc import Iterator
 
+from app.checkpoints import Checkpointer
 from app.client import TaskClient
 from app.errors import BackstopError, TaskModuleError
 from app.periodic import Periodic
@@ -45,6 +48,25 @@ def open_database(settings: Settings) -> Database:
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
         )
     )
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep the objects alive at start-up out of the garbage collector's full collections
+    while the service runs.
+
+    Modules, classes, the app and its registry live as long as the process, yet every full
+    collection walks them all: about 120,000 objects, 60 ms, several times a second under
+    load (objects of requests in flight get promoted and die old), and every request waits
+    behind it. Frozen, a full collection walks only what was made since. Unfrozen at the end,
+    so that a test suite starting one app after another collects each app it is done with.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class Pulse:
@@ -90,11 +112,20 @@ class Backstop:
         self.runner.add_job("periodic", self.periodic.run, min(1.0, settings.poll_interval))
         self.pruner = Pruner(self.runner.write, settings)
         self.runner.add_job("prune", self.pruner.run, settings.prune_interval)
+        self.checkpointer = Checkpointer(self.db)
 
     def prepare(self) -> None:
         """Create the data folder and bring the schema to the newest migration."""
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate.upgrade(self.db)
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """What a long-running process (the app, `backstop worker`) adds while it serves:
+        WAL checkpoints away from the commits, and the start-up heap out of the garbage
+        collector's way (`frozen_heap`)."""
+        with self.checkpointer.running(), frozen_heap():
+            yield
 
     def close(self) -> None:
         """Stop the enqueue writer and close the database's connections."""

@@ -1,0 +1,69 @@
+"""A thread that keeps the SQLite WAL short, so that no commit has to copy it.
+
+Each process that serves (the app, `backstop worker`) runs one. Every `CHECKPOINT_INTERVAL`
+seconds after commits it copies the WAL into the database file (see `store.checkpoints`);
+the WAL then starts over at the next commit and never reaches the length at which SQLite
+makes a commit checkpoint (`store.engine.WAL_CHECKPOINT_PAGES`). That is left as it was,
+as a floor: a process that does not serve, or a WAL a long reader holds on to, is still
+checkpointed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+from store.checkpoints import WalCheckpoints
+from store.engine import Database
+
+log = logging.getLogger(__name__)
+
+# Under load a commit writes about ten pages: a WAL of 10,000 pages takes a few seconds to
+# fill, half a second about a thousand pages, whose copy runs in a few milliseconds.
+CHECKPOINT_INTERVAL = 0.5
+
+
+class Checkpointer:
+    """Checkpoints the WAL of `db` from a daemon thread while `running()`; on PostgreSQL,
+    nothing."""
+
+    def __init__(self, db: Database, interval: float = CHECKPOINT_INTERVAL) -> None:
+        self.db = db
+        self.interval = interval
+        self._stop = threading.Event()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Checkpoint until the block ends."""
+        if self.db.dialect != "sqlite":
+            yield
+            return
+        self._stop.clear()
+        thread = threading.Thread(target=self._run, name="backstop-checkpoint", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join()
+
+    def _run(self) -> None:
+        try:
+            checkpoints = WalCheckpoints(self.db)
+        except Exception:
+            log.exception("cannot open the database for WAL checkpoints; commits make them")
+            return
+        failing = False
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    checkpoints.run()
+                    failing = False
+                except Exception:  # a full disk, say: commits still checkpoint meanwhile
+                    if not failing:
+                        log.exception("WAL checkpoint failed; trying every %ss", self.interval)
+                    failing = True
+        finally:
+            checkpoints.close()

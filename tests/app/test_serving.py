@@ -1,0 +1,75 @@
+"""What a serving process adds: the WAL checkpoint thread and the frozen start-up heap."""
+
+from __future__ import annotations
+
+import gc
+import struct
+import threading
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from app.checkpoints import Checkpointer
+from app.main import create_app
+from app.service import Backstop, frozen_heap
+from app.settings import Settings
+from store.engine import Database
+from store.tasks import NewTask, enqueue_many
+from tests.support.waiting import wait_until
+
+THREAD = "backstop-checkpoint"
+
+
+def _frames(db: Database) -> int:
+    """`mxFrame` of the WAL index header (byte 16 of the -shm file, native order)."""
+    header = Path(f"{db.engine.url.database}-shm").read_bytes()[:20]
+    frames: int = struct.unpack_from("=I", header, 16)[0]
+    return frames
+
+
+def _checkpointing() -> bool:
+    return any(thread.name == THREAD for thread in threading.enumerate())
+
+
+def _commit(db: Database) -> None:
+    with db.write() as conn:
+        enqueue_many(conn, [NewTask(name="t") for _ in range(20)])
+
+
+def test_the_thread_copies_the_wal_so_that_commits_start_it_over(backstop: Backstop) -> None:
+    db = backstop.db
+    _commit(db)
+    one = _frames(db)
+    with Checkpointer(db, interval=0.01).running():
+        assert _checkpointing()
+
+        def started_over() -> bool:
+            _commit(db)
+            return _frames(db) <= one
+
+        wait_until(started_over, what="a commit that starts the WAL over")
+    assert not _checkpointing()
+
+
+def test_no_thread_on_postgresql() -> None:
+    class Other:
+        dialect = "postgresql"
+
+    with Checkpointer(Other()).running():  # type: ignore[arg-type]
+        assert not _checkpointing()
+
+
+def test_the_heap_is_frozen_while_serving_and_given_back_after() -> None:
+    gc.unfreeze()
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_app_serves_with_both(settings: Settings) -> None:
+    with TestClient(create_app(settings, run_worker=False)) as client:
+        assert client.get("/readyz").status_code == 200
+        assert _checkpointing()
+        assert gc.get_freeze_count() > 0
+    assert not _checkpointing()
+    assert gc.get_freeze_count() == 0
