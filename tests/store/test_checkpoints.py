@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import struct
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,23 +63,45 @@ def test_a_commit_during_the_copy_is_copied_too_so_the_wal_still_starts_over(
     db: Database, checkpoints: WalCheckpoints, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Under load a commit lands while the first, lock-free copy runs; SQLite starts the WAL
-    # over only when all of it was copied. Here that commit comes just before the writers
-    # are held for the second copy.
+    # over only when all of it was copied. The second copy runs with the writers held.
     _commit(db)
     one = _frames(db)
-    held = db.writers_held
+    pragma = checkpoints._pragma
+    held_during: list[bool] = []
 
-    @contextmanager
-    def commit_then_hold() -> Iterator[None]:
-        _commit(db)
-        with held():
-            yield
+    def landing(sql: str) -> tuple[int, ...]:
+        answer = pragma(sql)
+        if "PASSIVE" in sql:
+            _commit(db)  # from this thread: the writers are not held yet
+        if "RESTART" in sql:
+            held_during.append(not _free(db))
+        return answer
 
-    monkeypatch.setattr(db, "writers_held", commit_then_hold)
+    monkeypatch.setattr(checkpoints, "_pragma", landing)
     checkpoints.run()
     monkeypatch.undo()
+    assert held_during == [True]
     _commit(db)
     assert _frames(db) <= one
+
+
+def _free(db: Database) -> bool:
+    """Whether another thread could take this process's write lock now."""
+    free: list[bool] = []
+
+    lock: Any = db._write_lock  # an RLock on SQLite
+
+    def look() -> None:
+        with contextlib.ExitStack() as stack:
+            acquired = lock.acquire(blocking=False)
+            if acquired:
+                stack.callback(lock.release)
+            free.append(acquired)
+
+    thread = threading.Thread(target=look)
+    thread.start()
+    thread.join()
+    return free[0]
 
 
 def test_what_a_reader_still_needs_is_copied_by_the_next_run(
