@@ -50,20 +50,20 @@ class Checkpointer:
             thread.join()
 
     def _run(self) -> None:
-        try:
-            checkpoints = WalCheckpoints(self.db)
-        except Exception:
-            log.exception("cannot open the database for WAL checkpoints; commits make them")
-            return
+        checkpoints: WalCheckpoints | None = None
         failing = False
-        try:
-            while not self._stop.wait(self.interval):
-                try:
-                    checkpoints.run()
-                    failing = False
-                except Exception:  # a full disk, say: commits still checkpoint meanwhile
-                    if not failing:
-                        log.exception("WAL checkpoint failed; trying every %ss", self.interval)
-                    failing = True
-        finally:
+        while not self._stop.wait(self.interval):
+            try:
+                checkpoints = checkpoints or WalCheckpoints(self.db)
+                checkpoints.run()
+                failing = False
+            except Exception:  # a full disk, say: commits still checkpoint meanwhile
+                if not failing:
+                    log.exception("WAL checkpoint failed; trying every %ss", self.interval)
+                failing = True
+                if checkpoints is not None:  # on a new connection next time
+                    with contextlib.suppress(Exception):
+                        checkpoints.close()
+                    checkpoints = None
+        if checkpoints is not None:
             checkpoints.close()

@@ -36,6 +36,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from app import service
 from app.client import TaskRef
 from app.errors import InvalidArguments
 from app.registry import TaskSpec
@@ -53,6 +54,11 @@ FACTORY_INI = "backstop_app_factory"
 DEFAULT_FACTORY = "app.main:create_app"
 
 AppFactory = Callable[[Settings], FastAPI]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite starts an app in nearly every test: it does not freeze the heap at each."""
+    service.heap.enabled = False
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -7,11 +7,12 @@ import struct
 import threading
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.checkpoints import Checkpointer
 from app.main import create_app
-from app.service import Backstop, frozen_heap
+from app.service import Backstop, HeapFreeze, heap
 from app.settings import Settings
 from store.engine import Database
 from store.tasks import NewTask, enqueue_many
@@ -27,6 +28,13 @@ def _frames(db: Database) -> int:
     return frames
 
 
+def _copied(db: Database) -> int:
+    """`nBackfill`: the frames already copied into the database file (byte 96 of -shm)."""
+    header = Path(f"{db.engine.url.database}-shm").read_bytes()[:100]
+    copied: int = struct.unpack_from("=I", header, 96)[0]
+    return copied
+
+
 def _checkpointing() -> bool:
     return any(thread.name == THREAD for thread in threading.enumerate())
 
@@ -40,14 +48,13 @@ def test_the_thread_copies_the_wal_so_that_commits_start_it_over(backstop: Backs
     db = backstop.db
     _commit(db)
     one = _frames(db)
+    _commit(db)
+    assert _frames(db) > one  # no checkpoint yet: the WAL holds both commits
     with Checkpointer(db, interval=0.01).running():
         assert _checkpointing()
-
-        def started_over() -> bool:
-            _commit(db)
-            return _frames(db) <= one
-
-        wait_until(started_over, what="a commit that starts the WAL over")
+        wait_until(lambda: _copied(db) == _frames(db), what="the WAL copied")
+        _commit(db)
+        assert _frames(db) <= one  # only this commit: the WAL started over
     assert not _checkpointing()
 
 
@@ -59,14 +66,24 @@ def test_no_thread_on_postgresql() -> None:
         assert not _checkpointing()
 
 
-def test_the_heap_is_frozen_while_serving_and_given_back_after() -> None:
-    gc.unfreeze()
-    with frozen_heap():
+def test_the_heap_is_frozen_while_serving_and_thawed_by_the_last_to_stop() -> None:
+    freeze = HeapFreeze()
+    with freeze.frozen():
+        assert gc.get_freeze_count() > 0
+        with freeze.frozen():  # a second app serving in the same process
+            pass
         assert gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0
 
 
-def test_the_app_serves_with_both(settings: Settings) -> None:
+def test_the_test_kit_does_not_freeze() -> None:
+    assert not heap.enabled  # turned off by the plugin, for this suite as for any other
+    with heap.frozen():
+        assert gc.get_freeze_count() == 0
+
+
+def test_the_app_serves_with_both(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heap, "enabled", True)
     with TestClient(create_app(settings, run_worker=False)) as client:
         assert client.get("/readyz").status_code == 200
         assert _checkpointing()
