@@ -229,13 +229,13 @@ def backstop_child() -> None:
 
     # As `backstop worker` does; here before "go", so that its one full collection is not
     # timed.
-    with backstop.serving():
-        print("ready", flush=True)
-        sys.stdin.readline()
-        try:
+    try:
+        with backstop.serving():
+            print("ready", flush=True)
+            sys.stdin.readline()
             asyncio.run(work())
-        finally:
-            backstop.close()
+    finally:
+        backstop.close()
 
 
 def huey_child(filename: str, tasks: int, synchronous: str) -> None:
