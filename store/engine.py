@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,6 +147,7 @@ class Database:
         # which hands over in microseconds; left to SQLite's busy handler they would sleep
         # and poll (1 ms, 2 ms, 5 ms, ...) and throughput would collapse under concurrency.
         self._write_lock = threading.RLock() if self.dialect == "sqlite" else nullcontext()
+        self._copy_rest = False
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Database:
@@ -161,16 +162,27 @@ class Database:
             if conn is not None:
                 with conn.begin():
                     yield conn
+                self._after_commit(conn)
                 return
-            with self.engine.connect() as own, own.begin():
-                yield own
+            with self.engine.connect() as own:
+                with own.begin():
+                    yield own
+                self._after_commit(own)
 
-    @contextmanager
-    def writers_held(self) -> Iterator[None]:
-        """Keep this process's writers waiting until the block ends (on SQLite; elsewhere
-        there is no such lock)."""
-        with self._write_lock:
-            yield
+    def copy_rest_of_wal(self) -> None:
+        """Have the next write of this process, once committed, copy what is left of the WAL
+        into the database file (see `store.checkpoints`). In the writer's own turn: a thread
+        that waited for a turn could wait long behind writers that commit back to back."""
+        self._copy_rest = self.dialect == "sqlite"
+
+    def _after_commit(self, conn: Connection) -> None:
+        if not self._copy_rest:
+            return
+        self._copy_rest = False
+        raw: Any = conn.connection.driver_connection
+        # PASSIVE: it never waits. What was committed stays so if the copy fails.
+        with suppress(sqlite3.Error):
+            raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
