@@ -1,11 +1,11 @@
 """A thread that keeps the SQLite WAL short, so that no commit has to copy it.
 
 Each process that serves (the app, `backstop worker`) runs one. Every `CHECKPOINT_INTERVAL`
-seconds after commits it copies the WAL into the database file (see `store.checkpoints`);
-the WAL then starts over at the next commit and never reaches the length at which SQLite
-makes a commit checkpoint (`store.engine.WAL_CHECKPOINT_PAGES`). That is left as it was,
-as a floor: a process that does not serve, or a WAL a long reader holds on to, is still
-checkpointed.
+seconds after commits it copies the WAL into the database file, and the process's next
+write copies the rest (see `store.checkpoints`); the WAL then starts over and never reaches
+the length at which SQLite makes a commit checkpoint (`store.engine.WAL_CHECKPOINT_PAGES`).
+That is left as it was, as a floor: a process that does not serve, or a WAL a long reader
+holds on to, is still checkpointed.
 """
 
 from __future__ import annotations

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gc
-import struct
 import threading
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,22 +15,9 @@ from app.settings import Settings
 from store.engine import Database
 from store.tasks import NewTask, enqueue_many
 from tests.support.waiting import wait_until
+from tests.support.wal import copied, frames
 
 THREAD = "backstop-checkpoint"
-
-
-def _frames(db: Database) -> int:
-    """`mxFrame` of the WAL index header (byte 16 of the -shm file, native order)."""
-    header = Path(f"{db.engine.url.database}-shm").read_bytes()[:20]
-    frames: int = struct.unpack_from("=I", header, 16)[0]
-    return frames
-
-
-def _copied(db: Database) -> int:
-    """`nBackfill`: the frames already copied into the database file (byte 96 of -shm)."""
-    header = Path(f"{db.engine.url.database}-shm").read_bytes()[:100]
-    copied: int = struct.unpack_from("=I", header, 96)[0]
-    return copied
 
 
 def _checkpointing() -> bool:
@@ -47,14 +32,14 @@ def _commit(db: Database) -> None:
 def test_the_thread_copies_the_wal_so_that_commits_start_it_over(backstop: Backstop) -> None:
     db = backstop.db
     _commit(db)
-    one = _frames(db)
+    one = frames(db)
     _commit(db)
-    assert _frames(db) > one  # no checkpoint yet: the WAL holds both commits
+    assert frames(db) > one  # no checkpoint yet: the WAL holds both commits
     with Checkpointer(db, interval=0.01).running():
         assert _checkpointing()
-        wait_until(lambda: _copied(db) == _frames(db), what="the WAL copied")
+        wait_until(lambda: copied(db) == frames(db), what="the WAL copied")
         _commit(db)
-        assert _frames(db) <= one  # only this commit: the WAL started over
+        assert frames(db) <= one  # only this commit: the WAL started over
     assert not _checkpointing()
 
 

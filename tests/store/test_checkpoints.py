@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import sqlite3
-import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from store.checkpoints import WalCheckpoints
 from store.engine import Database
 from store.tasks import NewTask, enqueue_many
+from tests.support.wal import frames
 
 
 def _commit(db: Database, count: int = 50) -> None:
     with db.write() as conn:
         enqueue_many(conn, [NewTask(name="t", args=["x" * 200]) for _ in range(count)])
-
-
-def _frames(db: Database) -> int:
-    """The frames in the WAL: `mxFrame` of the WAL index header, at byte 16 of the -shm
-    file (SQLite's documented WAL-index format, in native byte order)."""
-    header = Path(f"{db.engine.url.database}-shm").read_bytes()[:20]
-    frames: int = struct.unpack_from("=I", header, 16)[0]
-    return frames
 
 
 @pytest.fixture
@@ -48,12 +39,12 @@ def test_after_a_run_the_next_commit_starts_the_wal_over(
     db: Database, checkpoints: WalCheckpoints
 ) -> None:
     _commit(db)
-    one = _frames(db)
+    one = frames(db)
     _commit(db)
-    assert _frames(db) > one  # no checkpoint: the WAL holds both commits
+    assert frames(db) > one  # no checkpoint: the WAL holds both commits
     checkpoints.run()
     _commit(db)
-    assert _frames(db) <= one  # only this commit: the WAL started over
+    assert frames(db) <= one  # only this commit: the WAL started over
 
 
 def test_what_is_committed_during_the_copy_is_copied_by_the_next_write(
@@ -62,7 +53,7 @@ def test_what_is_committed_during_the_copy_is_copied_by_the_next_write(
     # Under load a commit lands while the copy runs; SQLite starts the WAL over only when
     # all of it was copied.
     _commit(db)
-    one = _frames(db)
+    one = frames(db)
     pragma = checkpoints._pragma
 
     def landing(sql: str) -> tuple[int, ...]:
@@ -75,9 +66,9 @@ def test_what_is_committed_during_the_copy_is_copied_by_the_next_write(
     checkpoints.run()
     monkeypatch.undo()
     _commit(db)  # no start over (not all copied); copies the rest once committed
-    assert _frames(db) > one
+    assert frames(db) > one
     _commit(db)
-    assert _frames(db) <= one
+    assert frames(db) <= one
 
 
 def test_a_failed_copy_after_a_commit_does_not_fail_the_write(db: Database) -> None:
@@ -98,7 +89,7 @@ def test_what_a_reader_still_needs_is_copied_by_the_next_run(
     db: Database, checkpoints: WalCheckpoints
 ) -> None:
     _commit(db)
-    one = _frames(db)
+    one = frames(db)
     reader = sqlite3.connect(str(db.engine.url.database), isolation_level=None)
     try:
         reader.execute("BEGIN")
@@ -111,7 +102,7 @@ def test_what_a_reader_still_needs_is_copied_by_the_next_run(
     assert checkpoints.run()
     assert not checkpoints.run()
     _commit(db)
-    assert _frames(db) <= one
+    assert frames(db) <= one
 
 
 def test_only_for_sqlite(db: Database) -> None:
