@@ -4,6 +4,7 @@ counts read from a Backstop database file while something else works on it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import select
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -160,6 +162,34 @@ def wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 30) -> No
             pass
         time.sleep(0.05)
     raise RuntimeError(f"server at {url} not ready after {timeout}s")
+
+
+# What a server thread is, by its Python name (the names `bench.apps` reports).
+THREAD_KINDS = {
+    "MainThread": "event loop",
+    "backstop-enqueue": "enqueue writer",
+    "AnyIO worker thread": "worker threads",
+}
+
+
+def thread_cpu(url: str) -> dict[str, float]:
+    """CPU seconds the server at `url` has used so far, by kind of thread (`THREAD_KINDS`;
+    the rest is "other"). A thread that ended meanwhile takes its seconds with it."""
+    with urllib.request.urlopen(f"{url}/bench/threads", timeout=10) as answer:
+        found = json.load(answer)
+    pid, names = found["pid"], found["threads"]
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds: dict[str, float] = defaultdict(float)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # it ended between the listing and the read
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # utime and stime: fields 14 and 15
+        seconds[THREAD_KINDS.get(names.get(tid, ""), "other")] += (
+            int(fields[11]) + int(fields[12])
+        ) / tick
+    return dict(seconds)
 
 
 @dataclass(frozen=True)
