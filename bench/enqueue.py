@@ -97,12 +97,17 @@ def one_run(
                     check(report, endpoint, conns, load, rows)
 
 
-def per_request(before: dict[str, float], after: dict[str, float], requests: int) -> Profile:
-    """CPU µs per request by kind of thread, between two readings of `harness.thread_cpu`."""
-    return {
-        kind: (seconds - before.get(kind, 0.0)) / max(requests, 1) * 1e6
-        for kind, seconds in after.items()
-    }
+def per_request(
+    before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]], requests: int
+) -> Profile:
+    """CPU µs per request by kind of thread, between two readings of `harness.thread_cpu`.
+    A thread that ended in between is left out: what it used is gone with it (AnyIO's idle
+    worker threads end after 10 s)."""
+    used: Profile = {}
+    for tid, (kind, seconds) in after.items():
+        start = before[tid][1] if tid in before else 0.0
+        used[kind] = used.get(kind, 0.0) + (seconds - start) / max(requests, 1) * 1e6
+    return used
 
 
 def check(report: Report, endpoint: str, conns: int, load: harness.Load, rows: int) -> None:

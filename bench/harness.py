@@ -16,7 +16,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -172,24 +171,23 @@ THREAD_KINDS = {
 }
 
 
-def thread_cpu(url: str) -> dict[str, float]:
-    """CPU seconds the server at `url` has used so far, by kind of thread (`THREAD_KINDS`;
-    the rest is "other"). A thread that ended meanwhile takes its seconds with it."""
+def thread_cpu(url: str) -> dict[str, tuple[str, float]]:
+    """The CPU seconds each thread of the server at `url` has used so far, by thread id,
+    with what kind of thread it is (`THREAD_KINDS`; the rest is "other")."""
     with urllib.request.urlopen(f"{url}/bench/threads", timeout=10) as answer:
         found = json.load(answer)
     pid, names = found["pid"], found["threads"]
     tick = os.sysconf("SC_CLK_TCK")
-    seconds: dict[str, float] = defaultdict(float)
+    seconds: dict[str, tuple[str, float]] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
         except OSError:  # it ended between the listing and the read
             continue
         fields = stat.rsplit(")", 1)[1].split()  # utime and stime: fields 14 and 15
-        seconds[THREAD_KINDS.get(names.get(tid, ""), "other")] += (
-            int(fields[11]) + int(fields[12])
-        ) / tick
-    return dict(seconds)
+        kind = THREAD_KINDS.get(names.get(tid, ""), "other")
+        seconds[tid] = (kind, (int(fields[11]) + int(fields[12])) / tick)
+    return seconds
 
 
 @dataclass(frozen=True)
