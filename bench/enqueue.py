@@ -166,21 +166,23 @@ def summarize(
                     met=slowest <= 1.0,
                 )
             )
-        compare(report, f"c={conns} {synchronous}", loads, synchronous, conns)
+        compare(report, loads, synchronous, conns)
     profile(report, synchronous, connections[0], profiles)
 
 
 def compare(
-    report: Report, label: str, loads: dict[Key, list[harness.Load]], synchronous: str, conns: int
+    report: Report, loads: dict[Key, list[harness.Load]], synchronous: str, conns: int
 ) -> None:
-    """The reference design against BackgroundTasks, and Backstop against the reference."""
+    """The reference design against BackgroundTasks, and Backstop against the reference
+    (labelled so, apart from the target's figures of the same endpoint)."""
     pairs = [*REFERENCES.items(), *AGAINST_REFERENCE.items()]
     for endpoint, peer_endpoint in pairs:
         mine = loads[(synchronous, conns, endpoint)]
         peer = loads[(synchronous, conns, peer_endpoint)]
+        against = "" if endpoint in REFERENCES else " vs reference"
         report.add(
             Figure(
-                f"{endpoint} c={conns} {synchronous}",
+                f"{endpoint} c={conns} {synchronous}{against}",
                 median(x.rps for x in mine),
                 "req/s",
                 peer=peer_endpoint.removeprefix("/bench/"),
