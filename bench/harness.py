@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,9 +289,14 @@ def by_status(data_dir: Path) -> dict[str, int]:
 
 def wait_finished(data_dir: Path, timeout: float, every: float = 0.005) -> float:
     """Poll until nothing is left to run; the monotonic time it was first seen so."""
+    return wait_until(lambda: unfinished(data_dir) == 0, timeout, every)
+
+
+def wait_until(done: Callable[[], bool], timeout: float, every: float = 0.005) -> float:
+    """Poll `done()` until it is true; the monotonic time it was first seen so."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if unfinished(data_dir) == 0:
+        if done():
             return time.monotonic()
         time.sleep(every)
     raise RuntimeError(f"tasks still unfinished after {timeout}s")
