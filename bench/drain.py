@@ -100,36 +100,12 @@ def measure(config: Config, tasks: int, server: str) -> float:
         data = Path(folder)
         if config.system == "huey":
             return drain_huey(config, data, tasks)
-        if config.postgres:
-            return drain_postgres(config, data, tasks, server)
-        return drain_backstop(config, data, tasks)
+        return drain_backstop(config, data, tasks, server)
 
 
-def drain_backstop(config: Config, data: Path, tasks: int) -> float:
-    from app.service import open_database
-    from app.settings import Settings
-    from store import migrate
-
-    name = "bench.noop" if config.kind == "sync" else "bench.async_noop"
-    db = open_database(Settings(data_dir=data, sqlite_synchronous=config.synchronous))
-    migrate.upgrade(db)
-    with db.write() as conn:
-        harness.backlog(conn, name, tasks)
-    db.dispose()
-    env = harness.backstop_env(
-        data,
-        concurrency=str(config.concurrency),
-        sqlite_synchronous=config.synchronous,
-    )
-    start, end = run_runners(config, env, data, lambda: harness.unfinished(data) == 0)
-    done = harness.succeeded(data)
-    if done != tasks:
-        raise RuntimeError(f"{config.label}: {done} of {tasks} tasks succeeded")
-    return tasks / (end - start)
-
-
-def drain_postgres(config: Config, data: Path, tasks: int, server: str) -> float:
-    """As `drain_backstop`, in a new database on the PostgreSQL server `server`."""
+def drain_backstop(config: Config, data: Path, tasks: int, server: str) -> float:
+    """One run of Backstop's runner processes, on a SQLite file under `data` or, with
+    `config.postgres`, in a new database on the PostgreSQL server `server`."""
     from sqlalchemy import text
 
     from app.service import open_database
@@ -137,29 +113,36 @@ def drain_postgres(config: Config, data: Path, tasks: int, server: str) -> float
     from store import migrate
     from store.engine import create_database, drop_database
 
-    name = f"backstop_bench_{uuid.uuid4().hex[:12]}"
-    url = create_database(server, name)
-    try:
-        db = open_database(Settings(data_dir=data, database_url=url))
-        try:
-            migrate.upgrade(db)
-            with db.write() as conn:
-                harness.backlog(conn, "bench.noop", tasks)
-            env = harness.backstop_env(data, concurrency=str(config.concurrency), database_url=url)
+    name = "bench.noop" if config.kind == "sync" else "bench.async_noop"
+    with contextlib.ExitStack() as stack:
+        url = ""
+        if config.postgres:
+            database = f"backstop_bench_{uuid.uuid4().hex[:12]}"
+            url = create_database(server, database)
+            stack.callback(drop_database, server, database)
+        db = open_database(
+            Settings(data_dir=data, database_url=url, sqlite_synchronous=config.synchronous)
+        )
+        stack.callback(db.dispose)
+        migrate.upgrade(db)
+        with db.write() as conn:
+            harness.backlog(conn, name, tasks)
 
-            def count(where: str) -> int:
-                with db.read() as conn:
-                    return int(
-                        conn.execute(text(f"SELECT count(*) FROM task WHERE {where}")).scalar_one()
-                    )
+        def count(where: str) -> int:
+            with db.read() as conn:
+                query = text(f"SELECT count(*) FROM task WHERE {where}")
+                return int(conn.execute(query).scalar_one())
 
-            unfinished = f"({CLAIMABLE_WHERE}) OR {RUNNING_WHERE}"
-            start, end = run_runners(config, env, data, lambda: count(unfinished) == 0)
-            done = count("status = 'succeeded'")
-        finally:
-            db.dispose()
-    finally:
-        drop_database(server, name)
+        env = harness.backstop_env(
+            data,
+            concurrency=str(config.concurrency),
+            sqlite_synchronous=config.synchronous,
+            database_url=url,
+        )
+        # The partial indexes' own predicates: they read the backlog, not the history.
+        unfinished = f"({CLAIMABLE_WHERE}) OR {RUNNING_WHERE}"
+        start, end = run_runners(config, env, data, lambda: count(unfinished) == 0)
+        done = count("status = 'succeeded'")
     if done != tasks:
         raise RuntimeError(f"{config.label}: {done} of {tasks} tasks succeeded")
     return tasks / (end - start)
