@@ -3,8 +3,8 @@
 from app import task, DurableTasks, TaskContext
 """
 
-from app.context import TaskContext
-from app.deps import DurableTasks
-from app.registry import task
+from app.api.deps import DurableTasks
+from app.tasks.context import TaskContext
+from app.tasks.registry import task
 
 __all__ = ["DurableTasks", "TaskContext", "task"]

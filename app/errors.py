@@ -1,4 +1,4 @@
-"""Errors of the service layer; `app.handlers` turns them (and the store's) into HTTP answers."""
+"""Errors of the service layer; `app.api.handlers` turns them (and the store's) into answers."""
 
 from __future__ import annotations
 

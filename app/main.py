@@ -8,10 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from app import handlers
-from app.middleware import BearerToken, BodyLimit
-from app.routes import examples, health, schedules, tasks
-from app.service import Backstop
+from app.api import demo, handlers, health, schedules, tasks
+from app.api.middleware import BearerToken, BodyLimit
+from app.backstop import Backstop
 from app.settings import Settings
 
 
@@ -49,7 +48,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     app.include_router(tasks.router)
     app.include_router(schedules.router)
     app.include_router(health.router)
-    app.include_router(examples.router)
+    app.include_router(demo.router)
     # The last added runs first: the token is checked before the body is read at all.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_token:

@@ -36,13 +36,13 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app import service
-from app.client import TaskRef
+from app import backstop as service
+from app.backstop import Backstop
+from app.enqueue import TaskRef
 from app.errors import InvalidArguments
-from app.registry import TaskSpec
-from app.runner import Runner
-from app.service import Backstop
+from app.runner.runner import Runner
 from app.settings import Settings
+from app.tasks.registry import TaskSpec
 from store import migrate
 from store import tasks as store_tasks
 from store.engine import Database, create_database, drop_database

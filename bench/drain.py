@@ -108,7 +108,7 @@ def drain_backstop(config: Config, data: Path, tasks: int, server: str) -> float
     `config.postgres`, in a new database on the PostgreSQL server `server`."""
     from sqlalchemy import text
 
-    from app.service import open_database
+    from app.backstop import open_database
     from app.settings import Settings
     from store import migrate
     from store.engine import create_database, drop_database
@@ -294,7 +294,7 @@ def compare(
 
 def backstop_child() -> None:
     """A runner process as `backstop worker` builds it, started on "go", stopped by SIGTERM."""
-    from app.service import Backstop
+    from app.backstop import Backstop
     from app.settings import Settings
 
     backstop = Backstop(Settings())

@@ -30,10 +30,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from app.client import TaskClient
-from app.registry import registry
-from app.service import Backstop, open_database
+from app.backstop import Backstop, open_database
+from app.enqueue import TaskClient
 from app.settings import Settings
+from app.tasks.registry import registry
 from bench import harness, tasks
 from bench.huey_app import Bench
 from bench.report import Figure, Report, arguments, header, median, percentile, rotated

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from app.service import Backstop
+from app.backstop import Backstop
 from app.settings import Settings
 from bench import harness
 from bench.report import Figure, Report, arguments, header

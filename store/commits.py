@@ -20,13 +20,11 @@ import contextlib
 import queue
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 
 from sqlalchemy.engine import Connection
 
-from store.engine import Database
+from store.engine import Database, KeptConnection
 from store.models import Task
 from store.tasks import NewTask, enqueue_batch, enqueue_once
 
@@ -128,7 +126,7 @@ class GroupEnqueue:
 
     def _write(self, batches: queue.SimpleQueue[list[_Job] | None]) -> None:
         """The writer thread: commit what has queued, in groups, until told to stop (None)."""
-        connection = _KeptConnection(self.db)
+        connection = KeptConnection(self.db)
         stopping = False
         try:
             while not stopping:
@@ -153,40 +151,12 @@ class GroupEnqueue:
             connection.close()
 
 
-class _KeptConnection:
-    """The writer thread's connection, kept from one group to the next: checking one out of
-    the pool and wrapping it anew costs as much as a small group's statements."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self._conn: Connection | None = None
-
-    @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """A write transaction on the kept connection; after a failure, on a new one (the
-        failure may have been the connection's)."""
-        if self._conn is None:
-            self._conn = self.db.engine.connect()
-        try:
-            with self.db.write(self._conn) as conn:
-                yield conn
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # a broken connection may fail to close
-                conn.close()
-
-
-def _commit(connection: _KeptConnection, group: list[_Job]) -> None:
+def _commit(connection: KeptConnection, group: list[_Job]) -> None:
     """Store the group in one transaction; if that fails, each task in one of its own."""
     if not group:
         return
     try:
-        with connection.transaction() as conn:
+        with connection.write() as conn:
             existing = _insert(conn, group)
     except Exception as error:
         if len(group) == 1:

@@ -203,6 +203,40 @@ class Database:
         self.engine.dispose()
 
 
+class KeptConnection:
+    """A single writer thread's connection, kept from one write transaction to the next.
+
+    Both of the process's writer threads hold one: the enqueue writer (`store.commits`) and
+    the runner's database thread (`app.runner.dbthread`). Checking a connection out of the
+    pool and wrapping it anew costs as much as a small transaction's statements. Use it from
+    its one thread only.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._conn: Connection | None = None
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction on the kept connection; after a failure the next one opens a
+        new connection (the failure may have been the connection's)."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self.db.engine.connect()
+        try:
+            with self.db.write(self._conn) as conn:
+                yield conn
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the connection (a broken one may fail to close: that is ignored)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(Exception):
+                conn.close()
+
+
 def create_database(server_url: str, name: str) -> str:
     """Create the PostgreSQL database `name` on the server `server_url` names; its URL."""
     url = sa.make_url(server_url)

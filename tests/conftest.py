@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 import tests.support.tasks  # noqa: F401  (registers the test tasks)
-from app.service import Backstop
+from app.backstop import Backstop
 from app.settings import Settings
 from app.testing import DATABASE_ENV
 from store.engine import Database

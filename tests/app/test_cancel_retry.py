@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app.backstop import Backstop
 from app.main import create_app
-from app.service import Backstop
 from app.settings import Settings
 from store import control, leases, outcomes
 from store import tasks as store_tasks
@@ -291,7 +291,7 @@ def test_an_async_function_asked_to_stop_before_it_starts_never_runs_on(
         control.cancel_task(conn, task.id)
     executor = backstop.runner.executor
     ctx = executor.context(claimed)
-    ctx._request_stop()
+    ctx.stop.request()
 
     async def run() -> float:
         started = time.monotonic()
@@ -426,7 +426,7 @@ def test_an_async_function_that_swallows_its_cancel_leaves_its_runner_task_uncan
 
         job = asyncio.ensure_future(attempt())
         await asyncio.wait_for(started.wait(), PROMPT)
-        ctx._request_stop()
+        ctx.stop.request()
         return await job
 
     outcome, cancelling = asyncio.run(run())

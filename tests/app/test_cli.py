@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.service import Backstop
+from app.backstop import Backstop
 from app.settings import Settings
 from store import migrate
 from store import tasks as store_tasks

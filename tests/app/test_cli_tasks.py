@@ -1,4 +1,4 @@
-"""`backstop tasks list|show|retry|cancel|enqueue|stats`: in-process through `app.cli.main`
+"""`backstop tasks list|show|retry|cancel|enqueue|stats`: in-process through `app.cli.commands.main`
 on the test's database, against the HTTP API's answers on the same file; a few through the
 installed entry point."""
 
@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app import task
-from app.cli import main
+from app.cli.commands import main
 from app.settings import Settings
 from store import leases
 from store.models import TaskStatus

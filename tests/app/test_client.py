@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from app.client import TaskClient
+from app.backstop import Backstop
+from app.enqueue import TaskClient
 from app.errors import InvalidArguments, InvalidSchedule
-from app.service import Backstop
 from store import tasks as store_tasks
 from store.engine import Database
 from store.errors import TaskNotFound

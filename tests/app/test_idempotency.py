@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from httpx2 import Response
 from sqlmodel import Session
 
+from app.backstop import Backstop
 from app.errors import BackstopError
-from app.service import Backstop
 from store import tasks as store_tasks
 from store.errors import IdempotencyConflict
 from store.models import TaskStatus

@@ -18,16 +18,16 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-import app.registry
-import app.service
+import app.backstop
+import app.tasks.registry
 from app import TaskContext, task
+from app.backstop import Backstop
 from app.errors import TaskDefinitionError
 from app.main import create_app
-from app.periodic import enqueue_due, periodic_specs, read_schedules, tick_task
-from app.recurrence import EPOCH, MAX_PERIODIC_NAME, Recurrence, crontab_weekdays, tick_key
-from app.registry import Registry
-from app.service import Backstop
+from app.runner.periodic import enqueue_due, periodic_specs, read_schedules, tick_task
 from app.settings import Settings
+from app.tasks.recurrence import EPOCH, MAX_PERIODIC_NAME, Recurrence, crontab_weekdays, tick_key
+from app.tasks.registry import Registry
 from store import schedules as store_schedules
 from store import tasks as store_tasks
 from store.engine import Database
@@ -47,8 +47,8 @@ def at(hour: int, minute: int, second: int = 0, *, day: int = 1) -> datetime:
 def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Registry:
     """An empty registry that `@task` fills and every Backstop of the test uses."""
     empty = Registry()
-    monkeypatch.setattr(app.registry, "registry", empty)
-    monkeypatch.setattr(app.service, "registry", empty)
+    monkeypatch.setattr(app.tasks.registry, "registry", empty)
+    monkeypatch.setattr(app.backstop, "registry", empty)
     return empty
 
 

@@ -16,9 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from app.backstop import Backstop
 from app.main import create_app
-from app.runner import Runner
-from app.service import Backstop
+from app.runner.runner import Runner
 from app.settings import Settings, parse_queues
 from store import tasks as store_tasks
 from store.models import TaskStatus

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from tenacity import retry_if_exception_type, wait_fixed
 
-import app.registry
+import app.tasks.registry
 from app import TaskContext, task
+from app.backstop import Backstop
 from app.errors import InvalidArguments, NotATask, TaskDefinitionError, UnknownTask
-from app.registry import Registry
-from app.service import Backstop
+from app.tasks.registry import Registry
 from store import tasks as store_tasks
 from store.models import TaskStatus
 from tests.support.tasks import echo
@@ -23,7 +23,7 @@ from tests.support.tasks import echo
 def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Registry:
     """An empty process-wide registry for this test, so `@task` here leaves no trace."""
     empty = Registry()
-    monkeypatch.setattr(app.registry, "registry", empty)
+    monkeypatch.setattr(app.tasks.registry, "registry", empty)
     return empty
 
 

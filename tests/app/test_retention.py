@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import pytest
 from fastapi.testclient import TestClient
 
-from app.retention import Pruner
-from app.service import Backstop, open_database
+from app.backstop import Backstop, open_database
+from app.runner.pruner import Pruner
 from app.settings import Settings
 from store import tasks as store_tasks
 from store.models import TaskStatus as S
@@ -111,12 +111,12 @@ def test_prune_logs_one_line_when_it_deleted_something_and_none_otherwise(
 ) -> None:
     finished(backstop.db, S.SUCCEEDED, T - 10 * HOUR)
     finished(backstop.db, S.FAILED, T - 10 * HOUR)
-    caplog.set_level(logging.INFO, logger="app.retention")
+    caplog.set_level(logging.INFO, logger="app.runner.pruner")
 
     asyncio.run(pruner(backstop).prune(now=T))
     asyncio.run(pruner(backstop).prune(now=T))
 
-    assert [r.getMessage() for r in caplog.records if r.name == "app.retention"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "app.runner.pruner"] == [
         "pruned 2 finished tasks past their age (1 succeeded, 1 failed)"
     ]
 
@@ -129,7 +129,7 @@ def test_the_periodic_job_logs_a_failure_instead_of_raising(
 
     asyncio.run(Pruner(broken, backstop.settings).run())
 
-    (record,) = [r for r in caplog.records if r.name == "app.retention"]
+    (record,) = [r for r in caplog.records if r.name == "app.runner.pruner"]
     assert record.levelno == logging.ERROR
     assert "pruning failed" in record.getMessage()
 

@@ -13,7 +13,7 @@ from tenacity import (
     wait_fixed,
 )
 
-from app.retry import DEFAULT_POLICY, RetryPolicy, next_run_at
+from app.tasks.retry import DEFAULT_POLICY, RetryPolicy, next_run_at
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 

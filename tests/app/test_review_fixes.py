@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.context import TaskContext
+from app.backstop import Backstop
 from app.errors import TaskDefinitionError
 from app.main import create_app
-from app.registry import task
-from app.service import Backstop
 from app.settings import Settings
+from app.tasks.context import TaskContext
+from app.tasks.registry import task
 from store import tasks as store_tasks
 from store.models import TaskStatus
 

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from app import pipeline
-from app.runner import Runner
-from app.service import Backstop
+from app.backstop import Backstop
+from app.runner import pipeline
+from app.runner.runner import Runner
 from store import attempts as store_attempts
 from store import leases
 from store import outcomes as store_outcomes

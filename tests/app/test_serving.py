@@ -8,9 +8,9 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from app.checkpoints import Checkpointer
+from app.backstop import Backstop, HeapFreeze, heap
 from app.main import create_app
-from app.service import Backstop, HeapFreeze, heap
+from app.runner.checkpointer import Checkpointer
 from app.settings import Settings
 from store.engine import Database
 from store.tasks import NewTask, enqueue_many

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from app import wakeup
-from app.wakeup import Doorbell, _Writes
+from app.runner import wakeup
+from app.runner.wakeup import Doorbell, _Writes
 from store.engine import Database
 from store.tasks import NewTask, enqueue
 from tests.support.waiting import wait_until

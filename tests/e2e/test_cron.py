@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from app.recurrence import tick_key
+from app.tasks.recurrence import tick_key
 from store import tasks as store_tasks
 from store.engine import Database
 from store.models import Task, TaskStatus

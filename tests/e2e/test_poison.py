@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from app.service import Backstop
+from app.backstop import Backstop
 from app.settings import Settings
 from store import attempts as store_attempts
 from store import tasks as store_tasks

@@ -92,7 +92,7 @@ def test_app_and_client_serve_the_api_without_starting_the_runner(
         from fastapi import FastAPI
         from fastapi.testclient import TestClient
 
-        from app.service import Backstop
+        from app.backstop import Backstop
 
 
         def test_app_is_built_by_create_app_on_the_settings(backstop_app, backstop_settings):

@@ -291,7 +291,7 @@ def test_the_wheel_ships_the_migrations_and_they_run_from_it(tmp_path: Path) -> 
         timeout=120,
     )
     assert built.returncode == 0, built.stderr
-    (wheel,) = wheels.glob("backstop-*.whl")
+    (wheel,) = wheels.glob("backstop_tasks-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         assert {

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from app.service import Backstop
+from app.backstop import Backstop
 from app.settings import Settings
 
 MakeBackstop = Callable[..., Backstop]

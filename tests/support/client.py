@@ -8,7 +8,7 @@ from datetime import datetime
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.service import Backstop
+from app.backstop import Backstop
 from store import tasks as store_tasks
 from store.models import Task
 

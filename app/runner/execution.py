@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
-from app.context import TaskContext
-from app.registry import Registry, TaskSpec, finite
-from app.retry import DEFAULT_POLICY, next_run_at
 from app.settings import Settings
+from app.tasks.context import TaskContext
+from app.tasks.registry import Registry, TaskSpec, finite
+from app.tasks.retry import DEFAULT_POLICY, next_run_at
 from store.models import Claim, TaskStatus
 from store.outcomes import Outcome
 from store.timeutil import utcnow
@@ -179,7 +179,7 @@ async def _awaited(
         asked = True
         task.cancel()
 
-    ctx._on_stop.append(stop)
+    ctx.stop.add_callback(stop)
     deadline = asyncio.timeout(spec.timeout)
     try:
         async with deadline:
@@ -196,7 +196,7 @@ async def _awaited(
             task.uncancel()  # the stop request's own: the attempt is recorded as cancelled
         raise
     finally:
-        ctx._on_stop.remove(stop)
+        ctx.stop.remove_callback(stop)
 
 
 def _json_result(value: Any) -> Any:

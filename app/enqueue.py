@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidSchedule
-from app.registry import Registry
+from app.tasks.registry import Registry
 from store import tasks as store_tasks
 from store.commits import GroupEnqueue
 from store.engine import Database

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from app.schemas import AttemptOut, StatsOut, TaskOut
+from app.api.schemas import AttemptOut, StatsOut, TaskOut
 from store.models import TaskStatus
 
 ERROR_WIDTH = 40

@@ -13,10 +13,10 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from app.cli_output import console, print_json, utc_time
-from app.periodic import read_schedules
-from app.schemas import ScheduleOut
-from app.service import Backstop
+from app.api.schemas import ScheduleOut
+from app.backstop import Backstop
+from app.cli.output import console, print_json, utc_time
+from app.runner.periodic import read_schedules
 from app.settings import Settings
 
 

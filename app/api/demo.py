@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 
-from app.builtins import append_line
-from app.deps import DurableTasks
+from app.api.deps import DurableTasks
+from app.tasks.builtins import append_line
 
 router = APIRouter(tags=["examples"])
 

@@ -5,7 +5,7 @@ An APScheduler `AsyncIOScheduler` drives the interval jobs: the claim (every
 frees up), the check for cancel requests, the heartbeat that renews the leases of running
 tasks, the reclaim of leases that lapsed elsewhere, and any extra jobs the service adds
 (periodic tasks, retention). The claims, the functions and their outcomes flow through the
-pipeline (`app.pipeline`): sync functions on threads, async ones on the loop. Every database
+pipeline (`app.runner.pipeline`): sync functions on threads, async ones on the loop. Every database
 call runs on one dedicated thread, so the loop never waits on SQLite's lock.
 """
 
@@ -23,14 +23,14 @@ from uuid import uuid4
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from app.dbthread import DatabaseThread
-from app.execution import Executor, report
-from app.pipeline import ALL_QUEUES, Pipeline, claim_queues
-from app.registry import Registry
-from app.retry import DEFAULT_POLICY, after_lapsed_lease
+from app.runner.dbthread import DatabaseThread
+from app.runner.execution import Executor, report
+from app.runner.pipeline import ALL_QUEUES, Pipeline, claim_queues
+from app.runner.pool import DaemonPool, call_on
+from app.runner.wakeup import Doorbell
 from app.settings import Settings
-from app.threads import DaemonPool, call_on
-from app.wakeup import Doorbell
+from app.tasks.registry import Registry
+from app.tasks.retry import DEFAULT_POLICY, after_lapsed_lease
 from store import control, leases
 from store import outcomes as store_outcomes
 from store import tasks as store_tasks
@@ -206,7 +206,7 @@ class Runner:
         if not leftover:
             return
         for entry in leftover:
-            entry.ctx._stop.set()  # sync functions see `cancelled`
+            entry.ctx.stop.flag()  # sync functions see `cancelled`
             if entry.job is not None:
                 entry.job.cancel()  # async ones are cancelled with their runner task
         # Whatever is still held goes back to the queue, outcomes that could not be written
@@ -232,7 +232,7 @@ class Runner:
             entry = self.pipeline.running.get(task_id)
             if entry is not None:
                 log.info("task %s attempt %d: cancelling", task_id, entry.claim.attempts)
-                entry.ctx._request_stop()
+                entry.ctx.stop.request()
 
         if self._accepting:
             call_on(self._loop, stop)
@@ -316,7 +316,7 @@ class Runner:
         for task_id, entry in held_before.items():
             if task_id not in held and self.pipeline.running.get(task_id) is entry:
                 log.warning("task %s attempt %d: lease lost", task_id, entry.claim.attempts)
-                entry.ctx._request_stop()
+                entry.ctx.stop.request()
 
     async def reclaim(self, *, now: datetime | None = None) -> list[Task]:
         """Fail the attempts whose leases lapsed (their runners died); the reclaimed tasks."""

@@ -7,7 +7,6 @@ transactions never queue behind each other on it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
-from store.engine import Database
+from store.engine import Database, KeptConnection
 
 T = TypeVar("T")
 
@@ -31,7 +30,7 @@ class DatabaseThread:
         self.db = db
         self.inline = inline
         self._executor: ThreadPoolExecutor | None = None
-        self._conn: Connection | None = None
+        self._kept = KeptConnection(db)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -57,21 +56,8 @@ class DatabaseThread:
             with self.db.write() as conn:
                 yield conn
             return
-        if self._conn is None or self._conn.closed or self._conn.invalidated:
-            self._conn = self.db.engine.connect()
-        try:
-            with self.db.write(self._conn) as conn:
-                yield conn
-        except BaseException:
-            if self._conn.invalidated:  # the connection broke: the next call opens another
-                self._close()
-            raise
-
-    def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        with self._kept.write() as conn:
+            yield conn
 
     def _thread(self) -> ThreadPoolExecutor:
         # Started on first use and again after a shutdown: a runner can stop and start.
@@ -124,7 +110,7 @@ class DatabaseThread:
             self._closed = True
             executor, self._executor = self._executor, None
         if executor is not None:
-            executor.submit(self._close)
+            executor.submit(self._kept.close)
             executor.shutdown(wait=True)
 
 

@@ -17,10 +17,10 @@ from tenacity.retry import retry_base
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from app.context import TaskContext
 from app.errors import InvalidArguments, NotATask, TaskDefinitionError, UnknownTask
-from app.recurrence import MAX_PERIODIC_NAME, Recurrence
-from app.retry import DEFAULT_POLICY, RetryPolicy
+from app.tasks.context import TaskContext
+from app.tasks.recurrence import MAX_PERIODIC_NAME, Recurrence
+from app.tasks.retry import DEFAULT_POLICY, RetryPolicy
 
 F = TypeVar("F", bound=Callable[..., Any])
 

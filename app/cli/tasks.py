@@ -2,8 +2,8 @@
 
 The commands work on the database directly (through `store/` and the task client), not over
 HTTP, and answer as the API does: `--json` prints the API's own bodies, the API's schema checks
-what `enqueue` is given, and every refusal is one line on stderr (`app.cli.main`): the API's
-`detail` where the API has one.
+what `enqueue` is given, and every refusal is one line on stderr (`app.cli.commands.main`):
+the API's `detail` where the API has one.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import typer
 from pydantic import ValidationError
 from rich.text import Text
 
-from app import cli_output as output
-from app.schemas import AttemptOut, StatsOut, TaskIn, TaskOut, TaskPageOut
-from app.service import Backstop
+from app.api.schemas import AttemptOut, StatsOut, TaskIn, TaskOut, TaskPageOut
+from app.backstop import Backstop
+from app.cli import output
 from app.settings import Settings
 from store import attempts as store_attempts
 from store import control

@@ -14,10 +14,10 @@ import uvicorn
 from pydantic import ValidationError
 from typer._click.exceptions import NoArgsIsHelpError
 
-from app.cli_schedules import schedules
-from app.cli_tasks import tasks_cli
+from app.backstop import Backstop, import_task_modules
+from app.cli.schedules import schedules
+from app.cli.tasks import tasks_cli
 from app.errors import BackstopError
-from app.service import Backstop, import_task_modules
 from app.settings import Settings, parse_queues
 from store.errors import StoreError
 

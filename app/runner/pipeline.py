@@ -21,10 +21,10 @@ from datetime import datetime
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
-from app.context import TaskContext
-from app.dbthread import DatabaseThread
-from app.execution import Executor, TaskTimeout, report
-from app.threads import DaemonPool, call_on
+from app.runner.dbthread import DatabaseThread
+from app.runner.execution import Executor, TaskTimeout, report
+from app.runner.pool import DaemonPool, call_on
+from app.tasks.context import TaskContext
 from store import leases
 from store import outcomes as store_outcomes
 from store.models import Claim, TaskStatus
@@ -230,7 +230,7 @@ class Pipeline:
             entry.claim.id,
             entry.claim.attempts,
         )
-        entry.ctx._request_stop()
+        entry.ctx.stop.request()
 
     # -- on a worker thread ----------------------------------------------------------------
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import Service
-from app.periodic import read_schedules
-from app.schemas import ScheduleOut
+from app.api.deps import Service
+from app.api.schemas import ScheduleOut
+from app.runner.periodic import read_schedules
 
 router = APIRouter(prefix="/schedules", tags=["schedules"])
 

@@ -10,21 +10,21 @@ import logging
 import threading
 from collections.abc import Iterator
 
-from app.checkpoints import Checkpointer
-from app.client import TaskClient
+from app.enqueue import TaskClient
 from app.errors import BackstopError, TaskModuleError
-from app.periodic import Periodic
-from app.registry import Registry, registry
-from app.retention import Pruner
-from app.runner import Runner
+from app.runner.checkpointer import Checkpointer
+from app.runner.periodic import Periodic
+from app.runner.pool import call_on
+from app.runner.pruner import Pruner
+from app.runner.runner import Runner
 from app.settings import Settings
-from app.threads import call_on
+from app.tasks.registry import Registry, registry
 from store import migrate
 from store.engine import Database, create_engine
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODULES = ("app.builtins",)
+BUILTIN_MODULES = ("app.tasks.builtins",)
 
 
 def import_task_modules(modules: list[str]) -> None:

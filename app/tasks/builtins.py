@@ -12,8 +12,8 @@ import httpx
 from pydantic import AfterValidator
 from tenacity import retry_if_exception, retry_if_exception_type
 
-from app.context import TaskContext
-from app.registry import task
+from app.tasks.context import TaskContext
+from app.tasks.registry import task
 
 # -- log.append -----------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from app.deps import Service
+from app.api.deps import Service
 from store import migrate
 
 router = APIRouter(tags=["health"])

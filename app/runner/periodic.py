@@ -22,9 +22,9 @@ from datetime import datetime
 
 from sqlalchemy.engine import Connection
 
-from app.recurrence import tick_key
-from app.registry import Registry, TaskSpec
-from app.runner import Runner
+from app.runner.runner import Runner
+from app.tasks.recurrence import tick_key
+from app.tasks.registry import Registry, TaskSpec
 from store import schedules as store_schedules
 from store import tasks as store_tasks
 from store.errors import IdempotencyConflict

@@ -11,8 +11,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.client import TaskClient
-from app.service import Backstop
+from app.backstop import Backstop
+from app.enqueue import TaskClient
 
 
 async def get_backstop(request: Request) -> Backstop:

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from app.deps import DurableTasks, Service
-from app.schemas import AttemptOut, StatsOut, TaskIn, TaskOut, TaskPageOut
+from app.api.deps import DurableTasks, Service
+from app.api.schemas import AttemptOut, StatsOut, TaskIn, TaskOut, TaskPageOut
 from store import attempts as store_attempts
 from store import control
 from store import stats as store_stats

@@ -1,0 +1,71 @@
+"""What a running task can know about itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from threading import Event, Lock
+
+from app.settings import Settings
+
+
+class StopRequest:
+    """The runner's word to a running task that it should stop, and the callbacks that carry
+    it into an async function (which is cancelled). Thread-safe: a cancel arrives from the
+    event loop while a sync function polls `TaskContext.cancelled` in its thread."""
+
+    def __init__(self) -> None:
+        self._event = Event()
+        self._lock = Lock()
+        self._callbacks: list[Callable[[], object]] = []
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was asked for."""
+        return self._event.is_set()
+
+    def flag(self) -> None:
+        """Ask for a stop without interrupting anything: a sync function sees it when it
+        next looks."""
+        self._event.set()
+
+    def request(self) -> None:
+        """Ask for a stop and interrupt the function (each callback runs once)."""
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback()
+
+    def add_callback(self, callback: Callable[[], object]) -> None:
+        """Call `callback` when a stop is requested (the executor cancels its asyncio task)."""
+        with self._lock:
+            self._callbacks.append(callback)
+
+    def remove_callback(self, callback: Callable[[], object]) -> None:
+        """Stop calling `callback`: the function it interrupts has returned."""
+        with self._lock:
+            self._callbacks.remove(callback)
+
+
+@dataclass
+class TaskContext:
+    """Filled in by the runner for a parameter annotated `TaskContext`; never passed by callers.
+
+    `attempt` is 1 for the first attempt (and again after an explicit retry). A function that
+    must not repeat a side effect keys it on `task_id`, and on `attempt > 1` checks whether
+    an earlier attempt already did it.
+    """
+
+    task_id: str
+    attempt: int
+    settings: Settings
+    stop: StopRequest = field(default_factory=StopRequest, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the task should stop: it was cancelled, timed out, lost its lease, or
+        its runner is shutting down past its grace. Long sync functions should check it."""
+        return self.stop.requested
