@@ -29,14 +29,18 @@ LOCAL_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 @pytest.fixture
 def server() -> str:
-    """A PostgreSQL server's URL; skips the test when nothing answers there."""
+    """A PostgreSQL server's URL. When nothing answers there the test skips, except under CI
+    (`CI=true`), where a missing server is a failure: `.ci/run` starts one."""
     url = os.environ.get(DATABASE_ENV, "").strip() or LOCAL_SERVER
     engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
     try:
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
     except sa.exc.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server answers at {url}: {exc.orig}")
+        reason = f"no PostgreSQL server answers at {url}: {exc.orig}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
     finally:
         engine.dispose()
     return url
