@@ -1,10 +1,11 @@
 """Backstop: durable background tasks for FastAPI services.
 
-from app import task, DurableTasks, TaskContext
+from app import Backstop, DurableTasks, TaskContext, task
 """
 
 from app.api.deps import DurableTasks
+from app.backstop import Backstop
 from app.tasks.context import TaskContext
 from app.tasks.registry import task
 
-__all__ = ["DurableTasks", "TaskContext", "task"]
+__all__ = ["Backstop", "DurableTasks", "TaskContext", "task"]

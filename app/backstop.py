@@ -1,4 +1,5 @@
-"""One Backstop instance: settings, database, registry, task client and (maybe) a runner."""
+"""One Backstop instance: settings, database, registry, task client and runner, and how an
+app takes it in: `lifespan` to start and stop it, `router` for its task API."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import gc
 import importlib
 import logging
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
+
+from fastapi import APIRouter, FastAPI
+from fastapi.concurrency import run_in_threadpool
 
 from app.enqueue import TaskClient
 from app.errors import BackstopError, TaskModuleError
@@ -119,10 +124,21 @@ class Pulse:
             await asyncio.wait_for(self._event.wait(), seconds)
 
 
-class Backstop:
-    """Everything one process needs, built from settings; `app.state.backstop` holds it."""
+live: weakref.WeakSet[Backstop] = weakref.WeakSet()
+"""Every Backstop instance alive in this process (the test kit finds an app's this way)."""
 
-    def __init__(self, settings: Settings, *, task_registry: Registry | None = None) -> None:
+
+class Backstop:
+    """Everything one process needs, built from settings (the environment's by default).
+
+    An app takes it in through `lifespan(app)`, which migrates the database and starts the
+    runner, and `router`, the task API; its endpoints enqueue through `DurableTasks`.
+    """
+
+    def __init__(
+        self, settings: Settings | None = None, *, task_registry: Registry | None = None
+    ) -> None:
+        settings = settings or Settings()
         self.settings = settings
         self.registry = task_registry or registry
         import_task_modules(settings.task_modules)
@@ -137,6 +153,54 @@ class Backstop:
         self.pruner = Pruner(self.runner.write, settings)
         self.runner.add_job("prune", self.pruner.run, settings.prune_interval)
         self.checkpointer = Checkpointer(self.db)
+        self._router: APIRouter | None = None
+        live.add(self)
+
+    @classmethod
+    def of(cls, app: FastAPI) -> Backstop:
+        """The Backstop of `app`: the one whose lifespan it entered (or `create_app` made)."""
+        backstop = getattr(app.state, "backstop", None)
+        if not isinstance(backstop, cls):
+            raise RuntimeError(
+                "this app has no Backstop: enter `backstop.lifespan(app)` in its lifespan"
+                " (or build it with app.main.create_app)"
+            )
+        return backstop
+
+    @property
+    def router(self) -> APIRouter:
+        """The task API (`/tasks...`, `/schedules`, `/readyz`) for `app.include_router`, under
+        any prefix; Backstop's token, body limit and error answers apply to it alone."""
+        if self._router is None:
+            from app.api.router import build_router  # the routes depend on this module
+
+            self._router = build_router(self)
+        return self._router
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Run Backstop for as long as `app` serves: migrate the database, start the runner
+        (unless `BACKSTOP_RUN_WORKER=false`), and at the end stop it gracefully.
+
+        `FastAPI(lifespan=backstop.lifespan)`, or `async with backstop.lifespan(app):` inside
+        the app's own lifespan. The app's endpoints then find this instance through
+        `DurableTasks` (the first to enter, when several Backstops share one app).
+        """
+        if getattr(app.state, "backstop", None) is None:
+            app.state.backstop = self
+        await run_in_threadpool(self.prepare)
+        with_runner = self.settings.run_worker
+        if with_runner:
+            await self.runner.start()
+        try:
+            with self.serving():
+                yield
+        finally:
+            try:
+                if with_runner:
+                    await self.runner.stop()
+            finally:
+                self.close()
 
     def prepare(self) -> None:
         """Create the data folder and bring the schema to the newest migration."""

@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app import backstop as service
+from app import backstop as backstop_module
 from app.backstop import Backstop
 from app.enqueue import TaskRef
 from app.errors import InvalidArguments
@@ -58,7 +58,7 @@ AppFactory = Callable[[Settings], FastAPI]
 
 def pytest_configure(config: pytest.Config) -> None:
     """A suite starts an app in nearly every test: it does not freeze the heap at each."""
-    service.heap.enabled = False
+    backstop_module.heap.enabled = False
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -131,11 +131,22 @@ def backstop_app(
     backstop_settings: Settings, backstop_app_factory: AppFactory
 ) -> Iterator[FastAPI]:
     """The app under test on the test's database, its runner not started."""
+    before = set(backstop_module.live)
     app = backstop_app_factory(backstop_settings)
     if not isinstance(getattr(app.state, "backstop", None), Backstop):
-        raise pytest.UsageError(
-            "the app factory must build its app with app.main.create_app(settings)"
-        )
+        # An app that mounts Backstop finds its instance when its lifespan starts; the kit
+        # needs it before: the one the factory made on the kit's settings.
+        made = [
+            backstop
+            for backstop in set(backstop_module.live) - before
+            if backstop.settings.url == backstop_settings.url
+        ]
+        if len(made) != 1:
+            raise pytest.UsageError(
+                "the app factory must build one Backstop on the settings it is given:"
+                " Backstop(settings), or app.main.create_app(settings)"
+            )
+        app.state.backstop = made[0]
     yield app
     # The lifespan closes the database when a client ran it; a test that only drains or
     # reads tasks never starts the app, and its pooled connections would outlive the test.
@@ -158,8 +169,7 @@ def backstop_client(backstop_app: FastAPI) -> Iterator[TestClient]:
 
 
 def _backstop(app: FastAPI) -> Backstop:
-    backstop: Backstop = app.state.backstop
-    return backstop
+    return Backstop.of(app)
 
 
 # -- running tasks -----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The seed pattern made durable: an endpoint that hands work off and answers at once."""
+"""The standalone service's demo route: the `BackgroundTasks` pattern made durable. Only
+`app.main.create_app` adds it; an app that mounts `Backstop.router` never has it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from pydantic import BaseModel, Field
 
 from app.api.deps import DurableTasks
 from app.tasks.builtins import append_line
-
-router = APIRouter(tags=["examples"])
 
 
 class MessageIn(BaseModel):
@@ -19,7 +18,17 @@ class MessageAccepted(BaseModel):
     task_id: str
 
 
-@router.post("/send-message", status_code=status.HTTP_202_ACCEPTED)
 def send_message(body: MessageIn, tasks: DurableTasks) -> MessageAccepted:
     """Append the message to `log.txt` in the background, durably."""
     return MessageAccepted(task_id=tasks.add_task(append_line, body.message))
+
+
+def add_routes(router: APIRouter) -> None:
+    """Add `POST /send-message` to `router`."""
+    router.add_api_route(
+        "/send-message",
+        send_message,
+        methods=["POST"],
+        status_code=status.HTTP_202_ACCEPTED,
+        tags=["examples"],
+    )

@@ -16,15 +16,17 @@ from app.enqueue import TaskClient
 
 
 async def get_backstop(request: Request) -> Backstop:
-    """The Backstop instance of the app serving this request."""
-    backstop: Backstop = request.app.state.backstop
-    return backstop
+    """The Backstop serving this request: the one whose router the route belongs to, or, in
+    the app's own endpoints, the one whose lifespan the app entered."""
+    backstop = getattr(request.state, "backstop", None)
+    if isinstance(backstop, Backstop):
+        return backstop
+    return Backstop.of(request.app)
 
 
 async def get_tasks(request: Request) -> TaskClient:
     """The task client: `tasks.add_task(fn, *args)` commits before the endpoint returns."""
-    tasks: TaskClient = request.app.state.backstop.tasks
-    return tasks
+    return (await get_backstop(request)).tasks
 
 
 Service = Annotated[Backstop, Depends(get_backstop)]

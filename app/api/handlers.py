@@ -1,27 +1,34 @@
-"""Turning typed errors into HTTP answers, in one place."""
+"""Turning typed errors into HTTP answers, in one place: the task API's routes answer
+through `error_response` (see `app.api.router`), so a team's own app keeps its handlers."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-from fastapi import FastAPI, Request, status
+from fastapi import status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app.errors import BackstopError
 from store.errors import IdempotencyConflict, InvalidCursor, InvalidTransition, TaskNotFound
 
+STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
+    (BackstopError, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (InvalidCursor, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (IdempotencyConflict, status.HTTP_422_UNPROCESSABLE_CONTENT),
+    (TaskNotFound, status.HTTP_404_NOT_FOUND),
+    (InvalidTransition, status.HTTP_409_CONFLICT),
+)
 
-def _answer(code: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
-    async def handler(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=code)
 
-    return handler
-
-
-def install(app: FastAPI) -> None:
-    """Register the handlers on `app`."""
-    app.add_exception_handler(BackstopError, _answer(status.HTTP_422_UNPROCESSABLE_CONTENT))
-    app.add_exception_handler(InvalidCursor, _answer(status.HTTP_422_UNPROCESSABLE_CONTENT))
-    app.add_exception_handler(TaskNotFound, _answer(status.HTTP_404_NOT_FOUND))
-    app.add_exception_handler(InvalidTransition, _answer(status.HTTP_409_CONFLICT))
-    app.add_exception_handler(IdempotencyConflict, _answer(status.HTTP_422_UNPROCESSABLE_CONTENT))
+def error_response(exc: Exception) -> JSONResponse | None:
+    """The answer for `exc`, or None when it is not one of the errors Backstop answers."""
+    if isinstance(exc, RequestValidationError):
+        # FastAPI's own format, whatever handler the host app installed for its routes.
+        return JSONResponse(
+            {"detail": jsonable_encoder(exc.errors())},
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        )
+    for kind, code in STATUS_OF:
+        if isinstance(exc, kind):
+            return JSONResponse({"detail": str(exc)}, status_code=code)
+    return None

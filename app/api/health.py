@@ -1,4 +1,5 @@
-"""Liveness and readiness."""
+"""Liveness (`/healthz`, the standalone service's) and readiness (`/readyz`, on the task API's
+router, so it sits under the prefix a team mounts Backstop at)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
 async def readyz(service: Service) -> dict[str, str] | JSONResponse:
     """200 when the database answers and its schema is current, else 503."""
     try:
@@ -30,3 +30,8 @@ async def readyz(service: Service) -> dict[str, str] | JSONResponse:
     if not current:
         return JSONResponse({"detail": "database schema is not current"}, status_code=503)
     return {"status": "ready"}
+
+
+def add_routes(router: APIRouter) -> None:
+    """Add `/readyz` to `router`."""
+    router.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"], response_model=None)

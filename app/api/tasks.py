@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from enum import Enum
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import DurableTasks, Service
@@ -16,23 +17,16 @@ from store import stats as store_stats
 from store import tasks as store_tasks
 from store.models import TaskStatus
 
-router = APIRouter(prefix="/tasks", tags=["tasks"])
-
 MAX_WAIT = 60.0
 # How often a waiting request re-reads a task that another process may finish; tasks this
 # process finishes wake it at once.
 WAIT_POLL = 0.25
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=TaskOut,
-    responses={200: {"model": TaskOut, "description": "Same Idempotency-Key and body again"}},
-)
 async def create_task(
     body: TaskIn,
     tasks: DurableTasks,
+    request: Request,
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> TaskOut:
@@ -54,13 +48,13 @@ async def create_task(
     )
     existing = await tasks.store_async(new, now)
     task = TaskOut.queued(new, now) if existing is None else TaskOut.of(existing)
-    response.headers["Location"] = f"/tasks/{task.id}"
+    # The path this was posted to, under whatever prefix the app mounted the router at.
+    response.headers["Location"] = f"{request.url.path.rstrip('/')}/{task.id}"
     if existing is not None:
         response.status_code = status.HTTP_200_OK
     return task
 
 
-@router.get("/stats", response_model=StatsOut)
 def task_stats(service: Service) -> StatsOut:
     """Counts per state and per queue, and how long the oldest due task has waited."""
     with service.db.read() as conn:
@@ -72,7 +66,6 @@ def task_stats(service: Service) -> StatsOut:
     )
 
 
-@router.get("", response_model=TaskPageOut)
 def list_tasks(
     service: Service,
     status: TaskStatus | None = None,
@@ -91,7 +84,6 @@ def list_tasks(
     )
 
 
-@router.get("/{task_id}", response_model=TaskOut)
 async def get_task(
     task_id: str,
     service: Service,
@@ -113,7 +105,6 @@ async def get_task(
         await service.finished.wait(min(remaining, WAIT_POLL))
 
 
-@router.post("/{task_id}/cancel", response_model=TaskOut)
 def cancel_task(task_id: str, service: Service) -> TaskOut:
     """Cancel a task: queued or retrying at once; running when its function stops; 409 if
     it already finished."""
@@ -124,7 +115,6 @@ def cancel_task(task_id: str, service: Service) -> TaskOut:
     return TaskOut.of(task)
 
 
-@router.post("/{task_id}/retry", response_model=TaskOut)
 def retry_task(task_id: str, service: Service) -> TaskOut:
     """Queue a failed or cancelled task again with a fresh attempt budget (history kept);
     409 in any other state."""
@@ -134,9 +124,28 @@ def retry_task(task_id: str, service: Service) -> TaskOut:
     return TaskOut.of(task)
 
 
-@router.get("/{task_id}/attempts", response_model=list[AttemptOut])
 def list_attempts(task_id: str, service: Service) -> list[AttemptOut]:
     """Every attempt at a task, oldest first, with its outcome, error and traceback."""
     with service.db.read() as conn:
         attempts = store_attempts.list_attempts(conn, task_id)
     return [AttemptOut.of(attempt) for attempt in attempts]
+
+
+def add_routes(router: APIRouter) -> None:
+    """Add the `/tasks` routes to `router` (the literal `/tasks/stats` before `/tasks/{id}`)."""
+    tags: list[str | Enum] = ["tasks"]
+    router.add_api_route(
+        "/tasks",
+        create_task,
+        methods=["POST"],
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=TaskOut,
+        responses={200: {"model": TaskOut, "description": "Same Idempotency-Key and body again"}},
+        tags=tags,
+    )
+    router.add_api_route("/tasks/stats", task_stats, methods=["GET"], tags=tags)
+    router.add_api_route("/tasks", list_tasks, methods=["GET"], tags=tags)
+    router.add_api_route("/tasks/{task_id}", get_task, methods=["GET"], tags=tags)
+    router.add_api_route("/tasks/{task_id}/cancel", cancel_task, methods=["POST"], tags=tags)
+    router.add_api_route("/tasks/{task_id}/retry", retry_task, methods=["POST"], tags=tags)
+    router.add_api_route("/tasks/{task_id}/attempts", list_attempts, methods=["GET"], tags=tags)

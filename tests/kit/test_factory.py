@@ -103,7 +103,7 @@ def test_without_either_the_app_is_backstops_own(
         ("service", "*backstop_app_factory must look like 'module:function', not 'service'*"),
         (
             "service:not_on_create_app",
-            "*the app factory must build its app with app.main.create_app(settings)*",
+            "*the app factory must build one Backstop on the settings it is given*",
         ),
     ],
 )

@@ -1,0 +1,111 @@
+"""The task API as one router: what `Backstop.router` is, and what the standalone app mounts.
+
+A team includes it in its own app under the prefix it chooses. Everything Backstop adds to a
+request happens here, on Backstop's routes alone: the bearer token, the body limit, and the
+error answers. The team's routes, handlers, middleware and `/docs` see none of it.
+
+Each route is a `BackstopRoute` bound to one `Backstop` (two instances can serve one process,
+or one app under two prefixes): its handler puts that instance on `request.state` for the
+dependencies in `app.api.deps`, then guards the request before FastAPI reads the body.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.types import Message
+
+from app.api import health, schedules, tasks
+from app.api.handlers import error_response
+
+if TYPE_CHECKING:
+    from app.backstop import Backstop
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+class BackstopRoute(APIRoute):
+    """A route of one Backstop instance's API (see `route_class`)."""
+
+    backstop: ClassVar[Backstop]
+    # Routes a load balancer must reach without the token.
+    open_endpoints: ClassVar[frozenset[Callable[..., Any]]] = frozenset({health.readyz})
+
+    def get_route_handler(self) -> Handler:
+        handler = super().get_route_handler()
+        backstop = self.backstop
+        settings = backstop.settings
+        expected = f"Bearer {settings.api_token}".encode() if settings.api_token else None
+        if self.endpoint in self.open_endpoints:
+            expected = None
+        limit = settings.max_body_bytes
+
+        async def guarded(request: Request) -> Response:
+            request.state.backstop = backstop
+            if expected is not None:
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, expected):
+                    detail = "missing or wrong bearer token" if given else "missing bearer token"
+                    return JSONResponse(
+                        {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                    )
+            too_large = JSONResponse(
+                {"detail": f"request body is over the limit of {limit} bytes"}, status_code=413
+            )
+            declared = request.headers.get("content-length")
+            if declared is not None:
+                try:
+                    if int(declared) > limit:
+                        return too_large
+                except ValueError:
+                    return JSONResponse({"detail": "invalid Content-Length header"}, 400)
+            seen = 0
+            receive = request.receive
+
+            async def counted() -> Message:
+                # A chunked body has no length up front: it is counted as it arrives.
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > limit:
+                        raise BodyTooLarge
+                return message
+
+            try:
+                return await handler(Request(request.scope, counted))
+            except Exception as exc:
+                # FastAPI turns a failure to read the body into a 400 of its own: the cause
+                # tells a body over the limit apart.
+                if seen > limit:
+                    return too_large
+                answer = error_response(exc)
+                if answer is None:
+                    raise
+                return answer
+
+        return guarded
+
+
+class BodyTooLarge(Exception):
+    """A request body passed the limit while it was read."""
+
+
+def route_class(backstop: Backstop) -> type[BackstopRoute]:
+    """The route class of `backstop`'s routes."""
+    return type("BackstopRoute", (BackstopRoute,), {"backstop": backstop})
+
+
+def build_router(backstop: Backstop) -> APIRouter:
+    """The task API of `backstop`: `/tasks...`, `/schedules`, `/readyz`, relative to the
+    prefix the app includes it under."""
+    router = APIRouter(route_class=route_class(backstop))
+    tasks.add_routes(router)
+    schedules.add_routes(router)
+    health.add_routes(router)
+    return router
