@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from app.api import demo, health
+from app.api import demo, handlers, health
 from app.api.middleware import BearerToken
 from app.api.router import route_class
 from app.backstop import Backstop
@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
         lifespan=backstop.lifespan,
     )
     app.state.backstop = backstop
+    handlers.install(app)
     app.include_router(backstop.router)
     app.include_router(health.router)
     examples = APIRouter(route_class=route_class(backstop))

@@ -1,9 +1,13 @@
-"""Turning typed errors into HTTP answers, in one place: the task API's routes answer
-through `error_response` (see `app.api.router`), so a team's own app keeps its handlers."""
+"""Turning typed errors into HTTP answers, in one place.
+
+The task API's routes answer through `error_response` (see `app.api.router`), so that an app
+that mounts Backstop keeps its own handlers; the standalone service also `install`s them on
+the whole app, for the routes a team adds to it.
+"""
 
 from __future__ import annotations
 
-from fastapi import status
+from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -32,3 +36,15 @@ def error_response(exc: Exception) -> JSONResponse | None:
         if isinstance(exc, kind):
             return JSONResponse({"detail": str(exc)}, status_code=code)
     return None
+
+
+def install(app: FastAPI) -> None:
+    """Answer Backstop's errors this way on every route of `app` (the standalone service)."""
+
+    async def handler(_request: Request, exc: Exception) -> JSONResponse:
+        answer = error_response(exc)
+        assert answer is not None  # registered for these kinds only
+        return answer
+
+    for kind, _code in STATUS_OF:
+        app.add_exception_handler(kind, handler)

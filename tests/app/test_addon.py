@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from app import Backstop, DurableTasks
+from app.main import create_app
 from app.settings import Settings
 from app.testing import Drain
 from store import tasks as store_tasks
@@ -207,3 +208,18 @@ def test_two_backstops_on_two_databases_serve_one_process(tmp_path: Path) -> Non
     assert [task.id for task in Drain(second)()] == [in_b["id"]]
     assert (tmp_path / "b" / "logs" / "log.txt").read_text() == "to b\n"
     assert not (tmp_path / "a" / "logs" / "log.txt").exists()
+
+
+def test_a_route_added_to_the_standalone_app_answers_backstop_s_errors(
+    settings: Settings,
+) -> None:
+    app = create_app(settings.model_copy(update={"run_worker": False}))
+
+    @app.post("/mine")
+    def mine(tasks: DurableTasks) -> dict[str, str]:
+        return {"task_id": tasks.add_task("no.such.task")}
+
+    with TestClient(app) as client:
+        answer = client.post("/mine")
+    assert answer.status_code == 422
+    assert "no.such.task" in answer.json()["detail"]
