@@ -63,7 +63,8 @@ def blocks(markdown: str) -> list[Block]:
     while number < len(lines):
         opening = FENCE.match(lines[number])
         number += 1
-        if opening is None:
+        # CommonMark: a backtick fence's info string has no backtick (that is inline code).
+        if opening is None or (opening["fence"][0] == "`" and "`" in opening["info"]):
             continue
         indent, fence = len(opening["indent"]), opening["fence"]
         start, body = number, []

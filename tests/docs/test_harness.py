@@ -37,6 +37,11 @@ def test_blocks_are_found_with_their_line_and_an_indented_fence_is_dedented() ->
     ]
 
 
+def test_inline_code_with_backticks_opens_no_block() -> None:
+    text = "\n".join(["Use", "  ```` ```python ```` for code.", "```text", "x", "```"])
+    assert [(b.line, b.info) for b in blocks(text)] == [(3, "text")]
+
+
 def test_each_python_block_is_a_script_a_file_or_a_test_and_other_languages_are_skipped() -> None:
     text = "\n".join(
         [
