@@ -1,5 +1,5 @@
 """What every benchmark prints: the versions, the machine, figures as ratios against a peer
-measured in the same run, and the targets of issue 4 they answer (met or not met)."""
+measured in the same run, and the performance targets they answer (met or not met)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class Figure:
     peer: str = ""
     peer_value: float | None = None
     ratio: float | None = None
-    target: str = ""  # "1", "3", "7"...: the number of the issue's target
+    target: str = ""  # "1", "3", "7"...: the number of the target (bench/README.md)
     goal: str = ""  # what the target asks of `ratio` (or of `value`), in words
     met: bool | None = None
 

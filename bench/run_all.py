@@ -108,7 +108,7 @@ def markdown(
         mine = [f for fs in figures.values() for f in fs if f.target == number_]
         shown = "<br>".join(brief(f) for f in mine)
         rows.append([number_, text, verdict(mine), shown])
-    lines += ["", "## Targets of issue 4", "", *table(rows)]
+    lines += ["", "## Targets", "", *table(rows)]
     for name, result in results.items():
         lines += ["", f"## {name}", ""]
         if isinstance(result, str):
