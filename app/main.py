@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from app import logs
 from app.api import demo, handlers, health, schedules, tasks
 from app.api.middleware import BearerToken, BodyLimit
 from app.backstop import Backstop
@@ -26,6 +27,8 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Here, not at import: the server has configured logging (or not) by now.
+        logs.configure(settings)
         await run_in_threadpool(backstop.prepare)
         if with_runner:
             await backstop.runner.start()
