@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -70,10 +69,12 @@ class TaskClient:
         The keyword names above are options, not arguments of `fn`; for a function with a
         parameter of one of those names, use `enqueue(fn, args, kwargs, ...)`.
         """
-        with flush_hint(session, args, kwargs):
+        try:
             new, now = self.prepare(
                 fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
             )
+        except InvalidArguments as error:
+            raise flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
         existing = self._store(new, now, session)
         return new.id if existing is None else existing.id
 
@@ -126,10 +127,12 @@ class TaskClient:
     ) -> tuple[Task, bool]:
         """`enqueue`, telling also whether this call stored the task (False: an earlier
         request with the same idempotency key did)."""
-        with flush_hint(session, args, kwargs):
+        try:
             new, now = self.prepare(
                 fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
             )
+        except InvalidArguments as error:
+            raise flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
         return _answer(new, now, self._store(new, now, session))
 
     def _store(self, new: NewTask, now: datetime, session: Session | None) -> Task | None:
@@ -170,10 +173,12 @@ class TaskClient:
         """`add_task` for `async def` endpoints: the event loop never waits on the database,
         and concurrent calls commit together. Committed when the await returns; with
         `session` (an `AsyncSession`), when the caller commits it."""
-        with flush_hint(session, args, kwargs):
+        try:
             new, now = self.prepare(
                 fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
             )
+        except InvalidArguments as error:
+            raise flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
         existing = await self._store_async(new, now, session)
         return new.id if existing is None else existing.id
 
@@ -193,10 +198,12 @@ class TaskClient:
         now: datetime | None = None,
     ) -> tuple[Task, bool]:
         """`submit` for callers on an event loop."""
-        with flush_hint(session, args, kwargs):
+        try:
             new, now = self.prepare(
                 fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
             )
+        except InvalidArguments as error:
+            raise flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
         return _answer(new, now, await self._store_async(new, now, session))
 
     async def _store_async(
@@ -273,21 +280,21 @@ class TaskClient:
         return None if created else task
 
 
-@contextlib.contextmanager
 def flush_hint(
+    error: InvalidArguments,
     session: Session | AsyncSession | None,
     args: Sequence[Any] | None,
     kwargs: Mapping[str, Any] | None,
-) -> Iterator[None]:
-    """Arguments refused in a call that joins a session: when one of them is None, say
-    that an id the database assigns exists only once the session is flushed."""
-    try:
-        yield
-    except InvalidArguments as error:
-        given = [*(args or ()), *(kwargs or {}).values()]
-        if session is None or not any(value is None for value in given):
-            raise
-        raise InvalidArguments(error.task, error.problem + FLUSH_HINT) from error
+) -> InvalidArguments:
+    """The error to raise for arguments refused in a call: with a session and a None among
+    them, one that says an id the database assigns exists only once the session is flushed
+    (the original as its cause); else the original."""
+    given = [*(args or ()), *(kwargs or {}).values()]
+    if session is None or not any(value is None for value in given):
+        return error
+    hinted = InvalidArguments(error.task, error.problem + FLUSH_HINT)
+    hinted.__cause__ = error
+    return hinted
 
 
 _WAKE_AFTER_COMMIT = "backstop.wake_after_commit"
