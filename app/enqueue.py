@@ -33,7 +33,7 @@ MAX_KEY_LENGTH = 200
 
 # Said when an argument is None in a call that joins a session: most likely the id of an
 # object added to that session, which the database assigns only at the flush.
-FLUSH_HINT = (
+_FLUSH_HINT = (
     "; if None stands for the id of an object added to this session, flush the session "
     "first (session.flush(), or await session.flush() for an AsyncSession) so that the "
     "database assigns it"
@@ -74,7 +74,7 @@ class TaskClient:
                 fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
             )
         except InvalidArguments as error:
-            raise flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
+            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
         existing = self._store(new, now, session)
         return new.id if existing is None else existing.id
 
@@ -132,7 +132,7 @@ class TaskClient:
                 fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
             )
         except InvalidArguments as error:
-            raise flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
+            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
         return _answer(new, now, self._store(new, now, session))
 
     def _store(self, new: NewTask, now: datetime, session: Session | None) -> Task | None:
@@ -148,7 +148,7 @@ class TaskClient:
             # and the local runner is woken only once it is committed.
             existing = self._insert(session.connection(), new, now)
             if existing is None:
-                wake_after_commit(session, self._wake)
+                _wake_after_commit(session, self._wake)
         else:
             existing = self._commits.enqueue(new, now)
             if existing is None:
@@ -178,7 +178,7 @@ class TaskClient:
                 fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
             )
         except InvalidArguments as error:
-            raise flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
+            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
         existing = await self._store_async(new, now, session)
         return new.id if existing is None else existing.id
 
@@ -203,7 +203,7 @@ class TaskClient:
                 fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
             )
         except InvalidArguments as error:
-            raise flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
+            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
         return _answer(new, now, await self._store_async(new, now, session))
 
     async def _store_async(
@@ -219,7 +219,7 @@ class TaskClient:
         conn = await session.connection()
         existing = await conn.run_sync(self._insert, new, now)
         if existing is None:
-            wake_after_commit(session.sync_session, self._wake)
+            _wake_after_commit(session.sync_session, self._wake)
         log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
         return existing
 
@@ -280,7 +280,7 @@ class TaskClient:
         return None if created else task
 
 
-def flush_hint(
+def _flush_hint(
     error: InvalidArguments,
     session: Session | AsyncSession | None,
     args: Sequence[Any] | None,
@@ -292,7 +292,7 @@ def flush_hint(
     given = [*(args or ()), *(kwargs or {}).values()]
     if session is None or not any(value is None for value in given):
         return error
-    hinted = InvalidArguments(error.task, error.problem + FLUSH_HINT)
+    hinted = InvalidArguments(error.task, error.problem + _FLUSH_HINT)
     hinted.__cause__ = error
     return hinted
 
@@ -300,7 +300,7 @@ def flush_hint(
 _WAKE_AFTER_COMMIT = "backstop.wake_after_commit"
 
 
-def wake_after_commit(session: Session, wake: Callable[[], None]) -> None:
+def _wake_after_commit(session: Session, wake: Callable[[], None]) -> None:
     """Call `wake` once `session`'s transaction commits; not at all if it rolls back.
 
     The wakes wait in `session.info`; two listeners per session, whatever the number of
