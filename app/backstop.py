@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from fastapi import APIRouter, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from app import logs
 from app.enqueue import TaskClient
 from app.errors import BackstopError, TaskModuleError
 from app.runner.checkpointer import Checkpointer
@@ -186,6 +187,8 @@ class Backstop:
         the app's own lifespan. The app's endpoints then find this instance through
         `DurableTasks` (the first to enter, when several Backstops share one app).
         """
+        # Here, not at import: the server has configured logging (or not) by now.
+        logs.configure(self.settings)
         if getattr(app.state, "backstop", None) is None:
             app.state.backstop = self
         await run_in_threadpool(self.prepare)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
-from app.errors import InvalidSchedule
+from app.errors import InvalidArguments, InvalidSchedule
 from app.tasks.registry import Registry
 from store import tasks as store_tasks
 from store.commits import GroupEnqueue
@@ -23,10 +23,21 @@ from store.models import Task
 from store.tasks import NewTask
 from store.timeutil import utcnow
 
+if TYPE_CHECKING:  # SQLAlchemy's asyncio extension needs greenlet, which a sync team lacks
+    from sqlalchemy.ext.asyncio import AsyncSession
+
 log = logging.getLogger(__name__)
 
 TaskRef = Callable[..., Any] | str
 MAX_KEY_LENGTH = 200
+
+# Said when an argument is None in a call that joins a session: most likely the id of an
+# object added to that session, which the database assigns only at the flush.
+_FLUSH_HINT = (
+    "; if None stands for the id of an object added to this session, flush the session "
+    "first (session.flush(), or await session.flush() for an AsyncSession) so that the "
+    "database assigns it"
+)
 
 
 class TaskClient:
@@ -58,9 +69,12 @@ class TaskClient:
         The keyword names above are options, not arguments of `fn`; for a function with a
         parameter of one of those names, use `enqueue(fn, args, kwargs, ...)`.
         """
-        new, now = self.prepare(
-            fn, list(args), kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
-        )
+        try:
+            new, now = self.prepare(
+                fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
+            )
+        except InvalidArguments as error:
+            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
         existing = self._store(new, now, session)
         return new.id if existing is None else existing.id
 
@@ -113,20 +127,28 @@ class TaskClient:
     ) -> tuple[Task, bool]:
         """`enqueue`, telling also whether this call stored the task (False: an earlier
         request with the same idempotency key did)."""
-        new, now = self.prepare(
-            fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
-        )
+        try:
+            new, now = self.prepare(
+                fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
+            )
+        except InvalidArguments as error:
+            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
         return _answer(new, now, self._store(new, now, session))
 
     def _store(self, new: NewTask, now: datetime, session: Session | None) -> Task | None:
         """Commit `new` (or add it to the caller's session); None when it was stored, else
         the earlier task with its idempotency key."""
         if session is not None:
+            if hasattr(session, "sync_session"):
+                raise TypeError(
+                    "add_task takes a Session; with an AsyncSession, "
+                    "await add_task_async(..., session=session)"
+                )
             # Join the caller's transaction: the task commits or rolls back with their data,
             # and the local runner is woken only once it is committed.
             existing = self._insert(session.connection(), new, now)
             if existing is None:
-                event.listen(session, "after_commit", lambda _session: self._wake(), once=True)
+                _wake_after_commit(session, self._wake)
         else:
             existing = self._commits.enqueue(new, now)
             if existing is None:
@@ -139,6 +161,7 @@ class TaskClient:
         fn: TaskRef,
         /,
         *args: Any,
+        session: AsyncSession | None = None,
         delay: float | None = None,
         run_at: datetime | None = None,
         queue: str | None = None,
@@ -148,11 +171,15 @@ class TaskClient:
         **kwargs: Any,
     ) -> str:
         """`add_task` for `async def` endpoints: the event loop never waits on the database,
-        and concurrent calls commit together. Committed when the await returns."""
-        new, now = self.prepare(
-            fn, list(args), kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
-        )
-        existing = await self.store_async(new, now)
+        and concurrent calls commit together. Committed when the await returns; with
+        `session` (an `AsyncSession`), when the caller commits it."""
+        try:
+            new, now = self.prepare(
+                fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
+            )
+        except InvalidArguments as error:
+            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
+        existing = await self._store_async(new, now, session)
         return new.id if existing is None else existing.id
 
     async def submit_async(
@@ -161,6 +188,7 @@ class TaskClient:
         args: list[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
         *,
+        session: AsyncSession | None = None,
         delay: float | None = None,
         run_at: datetime | None = None,
         queue: str | None = None,
@@ -170,10 +198,30 @@ class TaskClient:
         now: datetime | None = None,
     ) -> tuple[Task, bool]:
         """`submit` for callers on an event loop."""
-        new, now = self.prepare(
-            fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
-        )
-        return _answer(new, now, await self.store_async(new, now))
+        try:
+            new, now = self.prepare(
+                fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
+            )
+        except InvalidArguments as error:
+            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
+        return _answer(new, now, await self._store_async(new, now, session))
+
+    async def _store_async(
+        self, new: NewTask, now: datetime, session: AsyncSession | None
+    ) -> Task | None:
+        """`store_async`, or into the caller's `AsyncSession`."""
+        if session is None:
+            return await self.store_async(new, now)
+        if not hasattr(session, "sync_session"):
+            raise TypeError("add_task_async takes an AsyncSession; with a Session, call add_task")
+        # The same statements as the sync path, on the session's own connection and in its
+        # transaction: `run_sync` runs them where the async driver can be awaited.
+        conn = await session.connection()
+        existing = await conn.run_sync(self._insert, new, now)
+        if existing is None:
+            _wake_after_commit(session.sync_session, self._wake)
+        log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
+        return existing
 
     async def store_async(self, new: NewTask, now: datetime) -> Task | None:
         """Commit a task that `prepare` made: None once it is stored, or the earlier task
@@ -187,7 +235,7 @@ class TaskClient:
     def prepare(
         self,
         fn: TaskRef,
-        args: list[Any] | None,
+        args: Sequence[Any] | None,
         kwargs: dict[str, Any] | None,
         delay: float | None,
         run_at: datetime | None,
@@ -230,6 +278,51 @@ class TaskClient:
             return None
         task, created = store_tasks.enqueue_once(conn, new, now=now)
         return None if created else task
+
+
+def _flush_hint(
+    error: InvalidArguments,
+    session: Session | AsyncSession | None,
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+) -> InvalidArguments:
+    """The error to raise for arguments refused in a call: with a session and a None among
+    them, one that says an id the database assigns exists only once the session is flushed
+    (the original as its cause); else the original."""
+    given = [*(args or ()), *(kwargs or {}).values()]
+    if session is None or not any(value is None for value in given):
+        return error
+    hinted = InvalidArguments(error.task, error.problem + _FLUSH_HINT)
+    hinted.__cause__ = error
+    return hinted
+
+
+_WAKE_AFTER_COMMIT = "backstop.wake_after_commit"
+
+
+def _wake_after_commit(session: Session, wake: Callable[[], None]) -> None:
+    """Call `wake` once `session`'s transaction commits; not at all if it rolls back.
+
+    The wakes wait in `session.info`; two listeners per session, whatever the number of
+    tasks added, call them at the commit and forget them when the transaction ends.
+    """
+    waiting: set[Callable[[], None]] = session.info.setdefault(_WAKE_AFTER_COMMIT, set())
+    waiting.add(wake)
+    if not event.contains(session, "after_commit", _committed):
+        event.listen(session, "after_commit", _committed)
+        event.listen(session, "after_transaction_end", _ended)
+
+
+def _committed(session: Session) -> None:
+    if session.in_nested_transaction():
+        return  # a savepoint released: nothing is committed yet
+    for wake in session.info.pop(_WAKE_AFTER_COMMIT, ()):
+        wake()
+
+
+def _ended(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:  # the outermost transaction, committed or not
+        session.info.pop(_WAKE_AFTER_COMMIT, None)
 
 
 def _answer(new: NewTask, now: datetime, existing: Task | None) -> tuple[Task, bool]:

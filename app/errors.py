@@ -31,6 +31,7 @@ class InvalidArguments(BackstopError):
 
     def __init__(self, task: str, problem: str) -> None:
         self.task = task
+        self.problem = problem
         super().__init__(f"bad arguments for task {task!r}: {problem}")
 
 

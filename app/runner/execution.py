@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic_core import to_jsonable_python
@@ -19,7 +19,7 @@ from app.settings import Settings
 from app.tasks.context import TaskContext
 from app.tasks.registry import Registry, TaskSpec, finite
 from app.tasks.retry import DEFAULT_POLICY, next_run_at
-from store.models import Claim, TaskStatus
+from store.models import Claim, Task, TaskStatus
 from store.outcomes import Outcome
 from store.timeutil import utcnow
 
@@ -54,7 +54,7 @@ class Executor:
 
     def call_sync(self, claim: Claim, ctx: TaskContext, *, now: datetime | None = None) -> Outcome:
         """Run a sync function on this thread; its outcome. Never raises."""
-        log.debug("task %s attempt %d: running %s", claim.id, claim.attempts, claim.name)
+        _started(claim)
         spec: TaskSpec | None = None
         try:
             spec = self.registry.get(claim.name)
@@ -74,11 +74,11 @@ class Executor:
         the attempt is recorded (the store turns it into `cancelled`).
         """
         spec: TaskSpec | None = None
-        log.debug("task %s attempt %d: running %s", claim.id, claim.attempts, claim.name)
         try:
             spec = self.registry.get(claim.name)
             if not spec.is_async:
                 return self.call_sync(claim, ctx, now=now)
+            _started(claim)
             args, kwargs = self._arguments(spec, claim, ctx)
             result = _json_result(await _awaited(spec, args, kwargs, ctx))
         except asyncio.CancelledError:
@@ -145,20 +145,58 @@ def _describe(error: BaseException) -> tuple[str, str | None]:
     return message, trace
 
 
+def attempt_of(claim: Claim | Task) -> str:
+    """How every line about an attempt begins: `task <id> (<name>) attempt 2/5`."""
+    return f"task {claim.id} ({claim.name}) attempt {claim.attempts}/{claim.max_attempts}"
+
+
+def _started(claim: Claim) -> None:
+    # Checked first: the line is off by default, and its text would cost more than the check.
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s started", attempt_of(claim))
+
+
+def _when(run_at: datetime | None, now: datetime) -> str:
+    if run_at is None:
+        return "soon"
+    seconds = max((run_at - now).total_seconds(), 0.0)
+    return f"in {seconds:.1f}s (at {run_at.astimezone(UTC):%Y-%m-%dT%H:%M:%S}Z)"
+
+
 def report(claim: Claim, outcome: Outcome, state: TaskStatus | None) -> None:
-    """Log what was written for an attempt (`state` None: the lease was lost, nothing was)."""
-    number = claim.attempts
+    """Log the one line of an attempt once its outcome is written (`state` None: the lease
+    was lost, and nothing was): INFO for a success or a cancel, WARNING for a failure that
+    will be retried, ERROR for one that ends the task."""
+    if outcome.error is None and state is TaskStatus.SUCCEEDED:
+        if log.isEnabledFor(logging.INFO):  # as in `_started`
+            log.info("%s succeeded", attempt_of(claim))
+        return
+    attempt = attempt_of(claim)
     if state is None:
-        what = "success" if outcome.error is None else "failure"
-        log.warning("task %s attempt %d: lease lost; %s not recorded", claim.id, number, what)
-    elif outcome.error is None or state is TaskStatus.CANCELLED:
-        log.info("task %s attempt %d: %s", claim.id, number, state)
+        what = "success" if outcome.error is None else f"failure ({outcome.error})"
+        log.warning("%s lost its lease; its %s was not recorded", attempt, what)
+    elif state is TaskStatus.CANCELLED:
+        log.info("%s cancelled", attempt)
     elif state is TaskStatus.RETRYING:
-        log.info(
-            "task %s attempt %d: %s; retry at %s", claim.id, number, outcome.error, outcome.run_at
-        )
+        when = _when(outcome.run_at, outcome.now)
+        log.warning("%s failed, retry %s: %s", attempt, when, outcome.error)
+    elif claim.attempts >= claim.max_attempts:
+        log.error("%s failed, no attempts left: %s", attempt, outcome.error)
     else:
-        log.warning("task %s attempt %d: %s: %s", claim.id, number, state, outcome.error)
+        log.error("%s failed, not retried: %s", attempt, outcome.error)
+
+
+def report_expired(task: Task, now: datetime) -> None:
+    """Log the one line of an attempt whose lease lapsed (its runner died): WARNING when the
+    task is retried, ERROR when it fails."""
+    attempt = attempt_of(task)
+    if task.status is TaskStatus.RETRYING:
+        when = _when(task.scheduled_at, now)
+        log.warning("%s lost its runner, retry %s: %s", attempt, when, task.last_error)
+    elif task.attempts >= task.max_attempts:
+        log.error("%s lost its runner, no attempts left: %s", attempt, task.last_error)
+    else:
+        log.error("%s lost its runner, given up: %s", attempt, task.last_error)
 
 
 async def _awaited(

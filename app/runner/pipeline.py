@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
 from app.runner.dbthread import DatabaseThread
-from app.runner.execution import Executor, TaskTimeout, report
+from app.runner.execution import Executor, TaskTimeout, attempt_of, report
 from app.runner.pool import DaemonPool, call_on
 from app.tasks.context import TaskContext
 from store import leases
@@ -157,7 +157,7 @@ class Pipeline:
             outcome = self.executor.failed(entry.claim, None, error, now=entry.now)
         except BaseException:
             log.exception(
-                "task %s: its failure cannot be recorded; its lease will lapse", entry.claim.id
+                "%s: its failure cannot be recorded; its lease will lapse", attempt_of(entry.claim)
             )
             self._release([entry])
             self.wake()  # a slot is free, and no claim took it
@@ -226,9 +226,9 @@ class Pipeline:
         # its lease (the heartbeat renews it), so no retry runs beside it, and its slot stays
         # taken, so stuck threads cannot pile up.
         log.warning(
-            "task %s attempt %d: timed out; waiting for its thread to return",
-            entry.claim.id,
-            entry.claim.attempts,
+            "%s timed out after %gs; waiting for its thread to return",
+            attempt_of(entry.claim),
+            timeout,
         )
         entry.ctx.stop.request()
 
@@ -305,11 +305,7 @@ class Pipeline:
             with self.database.transaction() as conn:
                 states = store_outcomes.record(conn, [outcome])
         except Exception:
-            log.exception(
-                "task %s attempt %d: writing the outcome failed",
-                entry.claim.id,
-                entry.claim.attempts,
-            )
+            log.exception("%s: writing the outcome failed", attempt_of(entry.claim))
             self._retry_later([(entry, outcome)])
             return
         self._written([(entry, outcome)], states)
@@ -337,11 +333,7 @@ class Pipeline:
         given_up: list[Running] = []
         for entry, outcome in batch:
             if entry.failures >= len(RECORD_RETRIES):
-                log.error(
-                    "task %s attempt %d: outcome not recorded; its lease will lapse",
-                    entry.claim.id,
-                    entry.claim.attempts,
-                )
+                log.error("%s: outcome not recorded; its lease will lapse", attempt_of(entry.claim))
                 given_up.append(entry)
                 continue
             entry.failures += 1

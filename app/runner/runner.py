@@ -24,7 +24,7 @@ from uuid import uuid4
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from app.runner.dbthread import DatabaseThread
-from app.runner.execution import Executor, report
+from app.runner.execution import Executor, attempt_of, report, report_expired
 from app.runner.pipeline import ALL_QUEUES, Pipeline, claim_queues
 from app.runner.pool import DaemonPool, call_on
 from app.runner.wakeup import Doorbell
@@ -231,7 +231,7 @@ class Runner:
         def stop() -> None:
             entry = self.pipeline.running.get(task_id)
             if entry is not None:
-                log.info("task %s attempt %d: cancelling", task_id, entry.claim.attempts)
+                log.info("%s cancelling", attempt_of(entry.claim))
                 entry.ctx.stop.request()
 
         if self._accepting:
@@ -315,7 +315,7 @@ class Runner:
             return
         for task_id, entry in held_before.items():
             if task_id not in held and self.pipeline.running.get(task_id) is entry:
-                log.warning("task %s attempt %d: lease lost", task_id, entry.claim.attempts)
+                log.warning("%s lost its lease; asking it to stop", attempt_of(entry.claim))
                 entry.ctx.stop.request()
 
     async def reclaim(self, *, now: datetime | None = None) -> list[Task]:
@@ -340,13 +340,7 @@ class Runner:
             log.exception("runner %s: reclaim failed", self.worker_id)
             return []
         for task in reclaimed:
-            log.warning(
-                "task %s attempt %d: lease expired; now %s (%s)",
-                task.id,
-                task.attempts,
-                task.status,
-                task.last_error,
-            )
+            report_expired(task, now)
         if reclaimed:
             self._finished()
             self.notify()

@@ -1,0 +1,280 @@
+"""What Backstop logs about attempts, and that the lines show where nothing configures logging.
+
+Each attempt that fails, is retried, loses its runner or is given up logs exactly one line
+with the task's id, name, attempt and error; starts and successes log at INFO, which
+`BACKSTOP_LOG_LEVEL` leaves off by default. Under plain `uvicorn` (no logging configured)
+the lines reach stderr; where the host configured logging they go through its handlers only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from app import logs
+from app.backstop import Backstop
+from app.settings import Settings
+from store import leases
+from tests.support.backstops import MakeBackstop
+from tests.support.tasks import fatal, flaky
+from tests.support.waiting import wait_until
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+@pytest.fixture(autouse=True)
+def loggers_restored() -> Iterator[None]:
+    """Backstop's loggers as they were before the test: `configure` changes them for the
+    whole process."""
+    saved = [
+        (logger, logger.level, list(logger.handlers))
+        for logger in map(logging.getLogger, logs.LOGGERS)
+    ]
+    yield
+    for logger, level, handlers in saved:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+
+
+def backstop_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [
+        (record.levelname, record.getMessage())
+        for record in caplog.records
+        if record.name.startswith(("app.", "store."))
+    ]
+
+
+def dead_runner_claims(backstop: Backstop, now: datetime) -> None:
+    """Claim what is due for a runner that then dies: its lease lapses a second later."""
+    with backstop.db.write() as conn:
+        leases.claim_due(conn, "dead", 10, lease_seconds=1, now=now)
+
+
+# -- the lines ---------------------------------------------------------------------------
+
+
+def test_a_retried_failure_logs_one_warning_and_the_success_after_it_info(
+    backstop: Backstop, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="app")
+    task = backstop.tasks.enqueue(flaky, [1], now=T0)
+
+    asyncio.run(backstop.runner.run_once(now=at(0)))
+    asyncio.run(backstop.runner.run_once(now=at(2)))
+
+    attempt = f"task {task.id} (test.flaky) attempt"
+    assert backstop_lines(caplog) == [
+        ("INFO", f"{attempt} 1/5 started"),
+        (
+            "WARNING",
+            f"{attempt} 1/5 failed, retry in 2.0s (at 2030-01-01T12:00:02Z): "
+            "Flaky: attempt 1 of 1 planned failures",
+        ),
+        ("INFO", f"{attempt} 2/5 started"),
+        ("INFO", f"{attempt} 2/5 succeeded"),
+    ]
+
+
+def test_a_failure_the_policy_does_not_retry_logs_one_error(
+    backstop: Backstop, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="app")
+    task = backstop.tasks.enqueue(fatal, now=T0)
+
+    asyncio.run(backstop.runner.run_once(now=at(0)))
+
+    assert backstop_lines(caplog) == [
+        (
+            "ERROR",
+            f"task {task.id} (test.fatal) attempt 1/5 failed, not retried: "
+            "Fatal: not worth retrying",
+        )
+    ]
+
+
+def test_the_last_attempt_failing_logs_one_error_that_gives_up(
+    backstop: Backstop, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="app")
+    task = backstop.tasks.enqueue(flaky, [5], max_attempts=2, now=T0)
+
+    asyncio.run(backstop.runner.drain(now=at(0)))
+    asyncio.run(backstop.runner.drain(now=at(2)))
+
+    attempt = f"task {task.id} (test.flaky) attempt"
+    assert backstop_lines(caplog) == [
+        (
+            "WARNING",
+            f"{attempt} 1/2 failed, retry in 2.0s (at 2030-01-01T12:00:02Z): "
+            "Flaky: attempt 1 of 5 planned failures",
+        ),
+        (
+            "ERROR",
+            f"{attempt} 2/2 failed, no attempts left: Flaky: attempt 2 of 5 planned failures",
+        ),
+    ]
+
+
+def test_an_expired_lease_logs_one_warning_then_one_error_when_given_up(
+    make_backstop: MakeBackstop, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="app")
+    backstop = make_backstop(max_lease_expiries=2)
+    task = backstop.tasks.enqueue(flaky, [0], now=T0)
+
+    dead_runner_claims(backstop, at(0))
+    asyncio.run(backstop.runner.reclaim(now=at(1)))
+    dead_runner_claims(backstop, at(3))
+    asyncio.run(backstop.runner.reclaim(now=at(4)))
+
+    attempt = f"task {task.id} (test.flaky) attempt"
+    assert backstop_lines(caplog) == [
+        (
+            "WARNING",
+            f"{attempt} 1/5 lost its runner, retry in 2.0s (at 2030-01-01T12:00:03Z): "
+            "lease expired",
+        ),
+        (
+            "ERROR",
+            f"{attempt} 2/5 lost its runner, given up: "
+            "lease expired 2 times: the task may be crashing its runner",
+        ),
+    ]
+
+
+def test_an_expired_last_attempt_logs_one_error(
+    backstop: Backstop, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="app")
+    task = backstop.tasks.enqueue("test.echo", [7], max_attempts=1, now=T0)
+
+    dead_runner_claims(backstop, at(0))
+    asyncio.run(backstop.runner.reclaim(now=at(5)))
+
+    assert backstop_lines(caplog) == [
+        (
+            "ERROR",
+            f"task {task.id} (test.echo) attempt 1/1 lost its runner, no attempts left: "
+            "lease expired",
+        )
+    ]
+
+
+def test_by_default_starts_and_successes_are_not_logged(
+    backstop: Backstop, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # the root logger: the host would see everything
+    logs.configure(backstop.settings)
+    backstop.tasks.enqueue("test.echo", [1], now=T0)
+    failing = backstop.tasks.enqueue(fatal, now=T0)
+
+    asyncio.run(backstop.runner.drain(now=at(0)))
+
+    assert [(level, message.split(": ")[0]) for level, message in backstop_lines(caplog)] == [
+        ("ERROR", f"task {failing.id} (test.fatal) attempt 1/5 failed, not retried")
+    ]
+
+
+def test_the_log_level_setting_takes_a_level_name_in_any_case(tmp_path: Path) -> None:
+    assert Settings(data_dir=tmp_path, log_level="info").log_level == "INFO"
+    with pytest.raises(ValueError, match="log_level"):
+        Settings(data_dir=tmp_path, log_level="chatty")
+
+
+# -- where the lines go ------------------------------------------------------------------
+
+
+def without_root_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root logger as plain `uvicorn` leaves it: no handler. (In the test's body: pytest
+    adds its own when the test's call begins.)"""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+
+
+def test_with_no_logging_configured_the_lines_reach_stderr_once(
+    settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    without_root_handlers(monkeypatch)
+    logs.configure(settings)
+    logs.configure(settings)  # twice (two apps in one process): still one handler
+
+    logging.getLogger("app.runner.execution").warning("task t (n) attempt 1/5 failed, retry")
+    logging.getLogger("app.runner.execution").info("task t (n) attempt 1/5 started")
+    logging.getLogger("store.migrate").error("from the store")
+
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 2)[2] for line in err] == [
+        "WARNING app.runner.execution: task t (n) attempt 1/5 failed, retry",
+        "ERROR store.migrate: from the store",
+    ]
+
+
+def test_once_the_host_configures_logging_only_its_handlers_write(
+    settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    without_root_handlers(monkeypatch)
+    logs.configure(settings)
+    host = io.StringIO()
+    logging.getLogger().addHandler(logging.StreamHandler(host))  # after Backstop's set-up
+
+    logging.getLogger("app.runner.execution").error("task t (n) attempt 1/1 failed")
+
+    assert capsys.readouterr().err == ""
+    assert host.getvalue() == "task t (n) attempt 1/1 failed\n"
+
+
+# -- under plain uvicorn -----------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_under_plain_uvicorn_a_failed_attempt_shows_on_stderr(
+    backstop: Backstop, tmp_path: Path
+) -> None:
+    # Enqueued before the server starts: its runner claims it at once.
+    task = backstop.tasks.enqueue(fatal)
+    backstop.close()
+    stderr_path = tmp_path / "stderr.txt"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BACKSTOP_")}
+    env.update(
+        BACKSTOP_DATA_DIR=str(backstop.settings.data_dir),
+        BACKSTOP_TASK_MODULES="tests.support.tasks",
+        BACKSTOP_POLL_INTERVAL="0.05",
+        PYTHONPATH=str(REPO_ROOT),
+    )
+    with stderr_path.open("wb") as stderr:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--port", "0"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    line = (
+        f"ERROR app.runner.execution: task {task.id} (test.fatal) attempt 1/5 failed, "
+        "not retried: Fatal: not worth retrying"
+    )
+    try:
+        wait_until(
+            lambda: line in stderr_path.read_text(encoding="utf-8") or server.poll() is not None,
+            timeout=30,
+            what="the failure's line on the server's stderr",
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    output = stderr_path.read_text(encoding="utf-8")
+    assert output.count(line) == 1, output

@@ -1,0 +1,274 @@
+"""Enqueueing in the caller's own transaction: a `Session` or an `AsyncSession`, on SQLite
+and on PostgreSQL, beside a table of the team's own in the same database.
+
+A commit stores the team's row and the task; a rollback stores neither; the local runner is
+woken only after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from uuid import uuid4
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import registry as orm_registry
+from sqlmodel import Field, Session, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from app.enqueue import TaskClient
+from app.errors import InvalidArguments
+from app.tasks.registry import registry
+from store import migrate
+from store import tasks as store_tasks
+from store.engine import Database, create_database, drop_database
+from store.errors import IdempotencyConflict
+from store.models import Task
+
+T = TypeVar("T")
+
+
+class TeamModel(SQLModel, registry=orm_registry()):
+    """The team's own models: a metadata of their own, as in a service of theirs."""
+
+
+class Order(TeamModel, table=True):
+    """A table of the team's, in the same database as Backstop's."""
+
+    __tablename__ = "team_order"
+
+    id: int | None = Field(default=None, primary_key=True)
+    item: str
+
+
+ORDERS = TeamModel.metadata.tables["team_order"]
+
+
+@dataclass
+class Place:
+    """A migrated database holding the team's table, and the URLs that reach it."""
+
+    db: Database
+    async_url: str
+    wakes: list[int]
+    tasks: TaskClient
+
+    def orders(self) -> list[str]:
+        with self.db.read() as conn:
+            return list(conn.execute(sa.select(ORDERS.c.item)).scalars())
+
+    def stored(self) -> list[Task]:
+        with self.db.read() as conn:
+            return store_tasks.list_tasks(conn, limit=100).items
+
+    def run(self, session_work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """`session_work` in a fresh `AsyncSession` on this database, on a loop of its own."""
+
+        async def main() -> T:
+            engine = create_async_engine(self.async_url)
+            try:
+                async with AsyncSession(engine) as session:
+                    return await session_work(session)
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(main())
+
+
+def _prepare(url: str, async_url: str) -> Iterator[Place]:
+    db = Database.from_url(url)
+    migrate.upgrade(db)
+    TeamModel.metadata.create_all(db.engine)
+    wakes: list[int] = []
+    client = TaskClient(db, registry, wake=lambda: wakes.append(1))
+    try:
+        yield Place(db, async_url, wakes, client)
+    finally:
+        client.close()
+        db.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Place]:
+    """The test's own database, on SQLite and on PostgreSQL in turn."""
+    if request.param == "sqlite":
+        path = tmp_path / "backstop.db"
+        yield from _prepare(f"sqlite:///{path}", f"sqlite+aiosqlite:///{path}")
+        return
+    server: str = request.getfixturevalue("server")
+    name = f"backstop_tx_{uuid4().hex[:12]}"
+    url = create_database(server, name)
+    try:
+        # The same `postgresql+psycopg://` URL: SQLAlchemy picks psycopg's async mode.
+        yield from _prepare(url, url)
+    finally:
+        drop_database(server, name)
+
+
+# -- a Session --------------------------------------------------------------------------
+
+
+def test_a_commit_stores_the_row_and_the_task_then_wakes_the_runner(place: Place) -> None:
+    with Session(place.db.engine) as session:
+        order = Order(item="book")
+        session.add(order)
+        session.flush()
+        order_id = order.id
+        task_id = place.tasks.add_task("test.echo", order_id, session=session)
+        assert place.stored() == []
+        assert place.wakes == []
+        session.commit()
+
+    assert place.wakes == [1]
+    assert place.orders() == ["book"]
+    [task] = place.stored()
+    assert (task.id, task.name, task.args) == (task_id, "test.echo", [order_id])
+
+
+def test_a_rollback_stores_neither_and_wakes_nothing(place: Place) -> None:
+    with Session(place.db.engine) as session:
+        order = Order(item="book")
+        session.add(order)
+        session.flush()
+        place.tasks.add_task("test.echo", order.id, session=session)
+        session.rollback()
+
+    assert place.orders() == []
+    assert place.stored() == []
+    assert place.wakes == []
+
+
+def test_an_id_not_yet_flushed_is_refused_with_the_advice_to_flush(place: Place) -> None:
+    with Session(place.db.engine) as session:
+        order = Order(item="book")
+        session.add(order)
+        with pytest.raises(InvalidArguments, match=r"session\.flush\(\)"):
+            place.tasks.add_task("test.echo", order.id, session=session)
+        session.commit()
+
+    assert place.orders() == ["book"]
+    assert place.stored() == []
+
+
+def test_an_idempotency_key_in_a_session_stores_one_task_and_a_rollback_frees_it(
+    place: Place,
+) -> None:
+    with Session(place.db.engine) as session:
+        first = place.tasks.add_task("test.echo", 1, session=session, idempotency_key="k")
+        again = place.tasks.add_task("test.echo", 1, session=session, idempotency_key="k")
+        assert again == first
+        with pytest.raises(IdempotencyConflict):
+            place.tasks.add_task("test.echo", 2, session=session, idempotency_key="k")
+        session.rollback()
+    assert place.stored() == []
+
+    with Session(place.db.engine) as session:
+        kept = place.tasks.add_task("test.echo", 1, session=session, idempotency_key="k")
+        session.commit()
+    assert kept != first
+    assert [task.id for task in place.stored()] == [kept]
+    assert place.tasks.add_task("test.echo", 1, idempotency_key="k") == kept
+
+
+def test_the_wake_waits_for_the_outer_commit_not_a_savepoint(place: Place) -> None:
+    with Session(place.db.engine) as session:
+        savepoint = session.begin_nested()
+        place.tasks.add_task("test.echo", 1, session=session)
+        savepoint.commit()
+        assert place.wakes == []
+        session.commit()
+    assert place.wakes == [1]
+
+
+# -- an AsyncSession --------------------------------------------------------------------
+
+
+def test_an_async_commit_stores_the_row_and_the_task_then_wakes_the_runner(
+    place: Place,
+) -> None:
+    async def work(session: AsyncSession) -> tuple[str, int | None]:
+        order = Order(item="lamp")
+        session.add(order)
+        await session.flush()
+        order_id = order.id
+        task_id = await place.tasks.add_task_async("test.echo", order_id, session=session)
+        assert place.stored() == []
+        assert place.wakes == []
+        await session.commit()
+        return task_id, order_id
+
+    task_id, order_id = place.run(work)
+
+    assert place.wakes == [1]
+    assert place.orders() == ["lamp"]
+    [task] = place.stored()
+    assert (task.id, task.args) == (task_id, [order_id])
+
+
+def test_an_async_rollback_stores_neither_and_wakes_nothing(place: Place) -> None:
+    async def work(session: AsyncSession) -> None:
+        order = Order(item="lamp")
+        session.add(order)
+        await session.flush()
+        await place.tasks.add_task_async("test.echo", order.id, session=session)
+        await session.rollback()
+
+    place.run(work)
+
+    assert place.orders() == []
+    assert place.stored() == []
+    assert place.wakes == []
+
+
+def test_submit_async_in_a_session_answers_the_task_and_whether_it_is_new(
+    place: Place,
+) -> None:
+    async def work(session: AsyncSession) -> list[tuple[Task, bool]]:
+        answers = [
+            await place.tasks.submit_async(
+                "test.echo", [7], session=session, idempotency_key="async-key"
+            )
+            for _ in range(2)
+        ]
+        await session.commit()
+        return answers
+
+    (first, created), (again, created_again) = place.run(work)
+
+    assert (created, created_again) == (True, False)
+    assert again.id == first.id
+    assert [task.id for task in place.stored()] == [first.id]
+    assert place.wakes == [1]
+
+
+def test_an_async_id_not_yet_flushed_is_refused_with_the_advice_to_flush(
+    place: Place,
+) -> None:
+    async def work(session: AsyncSession) -> None:
+        order = Order(item="lamp")
+        session.add(order)
+        with pytest.raises(InvalidArguments, match=r"await session\.flush\(\)"):
+            await place.tasks.add_task_async("test.echo", order.id, session=session)
+
+    place.run(work)
+    assert place.stored() == []
+
+
+def test_a_session_of_the_other_kind_is_refused_with_the_right_call(place: Place) -> None:
+    async def work(session: AsyncSession) -> None:
+        with pytest.raises(TypeError, match="add_task_async"):
+            place.tasks.add_task("test.echo", 1, session=session)  # type: ignore[arg-type]
+        with Session(place.db.engine) as sync_session, pytest.raises(TypeError, match="add_task"):
+            await place.tasks.add_task_async(
+                "test.echo",
+                1,
+                session=sync_session,  # type: ignore[arg-type]
+            )
+
+    place.run(work)
+    assert place.stored() == []
