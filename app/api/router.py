@@ -45,6 +45,10 @@ class BackstopRoute(APIRoute):
             expected = None
         limit = settings.max_body_bytes
 
+        def too_large() -> JSONResponse:
+            detail = f"request body is over the limit of {limit} bytes"
+            return JSONResponse({"detail": detail}, status_code=413)
+
         async def guarded(request: Request) -> Response:
             request.state.backstop = backstop
             if expected is not None:
@@ -54,14 +58,11 @@ class BackstopRoute(APIRoute):
                     return JSONResponse(
                         {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
                     )
-            too_large = JSONResponse(
-                {"detail": f"request body is over the limit of {limit} bytes"}, status_code=413
-            )
             declared = request.headers.get("content-length")
             if declared is not None:
                 try:
                     if int(declared) > limit:
-                        return too_large
+                        return too_large()
                 except ValueError:
                     return JSONResponse({"detail": "invalid Content-Length header"}, 400)
             seen = 0
@@ -83,7 +84,7 @@ class BackstopRoute(APIRoute):
                 # FastAPI turns a failure to read the body into a 400 of its own: the cause
                 # tells a body over the limit apart.
                 if seen > limit:
-                    return too_large
+                    return too_large()
                 answer = error_response(exc)
                 if answer is None:
                     raise
