@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import textwrap
 import time
 import zipfile
@@ -108,11 +107,6 @@ class Venv:
     @property
     def bin(self) -> Path:
         return self.root / "bin"
-
-    @property
-    def site_packages(self) -> Path:
-        purelib = sysconfig.get_path("purelib", vars={"base": str(self.root)})
-        return Path(purelib)
 
     def env(self, **settings: str) -> dict[str, str]:
         """This environment without anything that points into the checkout, the venv's
@@ -245,13 +239,18 @@ def test_backstop_is_imported_from_the_venv_not_the_checkout(venv: Venv, outside
         venv.run(
             "python",
             "-c",
-            "import app, store, app.cli.commands; print(app.__file__); print(store.__file__)",
+            "import sysconfig, app, store, app.cli.commands, app.testing\n"
+            "print(sysconfig.get_path('purelib'))\n"
+            "for module in (app, store, app.cli.commands, app.testing): print(module.__file__)",
             cwd=outside,
         )
     )
 
-    for line in done.stdout.splitlines():
-        assert Path(line).is_relative_to(venv.site_packages), line
+    site_packages, *files = map(Path, done.stdout.splitlines())
+    assert site_packages.is_relative_to(venv.root)
+    assert len(files) == 4
+    for file in files:
+        assert file.is_relative_to(site_packages), file
 
 
 def test_db_upgrade_creates_the_database(venv: Venv, outside: Path) -> None:
