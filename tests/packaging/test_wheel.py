@@ -51,6 +51,19 @@ def _check(done: subprocess.CompletedProcess[str]) -> subprocess.CompletedProces
     return done
 
 
+def _succeed(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a command of the suite's own environment; fail the test unless it exits 0."""
+    return _check(
+        subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False)
+    )
+
+
+def _tracked(*folders: str) -> list[str]:
+    """The files git tracks (under `folders`) that exist in the work tree."""
+    listed = _succeed("git", "-C", str(REPO), "ls-files", "-z", "--", *folders, timeout=30)
+    return [name for name in listed.stdout.split("\0") if name and (REPO / name).is_file()]
+
+
 # -- the wheel and the venvs ---------------------------------------------------------------
 
 
@@ -59,40 +72,23 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel, built from a copy of the files git tracks (as they are in the work tree)."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"
-    listed = _check(
-        subprocess.run(
-            ["git", "-C", str(REPO), "ls-files", "-z"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    )
-    for name in filter(None, listed.stdout.split("\0")):
-        if (REPO / name).is_file():  # a tracked file deleted in the work tree is gone
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, source / name)
+    for name in _tracked():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     out = root / "dist"
-    _check(
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "--quiet",
-                "--no-deps",
-                "--no-build-isolation",
-                "--no-cache-dir",
-                "--wheel-dir",
-                str(out),
-                str(source),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+    _succeed(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-cache-dir",
+        "--wheel-dir",
+        str(out),
+        str(source),
+        timeout=180,
     )
     (built,) = out.glob("backstop_tasks-*.whl")
     return built
@@ -134,32 +130,18 @@ class Venv:
 def _make_venv(root: Path, *requirements: str) -> Venv:
     venv = Venv(root)
     # No pip inside: the suite's own pip installs into it (`pip --python`), from the index.
-    _check(
-        subprocess.run(
-            [sys.executable, "-m", "venv", "--without-pip", str(root)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    )
-    _check(
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "--python",
-                str(venv.bin / "python"),
-                "install",
-                "--quiet",
-                *requirements,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
+    _succeed(sys.executable, "-m", "venv", "--without-pip", str(root), timeout=60)
+    python = str(venv.bin / "python")
+    _succeed(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        python,
+        "install",
+        "--quiet",
+        *requirements,
+        timeout=240,
     )
     return venv
 
@@ -188,17 +170,6 @@ def outside(tmp_path: Path) -> Path:
 # -- what the wheel holds ------------------------------------------------------------------
 
 
-def _tracked(*folders: str) -> set[str]:
-    listed = subprocess.run(
-        ["git", "-C", str(REPO), "ls-files", "--", *folders],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return {name for name in listed.stdout.splitlines() if (REPO / name).is_file()}
-
-
 def test_the_wheel_holds_every_package_its_data_and_nothing_else(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
@@ -209,7 +180,7 @@ def test_the_wheel_holds_every_package_its_data_and_nothing_else(wheel: Path) ->
             next(name for name in names if name.endswith(".dist-info/METADATA"))
         ).decode()
 
-    sources = _tracked("app", "store")
+    sources = set(_tracked("app", "store"))
     packages = {name.rpartition("/")[0] for name in sources if name.endswith("/__init__.py")}
     shipped = {name.rpartition("/")[0] for name in names if name.endswith("/__init__.py")}
     assert shipped == packages
