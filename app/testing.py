@@ -15,6 +15,9 @@ its own created there and dropped afterwards.
   (delays, retries) without waiting for the clock.
 - `backstop_tasks`: what was enqueued, to assert on without running it
   (`assert_enqueued("email.send", to="ada@example.com", ...)`).
+
+What it needs beyond Backstop is the `testing` extra: pytest, and httpx2 for the TestClient.
+The reference is docs/testing.md.
 """
 
 from __future__ import annotations
@@ -307,10 +310,10 @@ class TaskLog:
         self, name: TaskRef | None = None, *, status: TaskStatus | None = None
     ) -> list[Enqueued]:
         """Every task (of `name`, in `status`), oldest first."""
-        if name is not None and not isinstance(name, str):
-            name = self.backstop.registry.resolve(name).name
         from store import tasks as store_tasks
 
+        if name is not None and not isinstance(name, str):
+            name = self.backstop.registry.resolve(name).name
         found: list[Task] = []
         cursor = None
         with self.backstop.db.read() as conn:
