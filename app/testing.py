@@ -15,6 +15,9 @@ its own created there and dropped afterwards.
   (delays, retries) without waiting for the clock.
 - `backstop_tasks`: what was enqueued, to assert on without running it
   (`assert_enqueued("email.send", to="ada@example.com", ...)`).
+
+What it needs beyond Backstop is the `testing` extra: pytest, and httpx2 for the TestClient.
+The reference is docs/testing.md.
 """
 
 from __future__ import annotations
@@ -23,42 +26,49 @@ import asyncio
 import contextlib
 import importlib
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 from uuid import uuid4
 
 import pytest
-import sqlalchemy as sa
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
-from app import backstop as backstop_module
-from app.backstop import Backstop
-from app.enqueue import TaskRef
-from app.errors import InvalidArguments
-from app.runner.runner import Runner
-from app.settings import Settings
-from app.tasks.registry import TaskSpec
-from store import migrate
-from store import tasks as store_tasks
-from store.engine import Database, create_database, drop_database
-from store.models import Task, TaskStatus
-from store.timeutil import utcnow
+# Loaded in every pytest session of a venv that has Backstop, used or not: this module
+# imports nothing but the standard library and pytest when it loads. The app, the store and
+# the TestClient are imported by the fixtures that need them. The TestClient above all:
+# Starlette warns when it is imported without httpx2, and a suite that turns warnings into
+# errors would stop while loading this plugin.
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from app.backstop import Backstop
+    from app.enqueue import TaskRef
+    from app.settings import Settings
+    from app.tasks.registry import TaskSpec
+    from store.models import Task, TaskStatus
 
 DATABASE_ENV = "BACKSTOP_TEST_DATABASE_URL"
 FACTORY_INI = "backstop_app_factory"
 DEFAULT_FACTORY = "app.main:create_app"
 
-AppFactory = Callable[[Settings], FastAPI]
+AppFactory: TypeAlias = "Callable[[Settings], FastAPI]"
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def pytest_runtest_setup(item: pytest.Item) -> None:
     """A suite starts an app in nearly every test: it does not freeze the heap at each."""
-    backstop_module.heap.enabled = False
+    _stop_freezing()
+
+
+def _stop_freezing() -> None:
+    # Only once Backstop is loaded: a session that does not use it never imports it.
+    service = sys.modules.get("app.backstop")
+    if service is not None:
+        service.heap.enabled = False
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -76,6 +86,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def backstop_database_url(tmp_path: Path) -> Iterator[str]:
     """A fresh database for this test: SQLite under tmp_path, or a new PostgreSQL database
     on the server `BACKSTOP_TEST_DATABASE_URL` names (dropped after the test)."""
+    import sqlalchemy as sa
+
+    from store.engine import create_database, drop_database
+
     server = os.environ.get(DATABASE_ENV, "").strip()
     if not server:
         yield f"sqlite:///{tmp_path / 'backstop' / 'backstop.db'}"
@@ -94,6 +108,10 @@ def backstop_database_url(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def backstop_settings(tmp_path: Path, backstop_database_url: str) -> Settings:
     """Settings on the test's own migrated database; the runner does not start."""
+    from app.settings import Settings
+    from store import migrate
+    from store.engine import Database
+
     settings = Settings(
         data_dir=tmp_path / "backstop",
         database_url=backstop_database_url,
@@ -131,6 +149,10 @@ def backstop_app(
     backstop_settings: Settings, backstop_app_factory: AppFactory
 ) -> Iterator[FastAPI]:
     """The app under test on the test's database, its runner not started."""
+    from app import backstop as backstop_module
+    from app.backstop import Backstop
+
+    _stop_freezing()
     before = set(backstop_module.live)
     app = backstop_app_factory(backstop_settings)
     if not isinstance(getattr(app.state, "backstop", None), Backstop):
@@ -156,6 +178,8 @@ def backstop_app(
 @pytest.fixture
 def backstop_client(backstop_app: FastAPI) -> Iterator[TestClient]:
     """A TestClient for the app under test (its lifespan runs; its runner does not)."""
+    from fastapi.testclient import TestClient
+
     before = set(threading.enumerate())
     with TestClient(backstop_app) as client:
         yield client
@@ -169,6 +193,8 @@ def backstop_client(backstop_app: FastAPI) -> Iterator[TestClient]:
 
 
 def _backstop(app: FastAPI) -> Backstop:
+    from app.backstop import Backstop
+
     return Backstop.of(app)
 
 
@@ -195,6 +221,10 @@ class Drain:
 
         Stops with an error after `limit` attempts: a task that enqueues itself forever.
         """
+        from app.runner.runner import Runner
+        from store import tasks as store_tasks
+        from store.timeutil import utcnow
+
         backstop = self.backstop
         runner = Runner(
             backstop.db,
@@ -293,6 +323,8 @@ class TaskLog:
         self, name: TaskRef | None = None, *, status: TaskStatus | None = None
     ) -> list[Enqueued]:
         """Every task (of `name`, in `status`), oldest first."""
+        from store import tasks as store_tasks
+
         if name is not None and not isinstance(name, str):
             name = self.backstop.registry.resolve(name).name
         found: list[Task] = []
@@ -323,20 +355,25 @@ class TaskLog:
 
     def enqueued(self, name: TaskRef | None = None) -> list[Enqueued]:
         """The tasks still waiting to run (queued or retrying), oldest first."""
+        from store.models import TaskStatus
+
         return [
             item
             for item in self.all(name)
             if item.status in (TaskStatus.QUEUED, TaskStatus.RETRYING)
         ]
 
-    def assert_enqueued(self, name: TaskRef, *args: Any, **kwargs: Any) -> Enqueued:
+    def assert_enqueued(self, name: TaskRef, /, *args: Any, **kwargs: Any) -> Enqueued:
         """The one waiting task `name` with exactly these arguments; fails the test if
         there is none or more than one.
 
         Arguments compare as stored (JSON) and by parameter name: positional or keyword,
-        and a default left out or passed, make no difference.
+        and a default left out or passed, make no difference. `name` is positional only,
+        so a task may have a parameter called `name` too.
         """
         __tracebackhide__ = True
+        from app.errors import InvalidArguments
+
         if not isinstance(name, str):
             name = self.backstop.registry.resolve(name).name
         spec = self._spec(name)

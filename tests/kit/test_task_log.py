@@ -161,3 +161,39 @@ def test_assert_enqueued_fails_with_a_readable_message(
     )
     # The failure points at the test's own line, not into the kit.
     result.stdout.no_fnmatch_line("*app/testing.py*")
+
+
+def test_a_task_may_have_a_parameter_called_name(
+    pytester: pytest.Pytester, run_kit: RunKit
+) -> None:
+    pytester.makepyfile(
+        people="""
+        from app import task
+
+
+        @task(name="people.greet")
+        def greet(name: str, greeting: str = "Hello") -> str:
+            return f"{greeting}, {name}"
+        """,
+        test_people="""
+        import pytest
+
+        import people
+
+
+        def test_by_keyword_positionally_and_by_function(backstop_app, backstop_tasks):
+            task_id = backstop_app.state.backstop.tasks.add_task(people.greet, name="ada")
+
+            assert backstop_tasks.assert_enqueued("people.greet", name="ada").id == task_id
+            assert backstop_tasks.assert_enqueued("people.greet", "ada").id == task_id
+            by_function = backstop_tasks.assert_enqueued(people.greet, name="ada", greeting="Hello")
+            assert by_function.id == task_id
+            missing = r"people\\.greet\\(name='bob'\\), found 0"
+            with pytest.raises(pytest.fail.Exception, match=missing):
+                backstop_tasks.assert_enqueued("people.greet", name="bob")
+        """,
+    )
+
+    result = run_kit()
+
+    result.assert_outcomes(passed=1)

@@ -1,4 +1,7 @@
-"""The migrations build the schema the models describe, run safely twice or at once, and ship."""
+"""The migrations build the schema the models describe, and run safely twice or at once.
+
+That they ship in the wheel and run from it: tests/packaging/test_wheel.py.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +10,10 @@ import multiprocessing
 import os
 import queue
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import traceback
-import zipfile
 from collections.abc import Iterator
 from contextlib import closing
 from datetime import UTC, datetime
@@ -258,74 +258,3 @@ def test_two_processes_can_upgrade_a_fresh_file_at_once(tmp_path: Path) -> None:
             assert list(versions) == ["0002"]
     finally:
         db.dispose()
-
-
-def _copy_of_the_repo(target: Path) -> Path:
-    """The project's sources without the venv, git data or build leftovers of other runs."""
-    ignore = shutil.ignore_patterns(
-        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "data"
-    )
-    return Path(shutil.copytree(REPO, target, ignore=ignore))
-
-
-def test_the_wheel_ships_the_migrations_and_they_run_from_it(tmp_path: Path) -> None:
-    # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds.
-    source = _copy_of_the_repo(tmp_path / "src")
-    wheels = tmp_path / "wheels"
-    built = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-cache-dir",
-            "-w",
-            str(wheels),
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert built.returncode == 0, built.stderr
-    (wheel,) = wheels.glob("backstop_tasks-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-        assert {
-            "store/migrations/env.py",
-            "store/migrations/script.py.mako",
-            "store/migrations/versions/0001_initial.py",
-            "store/migrations/versions/0002_attempt_by_task_created.py",
-        } <= names
-        archive.extractall(tmp_path / "unzipped")
-
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    script = textwrap.dedent(
-        """
-        import sys
-        import store
-        from store import migrate
-        from store.engine import Database, create_database, drop_database
-
-        assert store.__file__.startswith(sys.argv[1]), store.__file__
-        db = Database.from_url(f"sqlite:///{sys.argv[2]}")
-        migrate.upgrade(db)
-        print(migrate.is_current(db))
-        """
-    )
-    db_file = tmp_path / "from-wheel" / "backstop.db"
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "unzipped"), str(db_file)],
-        cwd=elsewhere,
-        env={"PYTHONPATH": str(tmp_path / "unzipped"), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "True"
-    assert db_file.is_file()
