@@ -55,7 +55,7 @@ def _schema(db: Database) -> list[tuple[str, str, str | None]]:
 
 def test_upgrade_builds_the_schema_the_models_describe(db: Database) -> None:
     with db.read() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+        diffs = compare_metadata(migrate.context(conn), metadata)
     # Alembic compares columns, types, indexes and their columns, not the sort direction of
     # `priority DESC` nor partial WHERE clauses: those are checked in sqlite_master below.
     assert diffs == []
@@ -118,7 +118,7 @@ def test_upgrade_twice_changes_nothing(fresh: Database) -> None:
     assert migrate.is_current(fresh)
     with fresh.read() as conn:
         assert get_task(conn, task.id) == task
-        versions = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
+        versions = conn.exec_driver_sql("SELECT version_num FROM backstop_alembic_version").scalars()
         assert list(versions) == ["0002"]
 
 
@@ -254,7 +254,7 @@ def test_two_processes_can_upgrade_a_fresh_file_at_once(tmp_path: Path) -> None:
     try:
         assert migrate.is_current(db)
         with db.read() as conn:
-            versions = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
+            versions = conn.exec_driver_sql("SELECT version_num FROM backstop_alembic_version").scalars()
             assert list(versions) == ["0002"]
     finally:
         db.dispose()
