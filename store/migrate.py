@@ -8,12 +8,12 @@ own table are moved over by the next upgrade (`adopt_old_version_table`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from importlib.resources import files
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.environment import NameFilterParentNames, NameFilterType
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
@@ -42,8 +42,6 @@ def _script() -> ScriptDirectory:
     return ScriptDirectory.from_config(_config())
 
 
-
-
 def context(conn: Connection) -> MigrationContext:
     """Alembic's view of Backstop's part of the database on `conn`: its version table, and
     its tables alone for comparisons (`alembic.autogenerate.compare_metadata`)."""
@@ -63,7 +61,7 @@ def current_revision(conn: Connection) -> str | None:
 
 
 def without_backstop_tables(
-    name: str | None, type_: str, parent_names: Mapping[str, str | None]
+    name: str | None, type_: NameFilterType, parent_names: NameFilterParentNames
 ) -> bool:
     """An Alembic `include_name` for a team's own `env.py`: everything but Backstop's tables,
     so that the team's autogenerate (and `alembic check`) never proposes dropping them."""
@@ -73,7 +71,7 @@ def without_backstop_tables(
 
 
 def only_backstop_tables(
-    name: str | None, type_: str, parent_names: Mapping[str, str | None]
+    name: str | None, type_: NameFilterType, parent_names: NameFilterParentNames
 ) -> bool:
     """Backstop's own `include_name`: its tables alone, never a team's that share the database."""
     if type_ != "table":
