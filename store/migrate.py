@@ -55,6 +55,11 @@ def head_revision() -> str | None:
     return _script().get_current_head()
 
 
+def known_revisions() -> set[str]:
+    """Every migration this code ships."""
+    return {script.revision for script in _script().walk_revisions()}
+
+
 def current_revision(conn: Connection) -> str | None:
     """The migration the database is at (None for an empty database)."""
     return context(conn).get_current_revision()
@@ -91,8 +96,7 @@ def adopt_old_version_table(conn: Connection) -> list[str]:
     if VERSION_TABLE in tables or OLD_VERSION_TABLE not in tables or "task" not in tables:
         return []
     old = sa.table(OLD_VERSION_TABLE, sa.column("version_num", sa.String))
-    script = _script()
-    known = {revision.revision for revision in script.walk_revisions()}
+    known = known_revisions()
     ours = [
         revision
         for revision in conn.execute(sa.select(old.c.version_num)).scalars()
@@ -100,7 +104,7 @@ def adopt_old_version_table(conn: Connection) -> list[str]:
     ]
     if not ours:
         return []
-    new = context(conn)
+    new, script = context(conn), _script()
     for revision in ours:
         new.stamp(script, revision)
     conn.execute(sa.delete(old).where(old.c.version_num.in_(ours)))
