@@ -88,7 +88,7 @@ def _check_app(target: str, *, factory: bool) -> None:
     except BackstopError:
         raise
     except ModuleNotFoundError as error:
-        if error.name is not None and module_name.startswith(error.name):
+        if error.name is not None and f"{module_name}.".startswith(f"{error.name}."):
             raise AppNotFound(
                 f"--app {target!r}: no module named {error.name!r} "
                 f"(looked in {os.getcwd()} and the installed packages)"
