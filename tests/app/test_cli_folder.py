@@ -13,9 +13,11 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import uuid4
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from store import migrate
 from store.engine import Database
@@ -138,6 +140,18 @@ def test_a_missing_database_url_file_is_refused_naming_it(folder: Path, tmp_path
 
     assert str(elsewhere) in line
     assert not elsewhere.parent.exists()
+
+
+@pytest.mark.parametrize("command", [["tasks", "list"], ["db", "upgrade"]])
+def test_a_postgresql_database_that_does_not_exist_is_one_line(
+    folder: Path, server: str, command: list[str]
+) -> None:
+    missing = f"backstop_missing_{uuid4().hex[:12]}"
+    url = sa.make_url(server).set(database=missing).render_as_string(hide_password=False)
+
+    line = one_line(backstop(folder, *command, BACKSTOP_DATABASE_URL=url))
+
+    assert f'database "{missing}" does not exist' in line
 
 
 def test_a_database_behind_is_refused_and_left_as_it_is(folder: Path) -> None:
