@@ -1,20 +1,29 @@
-"""The `backstop` command: serve, worker, db upgrade."""
+"""The `backstop` command: serve, worker, db upgrade.
+
+It runs from the team's own folder as `uvicorn` does: the current directory is importable, so
+`--app myservice.main:app` and `BACKSTOP_TASK_MODULES=myservice.tasks` need no PYTHONPATH.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import os
 import signal
 import sys
 from types import FrameType
 from typing import Annotated
 
+import sqlalchemy as sa
 import typer
 import uvicorn
+from alembic.util.exc import CommandError
 from pydantic import ValidationError
 from typer._click.exceptions import NoArgsIsHelpError
 
 from app.backstop import Backstop, import_task_modules
+from app.cli.database import describe
 from app.cli.schedules import schedules
 from app.cli.tasks import tasks_cli
 from app.errors import BackstopError
@@ -46,21 +55,112 @@ def _configure_logging() -> None:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
+DEFAULT_APP = "app.main:app"
+
+
+class AppNotFound(BackstopError):
+    """An `--app` that does not name an importable application."""
+
+
+class MigrationFailed(BackstopError):
+    """The database could not be brought to the newest migration."""
+
+
+# The failures whose message says enough on its own; main prints them as one line.
+_EXPECTED = (
+    BackstopError,
+    StoreError,
+    ValidationError,
+    ValueError,
+    OSError,
+    CommandError,
+    sa.exc.SQLAlchemyError,
+)
+
+
+def _check_app(target: str, *, factory: bool) -> None:
+    """Import `module:attr` as uvicorn will, so that a wrong one is one line, not a traceback."""
+    module_name, _, attrs = target.partition(":")
+    if not module_name or not attrs:
+        raise AppNotFound(f"--app {target!r}: expected module:attribute, e.g. myservice.main:app")
+    try:
+        found: object = importlib.import_module(module_name)
+    except BackstopError:
+        raise
+    except ModuleNotFoundError as error:
+        if error.name is not None and f"{module_name}.".startswith(f"{error.name}."):
+            raise AppNotFound(
+                f"--app {target!r}: no module named {error.name!r} "
+                f"(looked in {os.getcwd()} and the installed packages)"
+            ) from None
+        raise AppNotFound(f"--app {target!r}: importing {module_name!r} failed: {error}") from None
+    except Exception as error:
+        raise AppNotFound(
+            f"--app {target!r}: importing {module_name!r} failed: {type(error).__name__}: {error}"
+        ) from None
+    for attr in attrs.split("."):
+        if not hasattr(found, attr):
+            raise AppNotFound(f"--app {target!r}: module {module_name!r} has no {attrs!r}")
+        found = getattr(found, attr)
+    if factory and not callable(found):
+        raise AppNotFound(f"--app {target!r} with --factory: {attrs!r} is not callable")
+
+
+def _migrate(backstop: Backstop) -> None:
+    """Create and migrate the database; whatever a migration raises becomes one line."""
+    try:
+        backstop.prepare()
+    except Exception as error:
+        reason = _one_line(error)
+        if not isinstance(error, _EXPECTED):
+            reason = f"{type(error).__name__}: {reason}"
+        raise MigrationFailed(
+            f"cannot migrate the database at {describe(backstop.settings.url)}: {reason}"
+        ) from error
+
+
+def _prepare(settings: Settings) -> None:
+    """`_migrate` on a Backstop of its own, closed afterwards."""
+    backstop = Backstop(settings)
+    try:
+        _migrate(backstop)
+    finally:
+        backstop.close()
+
+
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to bind.")] = 8000,
+    app: Annotated[
+        str,
+        typer.Option(
+            "--app",
+            metavar="MODULE:ATTR",
+            help="The ASGI app to serve, e.g. myservice.main:app (its lifespan runs Backstop).",
+        ),
+    ] = DEFAULT_APP,
+    factory: Annotated[
+        bool, typer.Option("--factory", help="--app names a function that returns the app.")
+    ] = False,
 ) -> None:
     """Run the HTTP API (and the runner, unless BACKSTOP_RUN_WORKER=false)."""
-    # Refuse bad settings and task modules with one line, before uvicorn starts.
-    import_task_modules(_settings().task_modules)
+    # Refuse bad settings, task modules and apps with one line, before uvicorn starts.
+    settings = _settings()
+    import_task_modules(settings.task_modules)
+    if app == DEFAULT_APP and not factory:
+        # The standalone service migrates in its lifespan too, where a failure would be
+        # uvicorn's traceback. A team's app may use other settings: its lifespan migrates.
+        _prepare(settings)
+    _check_app(app, factory=factory)
     _configure_logging()
     # Once it has shut down, uvicorn raises the SIGTERM it caught again under the handler
     # in place before it: a graceful stop then exits 0, as `backstop worker` does, rather
     # than dying of the signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
-        "app.main:app",
+        app,
+        factory=factory,
         host=host,
         port=port,
         log_config=None,
@@ -98,17 +198,19 @@ def worker(
 
 async def _work(settings: Settings) -> None:
     backstop = Backstop(settings)
-    await asyncio.to_thread(backstop.prepare)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    await backstop.runner.start()
     try:
-        with backstop.serving():
-            await stopping.wait()
+        await asyncio.to_thread(_migrate, backstop)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await backstop.runner.start()
+        try:
+            with backstop.serving():
+                await stopping.wait()
+        finally:
+            await backstop.runner.stop()
     finally:
-        await backstop.runner.stop()
         backstop.close()
 
 
@@ -116,12 +218,8 @@ async def _work(settings: Settings) -> None:
 def db_upgrade() -> None:
     """Apply every pending migration (the service also does this at start)."""
     settings = _settings()
-    backstop = Backstop(settings)
-    try:
-        backstop.prepare()
-    finally:
-        backstop.close()
-    typer.echo(f"database at {settings.url} is up to date")
+    _prepare(settings)
+    typer.echo(f"database at {describe(settings.url)} is up to date")
 
 
 def _one_line(error: BaseException) -> str:
@@ -129,11 +227,19 @@ def _one_line(error: BaseException) -> str:
         first = error.errors()[0]
         where = "BACKSTOP_" + "_".join(str(part) for part in first["loc"]).upper()
         return f"invalid setting {where}: {first['msg']}"
+    if isinstance(error, sa.exc.DBAPIError):
+        # The driver's own message, without SQLAlchemy's statement and background link.
+        error = error.orig if isinstance(error.orig, BaseException) else error
     return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every failure is one line on stderr and a non-zero exit."""
+    # As uvicorn does: the team's modules (`--app`, BACKSTOP_TASK_MODULES) import from the
+    # folder the command runs in, not only from installed packages.
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
     command = typer.main.get_command(cli)
     try:
         command.main(args=argv, prog_name="backstop", standalone_mode=False)
@@ -147,6 +253,6 @@ def main(argv: list[str] | None = None) -> None:
     except typer.TyperException as error:
         print(f"backstop: {_one_line(Exception(error.format_message()))}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except (BackstopError, StoreError, ValidationError, ValueError, OSError) as error:
+    except _EXPECTED as error:
         print(f"backstop: {_one_line(error)}", file=sys.stderr)
         sys.exit(1)

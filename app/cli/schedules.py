@@ -14,10 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 from app.api.schemas import ScheduleOut
-from app.backstop import Backstop
+from app.cli.database import existing_service
 from app.cli.output import console, print_json, utc_time
 from app.runner.periodic import read_schedules
-from app.settings import Settings
 
 
 def _interval(seconds: float | None) -> str:
@@ -59,13 +58,8 @@ def schedules(
     ] = False,
 ) -> None:
     """List the periodic tasks, each with its next run and the last tick recorded."""
-    backstop = Backstop(Settings())
-    try:
-        backstop.prepare()
-        with backstop.db.read() as conn:
-            infos = read_schedules(conn, backstop.registry)
-    finally:
-        backstop.close()
+    with existing_service() as backstop, backstop.db.read() as conn:
+        infos = read_schedules(conn, backstop.registry)
     items = [ScheduleOut.model_validate(info, from_attributes=True) for info in infos]
     if as_json:
         print_json([item.model_dump(mode="json") for item in items])

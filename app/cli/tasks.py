@@ -3,15 +3,14 @@
 The commands work on the database directly (through `store/` and the task client), not over
 HTTP, and answer as the API does: `--json` prints the API's own bodies, the API's schema checks
 what `enqueue` is given, and every refusal is one line on stderr (`app.cli.commands.main`):
-the API's `detail` where the API has one.
+the API's `detail` where the API has one. They refuse a database that does not exist or is
+not migrated (`app.cli.database`) rather than create or migrate it.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
@@ -19,9 +18,8 @@ from pydantic import ValidationError
 from rich.text import Text
 
 from app.api.schemas import AttemptOut, StatsOut, TaskIn, TaskOut, TaskPageOut
-from app.backstop import Backstop
 from app.cli import output
-from app.settings import Settings
+from app.cli.database import existing_service
 from store import attempts as store_attempts
 from store import control
 from store import stats as store_stats
@@ -32,17 +30,6 @@ tasks_cli = typer.Typer(help="Inspect and steer tasks, as the HTTP API does.", n
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the HTTP API's JSON instead.")]
 TaskId = Annotated[str, typer.Argument(metavar="ID", help="The task's id.", show_default=False)]
-
-
-@contextmanager
-def _service() -> Iterator[Backstop]:
-    """A Backstop on the configured database, its schema brought up to date."""
-    backstop = Backstop(Settings())
-    try:
-        backstop.prepare()
-        yield backstop
-    finally:
-        backstop.close()
 
 
 def _next_page_hint(
@@ -89,7 +76,7 @@ def list_tasks(
     as_json: JsonFlag = False,
 ) -> None:
     """List tasks newest first, filtered like GET /tasks, one page at a time."""
-    with _service() as backstop, backstop.db.read() as conn:
+    with existing_service() as backstop, backstop.db.read() as conn:
         page = store_tasks.list_tasks(
             conn, status=status, name=name, queue=queue, limit=limit, cursor=cursor
         )
@@ -122,7 +109,7 @@ def show_task(
     ] = False,
 ) -> None:
     """Show a task and its attempts."""
-    with _service() as backstop, backstop.db.read() as conn:
+    with existing_service() as backstop, backstop.db.read() as conn:
         task = TaskOut.of(store_tasks.get_task(conn, task_id))
         attempts = [AttemptOut.of(a) for a in store_attempts.list_attempts(conn, task_id)]
     if as_json:
@@ -151,7 +138,7 @@ def show_task(
 @tasks_cli.command("retry")
 def retry_task(task_id: TaskId, as_json: JsonFlag = False) -> None:
     """Queue a failed or cancelled task again with a fresh attempt budget (history kept)."""
-    with _service() as backstop, backstop.db.write() as conn:
+    with existing_service() as backstop, backstop.db.write() as conn:
         task = TaskOut.of(control.retry_task(conn, task_id))
     if as_json:
         output.print_json(task)
@@ -167,7 +154,7 @@ def retry_task(task_id: TaskId, as_json: JsonFlag = False) -> None:
 @tasks_cli.command("cancel")
 def cancel_task(task_id: TaskId, as_json: JsonFlag = False) -> None:
     """Cancel a task: queued or retrying at once; running when its runner next polls."""
-    with _service() as backstop, backstop.db.write() as conn:
+    with existing_service() as backstop, backstop.db.write() as conn:
         task = TaskOut.of(control.cancel_task(conn, task_id))
     if as_json:
         output.print_json(task)
@@ -226,7 +213,7 @@ def enqueue_task(
             "max_attempts": max_attempts,
         }
     )
-    with _service() as backstop:
+    with existing_service() as backstop:
         stored, created = backstop.tasks.submit(
             body.name,
             body.args,
@@ -262,7 +249,7 @@ def task_stats(
     ] = False,
 ) -> None:
     """Counts per state and queue, and how long the oldest due task has waited."""
-    with _service() as backstop, backstop.db.read() as conn:
+    with existing_service() as backstop, backstop.db.read() as conn:
         stats = store_stats.task_stats(conn)
     out = StatsOut(
         counts=stats.counts, queues=stats.queues, oldest_due_seconds=stats.oldest_due_seconds

@@ -644,9 +644,9 @@ def test_readyz_answers_200_on_a_migrated_database(client: TestClient) -> None:
 @pytest.mark.parametrize(
     "statement",
     [
-        "DELETE FROM alembic_version",
-        "UPDATE alembic_version SET version_num = 'not_a_revision'",
-        "DROP TABLE alembic_version",
+        "DELETE FROM backstop_alembic_version",
+        "UPDATE backstop_alembic_version SET version_num = 'not_a_revision'",
+        "DROP TABLE backstop_alembic_version",
     ],
     ids=["no-row", "other-revision", "no-table"],
 )

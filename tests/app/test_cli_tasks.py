@@ -22,6 +22,7 @@ from app import task
 from app.cli.commands import main
 from app.settings import Settings
 from store import leases
+from store.engine import Database
 from store.models import TaskStatus
 from store.timeutil import utcnow
 from tests.support.client import count_tasks, drain, service
@@ -62,9 +63,12 @@ Run = Callable[..., Done]
 
 @pytest.fixture
 def cli(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    settings: Settings,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> Run:
-    """Runs `backstop *args` in this process on the test's database."""
+    """Runs `backstop *args` in this process on the test's (migrated) database."""
     for key in list(os.environ):
         if key.startswith("BACKSTOP_"):
             monkeypatch.delenv(key)
@@ -621,6 +625,7 @@ def backstop(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_installed_command_enqueues_lists_shows_and_cancels(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
+    assert backstop(data_dir, "db", "upgrade").returncode == 0
 
     enqueued = backstop(data_dir, "tasks", "enqueue", "log.append", "--args", '["hi"]', "--json")
     assert enqueued.returncode == 0, enqueued.stderr
@@ -638,6 +643,7 @@ def test_the_installed_command_enqueues_lists_shows_and_cancels(tmp_path: Path) 
 
 def test_the_installed_command_fails_with_one_line(tmp_path: Path) -> None:
     missing = str(uuid.uuid4())
+    assert backstop(tmp_path / "data", "db", "upgrade").returncode == 0
 
     done = backstop(tmp_path / "data", "tasks", "retry", missing)
 

@@ -519,6 +519,7 @@ def run_cli(data_dir: Path, *args: str, **extra: str) -> subprocess.CompletedPro
 
 
 def test_backstop_schedules_prints_a_table(tmp_path: Path) -> None:
+    assert run_cli(tmp_path / "data", "db", "upgrade").returncode == 0
     done = run_cli(tmp_path / "data", "schedules")
 
     assert done.returncode == 0, done.stderr
@@ -541,6 +542,7 @@ def test_backstop_schedules_prints_a_table(tmp_path: Path) -> None:
 
 
 def test_backstop_schedules_json_is_what_the_api_answers(tmp_path: Path) -> None:
+    assert run_cli(tmp_path / "data", "db", "upgrade").returncode == 0
     done = run_cli(tmp_path / "data", "schedules", "--json")
 
     assert done.returncode == 0, done.stderr

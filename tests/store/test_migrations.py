@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import closing
 from datetime import UTC, datetime
+from importlib.resources import files
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from uuid import uuid4
@@ -25,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from store import leases, migrate
 from store.attempts import list_attempts
@@ -55,7 +57,7 @@ def _schema(db: Database) -> list[tuple[str, str, str | None]]:
 
 def test_upgrade_builds_the_schema_the_models_describe(db: Database) -> None:
     with db.read() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+        diffs = compare_metadata(migrate.context(conn), metadata)
     # Alembic compares columns, types, indexes and their columns, not the sort direction of
     # `priority DESC` nor partial WHERE clauses: those are checked in sqlite_master below.
     assert diffs == []
@@ -118,7 +120,9 @@ def test_upgrade_twice_changes_nothing(fresh: Database) -> None:
     assert migrate.is_current(fresh)
     with fresh.read() as conn:
         assert get_task(conn, task.id) == task
-        versions = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
+        versions = conn.exec_driver_sql(
+            f"SELECT version_num FROM {migrate.VERSION_TABLE}"
+        ).scalars()
         assert list(versions) == ["0002"]
 
 
@@ -217,6 +221,95 @@ def test_0002_downgrades_to_0001_and_back(empty: Database) -> None:
     assert _attempts(empty) == [(task.id, 1, "w")]
 
 
+def _as_before_the_rename(db: Database) -> None:
+    """Put the database's revision where Backstop kept it before it had its own table."""
+    script = ScriptDirectory(str(files("store") / "migrations"))
+    with db.write() as conn:
+        revision = migrate.current_revision(conn)
+        assert revision is not None
+        conn.exec_driver_sql(f"DROP TABLE {migrate.VERSION_TABLE}")
+        MigrationContext.configure(conn).stamp(script, revision)
+
+
+def _tables(db: Database) -> set[str]:
+    with db.read() as conn:
+        return set(sa.inspect(conn).get_table_names())
+
+
+def _old_versions(db: Database) -> list[str]:
+    with db.read() as conn:
+        return list(conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars())
+
+
+@pytest.mark.parametrize("revision", ["0001", "0002"])
+def test_a_database_migrated_under_the_old_table_name_moves_over_with_its_tasks(
+    empty: Database, revision: str
+) -> None:
+    migrate.upgrade(empty, revision)
+    with empty.write() as conn:
+        tasks = [
+            enqueue(conn, NewTask(name=name), now=datetime(2026, 3, 1, tzinfo=UTC))
+            for name in ("a", "b")
+        ]
+    _as_before_the_rename(empty)
+    assert _old_versions(empty) == [revision]
+    assert migrate.is_current(empty) is False
+
+    migrate.upgrade(empty)
+
+    assert migrate.is_current(empty)
+    assert "alembic_version" not in _tables(empty)
+    with empty.read() as conn:
+        assert [get_task(conn, task.id) for task in tasks] == tasks
+        versions = conn.exec_driver_sql(f"SELECT version_num FROM {migrate.VERSION_TABLE}")
+        assert list(versions.scalars()) == ["0002"]
+
+
+def test_a_teams_row_in_the_old_table_stays_there(empty: Database) -> None:
+    migrate.upgrade(empty)
+    _as_before_the_rename(empty)
+    with empty.write() as conn:
+        conn.exec_driver_sql("INSERT INTO alembic_version (version_num) VALUES ('user0001')")
+
+    migrate.upgrade(empty)
+
+    assert _old_versions(empty) == ["user0001"]
+    assert migrate.is_current(empty)
+
+
+def test_a_teams_revision_named_like_backstops_is_not_taken(empty: Database) -> None:
+    # A team's own Alembic at "0001" on a database Backstop never used: no `task` table.
+    with empty.write() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)"
+        )
+        conn.exec_driver_sql("INSERT INTO alembic_version (version_num) VALUES ('0001')")
+
+    migrate.upgrade(empty)
+
+    assert _old_versions(empty) == ["0001"]
+    assert migrate.is_current(empty)
+    assert {"task", "attempt", "schedule"} <= _tables(empty)
+
+
+def test_alembic_itself_moves_an_old_named_database_over(fresh: Database) -> None:
+    migrate.upgrade(fresh)
+    _as_before_the_rename(fresh)
+    url = fresh.engine.url.render_as_string(hide_password=False)
+
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "upgrade", "head"],
+        env={**os.environ, "BACKSTOP_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert migrate.is_current(fresh)
+    assert "alembic_version" not in _tables(fresh)
+
+
 def _upgrade_in_process(url: str, meet: Barrier, out: multiprocessing.Queue[str]) -> None:
     """A spawned process that upgrades the file as soon as its twin is ready too."""
     db = Database.from_url(url)
@@ -254,7 +347,9 @@ def test_two_processes_can_upgrade_a_fresh_file_at_once(tmp_path: Path) -> None:
     try:
         assert migrate.is_current(db)
         with db.read() as conn:
-            versions = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
+            versions = conn.exec_driver_sql(
+                f"SELECT version_num FROM {migrate.VERSION_TABLE}"
+            ).scalars()
             assert list(versions) == ["0002"]
     finally:
         db.dispose()
