@@ -18,6 +18,8 @@ from typing import TextIO
 from app.settings import Settings
 
 LOGGERS = ("app", "store")
+# The attempt records' own logger: one line for each outcome of each attempt.
+ATTEMPTS = "app.attempts"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -53,3 +55,8 @@ def configure(settings: Settings) -> None:
         logger.setLevel(settings.log_level)
         if not any(isinstance(handler, Fallback) for handler in logger.handlers):
             logger.addHandler(Fallback())
+    # Attempts that start and succeed are the bulk of a busy queue's lines: off unless asked.
+    level = logging.getLevelName(settings.log_level)
+    logging.getLogger(ATTEMPTS).setLevel(
+        level if settings.log_attempts else max(level, logging.WARNING)
+    )

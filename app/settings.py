@@ -43,9 +43,11 @@ class Settings(BaseSettings):
     smtp_password: str = ""
     smtp_starttls: bool = False
     smtp_sender: str = "backstop@localhost"
-    # How much Backstop logs (its `app` and `store` loggers): WARNING shows the attempts that
-    # fail, retry or lose their runner; INFO adds every start and success.
-    log_level: LogLevel = "WARNING"
+    # How much Backstop logs (its `app` and `store` loggers): INFO shows runners starting and
+    # stopping, WARNING the attempts that fail, retry or lose their runner.
+    log_level: LogLevel = "INFO"
+    # Also a line for every attempt that starts or succeeds (the `app.attempts` logger at INFO).
+    log_attempts: bool = False
 
     @field_validator("task_modules", mode="before")
     @classmethod

@@ -22,6 +22,7 @@ from alembic.util.exc import CommandError
 from pydantic import ValidationError
 from typer._click.exceptions import NoArgsIsHelpError
 
+from app import logs
 from app.backstop import Backstop, import_task_modules
 from app.cli.database import describe
 from app.cli.schedules import schedules
@@ -49,10 +50,12 @@ def _settings() -> Settings:
     return Settings()
 
 
-def _configure_logging() -> None:
+def _configure_logging(settings: Settings) -> None:
+    """uvicorn's and Alembic's lines at INFO; Backstop's at BACKSTOP_LOG_LEVEL."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     # APScheduler logs every run of every job at INFO: several lines a second when idle.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logs.configure(settings)
 
 
 DEFAULT_APP = "app.main:app"
@@ -153,7 +156,7 @@ def serve(
         # uvicorn's traceback. A team's app may use other settings: its lifespan migrates.
         _prepare(settings)
     _check_app(app, factory=factory)
-    _configure_logging()
+    _configure_logging(settings)
     # Once it has shut down, uvicorn raises the SIGTERM it caught again under the handler
     # in place before it: a graceful stop then exits 0, as `backstop worker` does, rather
     # than dying of the signal.
@@ -192,7 +195,7 @@ def worker(
         if not served:
             raise typer.BadParameter("name at least one queue", param_hint="--queues")
         settings = settings.model_copy(update={"queues": served})
-    _configure_logging()
+    _configure_logging(settings)
     asyncio.run(_work(settings))
 
 

@@ -23,7 +23,9 @@ from store.models import Claim, Task, TaskStatus
 from store.outcomes import Outcome
 from store.timeutil import utcnow
 
-log = logging.getLogger(__name__)
+# The attempt records (see `app.logs`): a logger of their own, so that starts and
+# successes can stay off while the rest of the runner's lines show.
+log = logging.getLogger("app.attempts")
 
 
 class TaskTimeout(TimeoutError):

@@ -1,9 +1,10 @@
 """What Backstop logs about attempts, and that the lines show where nothing configures logging.
 
 Each attempt that fails, is retried, loses its runner or is given up logs exactly one line
-with the task's id, name, attempt and error; starts and successes log at INFO, which
-`BACKSTOP_LOG_LEVEL` leaves off by default. Under plain `uvicorn` (no logging configured)
-the lines reach stderr; where the host configured logging they go through its handlers only.
+with the task's id, name, attempt and error, on the `app.attempts` logger; starts and
+successes log there at INFO, off unless `BACKSTOP_LOG_ATTEMPTS` is set. Under plain
+`uvicorn` (no logging configured) the lines reach stderr; where the host configured logging
+they go through its handlers only.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def dead_runner_claims(backstop: Backstop, now: datetime) -> None:
 def test_a_retried_failure_logs_one_warning_and_the_success_after_it_info(
     backstop: Backstop, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="app")
+    caplog.set_level(logging.INFO, logger="app.attempts")
     task = backstop.tasks.enqueue(flaky, [1], now=T0)
 
     asyncio.run(backstop.runner.run_once(now=at(0)))
@@ -190,6 +191,21 @@ def test_by_default_starts_and_successes_are_not_logged(
     ]
 
 
+def test_with_log_attempts_starts_and_successes_are_logged(
+    backstop: Backstop, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    logs.configure(backstop.settings.model_copy(update={"log_attempts": True}))
+    task = backstop.tasks.enqueue("test.echo", [1], now=T0)
+
+    asyncio.run(backstop.runner.drain(now=at(0)))
+
+    assert backstop_lines(caplog) == [
+        ("INFO", f"task {task.id} (test.echo) attempt 1/5 started"),
+        ("INFO", f"task {task.id} (test.echo) attempt 1/5 succeeded"),
+    ]
+
+
 def test_the_log_level_setting_takes_a_level_name_in_any_case(tmp_path: Path) -> None:
     assert Settings(data_dir=tmp_path, log_level="info").log_level == "INFO"
     with pytest.raises(ValueError, match="log_level"):
@@ -212,13 +228,13 @@ def test_with_no_logging_configured_the_lines_reach_stderr_once(
     logs.configure(settings)
     logs.configure(settings)  # twice (two apps in one process): still one handler
 
-    logging.getLogger("app.runner.execution").warning("task t (n) attempt 1/5 failed, retry")
-    logging.getLogger("app.runner.execution").info("task t (n) attempt 1/5 started")
+    logging.getLogger("app.attempts").warning("task t (n) attempt 1/5 failed, retry")
+    logging.getLogger("app.attempts").info("task t (n) attempt 1/5 started")
     logging.getLogger("store.migrate").error("from the store")
 
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" ", 2)[2] for line in err] == [
-        "WARNING app.runner.execution: task t (n) attempt 1/5 failed, retry",
+        "WARNING app.attempts: task t (n) attempt 1/5 failed, retry",
         "ERROR store.migrate: from the store",
     ]
 
@@ -231,7 +247,7 @@ def test_once_the_host_configures_logging_only_its_handlers_write(
     host = io.StringIO()
     logging.getLogger().addHandler(logging.StreamHandler(host))  # after Backstop's set-up
 
-    logging.getLogger("app.runner.execution").error("task t (n) attempt 1/1 failed")
+    logging.getLogger("app.attempts").error("task t (n) attempt 1/1 failed")
 
     assert capsys.readouterr().err == ""
     assert host.getvalue() == "task t (n) attempt 1/1 failed\n"
@@ -264,7 +280,7 @@ def test_under_plain_uvicorn_a_failed_attempt_shows_on_stderr(
             stderr=stderr,
         )
     line = (
-        f"ERROR app.runner.execution: task {task.id} (test.fatal) attempt 1/5 failed, "
+        f"ERROR app.attempts: task {task.id} (test.fatal) attempt 1/5 failed, "
         "not retried: Fatal: not worth retrying"
     )
     try:
