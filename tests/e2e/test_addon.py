@@ -62,7 +62,7 @@ TEAM = {"X-Team-Key": "team", "Authorization": "Bearer s3cret"}
 
 
 class TeamServer:
-    def __init__(self, folder: Path, run_worker: bool) -> None:
+    def __init__(self, folder: Path, run_worker: bool, command: list[str]) -> None:
         self.port = free_port()
         env = {key: value for key, value in os.environ.items() if not key.startswith("BACKSTOP_")}
         env.update(
@@ -70,11 +70,11 @@ class TeamServer:
             BACKSTOP_RUN_WORKER="true" if run_worker else "false",
             BACKSTOP_POLL_INTERVAL="0.05",
             BACKSTOP_API_TOKEN="s3cret",
-            PYTHONPATH=str(REPO_ROOT),
+            PYTHONPATH=str(REPO_ROOT),  # the app under test, not an installed copy
         )
         self.log = (folder / f"uvicorn-{self.port}.log").open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "team:app", "--port", str(self.port)],
+            [*command, "--port", str(self.port)],
             cwd=folder,
             env=env,
             stdout=self.log,
@@ -101,9 +101,23 @@ class TeamServer:
         self.log.close()
 
 
-def test_a_task_the_team_endpoint_added_survives_a_sigkill(tmp_path: Path) -> None:
+SERVERS = {
+    "uvicorn": [sys.executable, "-m", "uvicorn", "team:app"],
+    "backstop serve --app": [
+        str(Path(sys.executable).parent / "backstop"),
+        "serve",
+        "--app",
+        "team:app",
+    ],
+}
+
+
+@pytest.mark.parametrize("serve", SERVERS.values(), ids=SERVERS.keys())
+def test_a_task_the_team_endpoint_added_survives_a_sigkill(
+    tmp_path: Path, serve: list[str]
+) -> None:
     (tmp_path / "team.py").write_text(textwrap.dedent(TEAM_APP))
-    server = TeamServer(tmp_path, run_worker=False)
+    server = TeamServer(tmp_path, run_worker=False, command=serve)
     try:
         assert (tmp_path / "started.txt").read_text() == "yes"
         assert server.http.get("/tasks").json() == ["the team's own list"]
@@ -121,7 +135,7 @@ def test_a_task_the_team_endpoint_added_survives_a_sigkill(tmp_path: Path) -> No
     finally:
         server.stop(signal.SIGKILL)
 
-    server = TeamServer(tmp_path, run_worker=True)
+    server = TeamServer(tmp_path, run_worker=True, command=serve)
     try:
         for task_id in (from_endpoint, from_api):
             task = server.http.get(f"/jobs/tasks/{task_id}?wait=20", headers=TEAM).json()
