@@ -35,7 +35,7 @@ from store.models import Task, TaskStatus
 from tests.support.client import service as service_of
 
 NOW = datetime(2025, 3, 1, 12, 7, 30, tzinfo=UTC)  # a Saturday
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 BACKSTOP = str(Path(sys.executable).parent / "backstop")
 
 

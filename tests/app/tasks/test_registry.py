@@ -80,7 +80,7 @@ def test_default_name_is_module_and_qualname(fresh_registry: Registry) -> None:
         """A task without an explicit name."""
 
     expected = (
-        "tests.app.test_registry.test_default_name_is_module_and_qualname.<locals>.build_report"
+        "tests.app.tasks.test_registry.test_default_name_is_module_and_qualname.<locals>.build_report"
     )
     assert fresh_registry.names() == [expected]
     assert fresh_registry.resolve(build_report).name == expected
