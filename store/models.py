@@ -31,6 +31,9 @@ from store.timeutil import UTCDateTime
 class TaskStatus(StrEnum):
     """A task's state; shared by the table, the API schema and the CLI."""
 
+    # Its name in an OpenAPI document, where a team's own `TaskStatus` must not clash with it.
+    __qualname__ = "BackstopTaskStatus"
+
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
@@ -49,6 +52,9 @@ CLAIMABLE = (TaskStatus.QUEUED, TaskStatus.RETRYING)
 
 class AttemptOutcome(StrEnum):
     """How one attempt ended; `None` on the row while it runs."""
+
+    # Its name in an OpenAPI document, where a team's own `AttemptOutcome` must not clash with it.
+    __qualname__ = "BackstopAttemptOutcome"
 
     SUCCEEDED = "succeeded"
     FAILED = "failed"

@@ -1,4 +1,9 @@
-"""The HTTP API's request and response bodies."""
+"""The HTTP API's request and response bodies.
+
+Each is named `Backstop...` in the OpenAPI document (its `__qualname__`, which pydantic names
+schemas after): in a team's app, a model of theirs called `TaskOut` would otherwise clash
+with Backstop's, and FastAPI would rename both, breaking the team's generated clients.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from store.tasks import NewTask, stored_row
 
 class TaskIn(BaseModel):
     """`POST /tasks`: what to run and when."""
+
+    __qualname__ = "BackstopTaskIn"  # its schema's name: see the module docstring
 
     model_config = ConfigDict(extra="forbid")
 
@@ -29,6 +36,8 @@ class TaskIn(BaseModel):
 # The pydantic mypy plugin reads the field named `kwargs` as a redefinition of `**kwargs`.
 class TaskOut(BaseModel):  # type: ignore[no-redef]
     """A task as the API shows it."""
+
+    __qualname__ = "BackstopTaskOut"  # its schema's name: see the module docstring
 
     id: str
     name: str
@@ -61,12 +70,16 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
 class TaskPageOut(BaseModel):
     """`GET /tasks`: one page, newest first, and the cursor of the next page."""
 
+    __qualname__ = "BackstopTaskPageOut"  # its schema's name: see the module docstring
+
     items: list[TaskOut]
     next_cursor: str | None
 
 
 class AttemptOut(BaseModel):
     """One attempt at a task."""
+
+    __qualname__ = "BackstopAttemptOut"  # its schema's name: see the module docstring
 
     number: int
     started_at: datetime
@@ -84,6 +97,8 @@ class AttemptOut(BaseModel):
 class StatsOut(BaseModel):
     """`GET /tasks/stats`."""
 
+    __qualname__ = "BackstopStatsOut"  # its schema's name: see the module docstring
+
     counts: dict[TaskStatus, int]
     queues: dict[str, dict[TaskStatus, int]]
     oldest_due_seconds: float | None = Field(
@@ -93,6 +108,8 @@ class StatsOut(BaseModel):
 
 class ScheduleOut(BaseModel):
     """`GET /schedules`: one periodic task, declared with `cron` or `every` (the other null)."""
+
+    __qualname__ = "BackstopScheduleOut"  # its schema's name: see the module docstring
 
     name: str
     cron: str | None = Field(description="Five crontab fields, evaluated in UTC")

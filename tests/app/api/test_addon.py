@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -223,3 +224,39 @@ def test_a_route_added_to_the_standalone_app_answers_backstop_s_errors(
         answer = client.post("/mine")
     assert answer.status_code == 422
     assert "no.such.task" in answer.json()["detail"]
+
+
+class TaskStatus(StrEnum):
+    """The team's own model names, the likeliest to clash with Backstop's."""
+
+    OPEN = "open"
+
+
+class TaskIn(BaseModel):
+    title: str
+
+
+class TaskOut(BaseModel):
+    title: str
+    status: TaskStatus
+
+
+def test_the_team_schemas_keep_their_names_beside_backstop_s(settings: Settings) -> None:
+    def team_app(with_backstop: bool) -> FastAPI:
+        app = FastAPI()
+        if with_backstop:
+            app.include_router(Backstop(settings).router, prefix="/jobs")
+
+        @app.post("/tasks")
+        def create(body: TaskIn) -> TaskOut:
+            return TaskOut(title=body.title, status=TaskStatus.OPEN)
+
+        return app
+
+    def schemas(app: FastAPI) -> set[str]:
+        return set(app.openapi()["components"]["schemas"])
+
+    alone, beside = schemas(team_app(False)), schemas(team_app(True))
+    assert {"TaskIn", "TaskOut", "TaskStatus"} <= alone
+    assert alone <= beside
+    assert {"BackstopTaskIn", "BackstopTaskOut", "BackstopTaskStatus"} <= beside

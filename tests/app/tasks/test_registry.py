@@ -79,9 +79,8 @@ def test_default_name_is_module_and_qualname(fresh_registry: Registry) -> None:
     def build_report() -> None:
         """A task without an explicit name."""
 
-    expected = (
-        "tests.app.tasks.test_registry.test_default_name_is_module_and_qualname.<locals>.build_report"
-    )
+    test = "tests.app.tasks.test_registry.test_default_name_is_module_and_qualname"
+    expected = f"{test}.<locals>.build_report"
     assert fresh_registry.names() == [expected]
     assert fresh_registry.resolve(build_report).name == expected
 
