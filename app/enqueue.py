@@ -14,11 +14,11 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
 
-from app.errors import InvalidArguments, InvalidSchedule
+from app.errors import InvalidArguments, InvalidSchedule, SessionOnAnotherDatabase
 from app.tasks.registry import Registry
 from store import tasks as store_tasks
 from store.commits import GroupEnqueue
-from store.engine import Database
+from store.engine import Database, same_database
 from store.models import Task
 from store.tasks import NewTask
 from store.timeutil import utcnow
@@ -271,8 +271,13 @@ class TaskClient:
         """Stop the enqueue writer thread (after what it was given to commit)."""
         self._commits.close()
 
-    @staticmethod
-    def _insert(conn: Connection, new: NewTask, now: datetime) -> Task | None:
+    def _insert(self, conn: Connection, new: NewTask, now: datetime) -> Task | None:
+        """Store `new` on the caller's connection (in their transaction)."""
+        if not same_database(conn.engine.url, self.db.engine.url):
+            raise SessionOnAnotherDatabase(
+                conn.engine.url.render_as_string(hide_password=True),
+                self.db.engine.url.render_as_string(hide_password=True),
+            )
         if new.idempotency_key is None:
             store_tasks.enqueue_batch(conn, [(new, now)])
             return None

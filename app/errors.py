@@ -35,6 +35,17 @@ class InvalidArguments(BackstopError):
         super().__init__(f"bad arguments for task {task!r}: {problem}")
 
 
+class SessionOnAnotherDatabase(BackstopError):
+    """A session passed to `add_task` that is bound to another database than Backstop's: the
+    task would be committed where no runner of this Backstop looks."""
+
+    def __init__(self, session_url: str, backstop_url: str) -> None:
+        super().__init__(
+            f"the session is on {session_url}, Backstop on {backstop_url}: a task enqueued in"
+            " a session must share Backstop's database (point both at one URL)"
+        )
+
+
 class InvalidSchedule(BackstopError):
     """A `delay`/`run_at`/option combination that cannot be scheduled."""
 

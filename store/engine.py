@@ -9,6 +9,7 @@ and, under WAL, never block or wait for a writer.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 import time
@@ -235,6 +236,22 @@ class KeptConnection:
         if conn is not None:
             with suppress(Exception):
                 conn.close()
+
+
+@functools.lru_cache(maxsize=64)
+def _place(url: str) -> tuple[str, ...]:
+    parsed = sa.make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return (backend, str(Path(parsed.database or "").resolve()))
+    return (backend, parsed.host or "", str(parsed.port or ""), parsed.database or "")
+
+
+def same_database(a: sa.URL, b: sa.URL) -> bool:
+    """Whether two URLs name one database (drivers, users and passwords aside)."""
+    return _place(a.render_as_string(hide_password=True)) == _place(
+        b.render_as_string(hide_password=True)
+    )
 
 
 def create_database(server_url: str, name: str) -> str:

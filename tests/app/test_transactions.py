@@ -22,7 +22,7 @@ from sqlmodel import Field, Session, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from app.enqueue import TaskClient
-from app.errors import InvalidArguments
+from app.errors import InvalidArguments, SessionOnAnotherDatabase
 from app.tasks.registry import registry
 from store import migrate
 from store import tasks as store_tasks
@@ -271,4 +271,33 @@ def test_a_session_of_the_other_kind_is_refused_with_the_right_call(place: Place
             )
 
     place.run(work)
+    assert place.stored() == []
+
+
+def test_a_session_on_another_database_is_refused_naming_both(place: Place, tmp_path: Path) -> None:
+    other = Database.from_url(f"sqlite:///{tmp_path / 'other.db'}")
+    migrate.upgrade(other)  # Backstop's tables are there too: the task would land unseen
+    try:
+        with Session(other.engine) as session:
+            with pytest.raises(SessionOnAnotherDatabase, match=r"other\.db.*Backstop on"):
+                place.tasks.add_task("test.echo", 1, session=session)
+            session.rollback()
+
+        async def work(session: AsyncSession) -> None:
+            with pytest.raises(SessionOnAnotherDatabase):
+                await place.tasks.add_task_async("test.echo", 1, session=session)
+
+        async def main() -> None:
+            engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'other.db'}")
+            try:
+                async with AsyncSession(engine) as session:
+                    await work(session)
+            finally:
+                await engine.dispose()
+
+        asyncio.run(main())
+        with other.read() as conn:
+            assert store_tasks.list_tasks(conn, limit=10).items == []
+    finally:
+        other.dispose()
     assert place.stored() == []
