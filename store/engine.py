@@ -96,8 +96,24 @@ def create_engine(
 ) -> Engine:
     """An engine for `url`; on SQLite: WAL, `busy_timeout`, `synchronous`, explicit BEGINs."""
     parsed = sa.make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(url, echo=echo, pool_pre_ping=True)
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ValueError(
+            f"Backstop runs on SQLite or PostgreSQL, not {backend!r}:"
+            " sqlite:///path/to/file.db or postgresql+psycopg://user@host/name"
+        )
+    if backend == "postgresql":
+        if parsed.get_driver_name() != "psycopg":
+            raise ValueError(
+                f"Backstop talks to PostgreSQL through psycopg 3, not {parsed.get_driver_name()!r}:"
+                " write the URL as postgresql+psycopg://user@host/name"
+            )
+        try:
+            return sa.create_engine(url, echo=echo, pool_pre_ping=True)
+        except ImportError as error:
+            raise ValueError(
+                f"PostgreSQL needs psycopg ({error}): install backstop-tasks[postgres]"
+            ) from error
 
     database = parsed.database or ""
     if database in ("", ":memory:") or database.startswith("file:"):

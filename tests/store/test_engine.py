@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -12,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 
-from store.engine import Database, Synchronous, default_url
+from store.engine import Database, Synchronous, create_engine, default_url
 from store.models import attempt_table
 from store.tasks import NewTask, count_by_status, enqueue, get_task
 
@@ -175,3 +177,25 @@ def test_a_new_file_turns_to_wal_once_a_writer_on_it_lets_go(tmp_path: Path) -> 
         let_go.cancel()
         let_go.join()
         holder.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://root@localhost/app", "SQLite or PostgreSQL, not 'mysql'"),
+        ("postgresql+psycopg2://postgres@127.0.0.1/x", "write the URL as postgresql+psycopg://"),
+    ],
+)
+def test_a_database_backstop_cannot_use_is_refused_naming_the_right_form(
+    url: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_engine(url)
+
+
+def test_postgresql_without_psycopg_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if it were not installed
+    with pytest.raises(ValueError, match=r"install backstop-tasks\[postgres\]"):
+        create_engine("postgresql+psycopg://postgres@127.0.0.1/x")

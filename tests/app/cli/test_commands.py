@@ -250,3 +250,10 @@ def test_serve_answers_http_runs_tasks_and_stops_cleanly_on_sigterm(
     server.send_signal(signal.SIGTERM)
 
     assert server.wait(20) == 0, (tmp_path / "serve.out").read_text()
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg2://postgres@127.0.0.1/x", "mysql://x@y/z"])
+def test_a_database_url_backstop_cannot_use_is_one_line(tmp_path: Path, url: str) -> None:
+    for command in (["db", "upgrade"], ["tasks", "list"]):
+        line = assert_one_line_error(backstop(tmp_path, *command, BACKSTOP_DATABASE_URL=url))
+        assert "sqlite:///" in line or "postgresql+psycopg://" in line
