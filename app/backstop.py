@@ -155,6 +155,7 @@ class Backstop:
         self.runner.add_job("prune", self.pruner.run, settings.prune_interval)
         self.checkpointer = Checkpointer(self.db)
         self._router: APIRouter | None = None
+        self.freeze_heap = False
         live.add(self)
 
     @classmethod
@@ -213,9 +214,11 @@ class Backstop:
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
         """What a long-running process (the app, `backstop worker`) adds while it serves:
-        WAL checkpoints away from the commits, and the start-up heap out of the garbage
-        collector's way (`HeapFreeze`)."""
-        with self.checkpointer.running(), heap.frozen():
+        WAL checkpoints away from the commits, and, in processes Backstop owns (`freeze_heap`:
+        the standalone service, `backstop worker`), the start-up heap out of the garbage
+        collector's way (`HeapFreeze`). A team's own app keeps its collector as it set it."""
+        freezing = heap.frozen() if self.freeze_heap else contextlib.nullcontext()
+        with self.checkpointer.running(), freezing:
             yield
 
     def close(self) -> None:

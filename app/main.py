@@ -22,6 +22,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     if run_worker is not None:
         settings = settings.model_copy(update={"run_worker": run_worker})
     backstop = Backstop(settings)
+    backstop.freeze_heap = True  # the process is Backstop's own
     app = FastAPI(
         title="Backstop",
         summary="Durable background tasks on a SQLite file.",

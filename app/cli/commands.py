@@ -201,6 +201,7 @@ def worker(
 
 async def _work(settings: Settings) -> None:
     backstop = Backstop(settings)
+    backstop.freeze_heap = True
     try:
         await asyncio.to_thread(_migrate, backstop)
         stopping = asyncio.Event()

@@ -6,6 +6,7 @@ import gc
 import threading
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.backstop import Backstop, HeapFreeze, heap
@@ -75,3 +76,16 @@ def test_the_app_serves_with_both(settings: Settings, monkeypatch: pytest.Monkey
         assert gc.get_freeze_count() > 0
     assert not _checkpointing()
     assert gc.get_freeze_count() == 0
+
+
+def test_a_team_app_keeps_its_garbage_collector_as_it_was(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(heap, "enabled", True)
+    backstop = Backstop(settings.model_copy(update={"run_worker": False}))
+    app = FastAPI(lifespan=backstop.lifespan)
+    app.include_router(backstop.router)
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200
+        assert _checkpointing()
+        assert gc.get_freeze_count() == 0
