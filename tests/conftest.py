@@ -21,7 +21,7 @@ from app.testing import DATABASE_ENV
 from store.engine import Database
 
 # tests/kit runs small test files in a sub-session, as a team using the kit would.
-pytest_plugins = ["pytester", "tests.support.backstops"]
+pytest_plugins = ["pytester", "tests.support.backstops", "tests.support.projects"]
 
 # The local server of the development machines and of CI; the variable overrides it.
 LOCAL_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

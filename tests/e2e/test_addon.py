@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_restarts import free_port
+from tests.support.projects import free_port
 
 pytestmark = pytest.mark.e2e
 

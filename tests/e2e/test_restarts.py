@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from store import attempts as store_attempts
 from store import tasks as store_tasks
 from store.engine import Database
 from store.models import Attempt, AttemptOutcome, Task, TaskStatus
+from tests.support.projects import free_port
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -36,14 +36,6 @@ BACKSTOP = Path(sys.executable).parent / "backstop"
 START_TIMEOUT = 20.0
 # Log lines that only say an interval job ran: dozens a second, never the clue.
 NOISE = ("apscheduler.executors",)
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (the OS picks it; the server binds it next)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Server:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
@@ -23,6 +22,7 @@ from alembic.runtime.migration import MigrationContext
 from store import migrate
 from store.engine import Database, create_database, drop_database
 from store.models import metadata
+from tests.support.projects import write_files
 
 BACKSTOP = str(Path(sys.executable).parent / "backstop")
 
@@ -125,12 +125,7 @@ TEAM_FILES = {
 @pytest.fixture
 def team(tmp_path: Path) -> Path:
     """The team's project folder."""
-    root = tmp_path / "team"
-    for name, text in TEAM_FILES.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
-    return root
+    return write_files(tmp_path / "team", TEAM_FILES)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

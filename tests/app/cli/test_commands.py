@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,6 +17,7 @@ from store import migrate
 from store import tasks as store_tasks
 from store.engine import Database
 from store.models import TaskStatus
+from tests.support.projects import free_port
 from tests.support.waiting import wait_until
 
 BACKSTOP = str(Path(sys.executable).parent / "backstop")
@@ -51,14 +50,6 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("backstop: ")
     return lines[0]
-
-
-def free_port() -> int:
-    """A local port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.fixture
@@ -162,17 +153,6 @@ def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
 
 
 # -- long-running commands ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Started commands; any still running at the end of the test is killed."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
 
 
 def start(

@@ -7,11 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
 
@@ -21,6 +18,7 @@ import sqlalchemy as sa
 
 from store import migrate
 from store.engine import Database
+from tests.support.projects import free_port, write_files
 from tests.support.waiting import wait_until
 
 BACKSTOP = str(Path(sys.executable).parent / "backstop")
@@ -58,12 +56,7 @@ TEAM_FILES = {
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     """The team's folder: its `myservice` package, nothing else (no data yet)."""
-    root = tmp_path / "team"
-    for name, text in TEAM_FILES.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
-    return root
+    return write_files(tmp_path / "team", TEAM_FILES)
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -250,24 +243,6 @@ def test_an_app_module_that_fails_to_import_is_one_line(folder: Path) -> None:
 
 
 # -- serving the team's app --------------------------------------------------------------------
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Started servers; any still running at the end of the test is killed."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.mark.parametrize(
