@@ -481,6 +481,19 @@ def test_redirects_stop_after_the_cap(
     assert len(loop.received) == 3
 
 
+def test_a_redirect_to_another_scheme_fails(
+    make_client: Callable[..., TestClient], serve: Callable[..., Local]
+) -> None:
+    outer = serve(redirect(307, lambda: "file:///etc/passwd"))
+    client = make_client(webhook_allow=["127.0.0.1"])
+
+    task = deliver(client, outer.url())
+
+    assert task["status"] == "failed"
+    assert task["last_error"].startswith(f"WebhookRejected: {outer.url()} redirected to file:")
+    assert task["last_error"].endswith(", not an http(s) URL")
+
+
 @pytest.mark.parametrize("code", [301, 302, 303])
 def test_other_redirects_are_not_followed(
     make_client: Callable[..., TestClient], serve: Callable[..., Local], code: int
