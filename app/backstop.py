@@ -23,7 +23,7 @@ from app.runner.periodic import Periodic
 from app.runner.pool import call_on
 from app.runner.pruner import Pruner
 from app.runner.runner import Runner
-from app.settings import Settings
+from app.settings import BUILTIN_TASKS, Settings
 from app.tasks.registry import Registry, registry
 from store import migrate
 from store.engine import Database, create_engine
@@ -141,7 +141,9 @@ class Backstop:
     ) -> None:
         settings = settings or Settings()
         self.settings = settings
-        self.registry = task_registry or registry
+        # The built-ins the settings switch off are unknown to this instance alone.
+        switched_off = [name for name in BUILTIN_TASKS if name not in settings.builtins]
+        self.registry = (task_registry or registry).without(switched_off)
         import_task_modules(settings.task_modules)
         self.db = open_database(settings)
         self.finished = Pulse()

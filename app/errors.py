@@ -18,6 +18,19 @@ class UnknownTask(BackstopError):
         super().__init__(f"unknown task {name!r}; known tasks: {', '.join(self.known) or 'none'}")
 
 
+class TaskSwitchedOff(UnknownTask):
+    """A built-in task that this process's settings switch off (`BACKSTOP_BUILTINS`)."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        BackstopError.__init__(
+            self,
+            f"task {name!r} is switched off here (BACKSTOP_BUILTINS);"
+            f" known tasks: {', '.join(self.known) or 'none'}",
+        )
+
+
 class NotATask(BackstopError):
     """A function passed to `add_task` that was never decorated with `@task`."""
 

@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     examples = APIRouter(route_class=route_class(backstop))
     demo.add_routes(examples)
     app.include_router(examples)
-    if settings.api_token:
+    if settings.api_token.get_secret_value():
         # The task API checks the token itself; this locks the rest (demo, /docs) as well.
         app.add_middleware(BearerToken, token=settings.api_token)
     return app

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.tasks.addresses import AllowList
 from store.engine import Synchronous, default_url
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+BUILTIN_TASKS = ("email.send", "log.append", "webhook.deliver")
 
 
 class Settings(BaseSettings):
@@ -36,11 +39,19 @@ class Settings(BaseSettings):
     retain_failed: float = Field(default=30 * 86_400, gt=0)
     prune_interval: float = Field(default=60, gt=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1)
-    api_token: str = ""
+    # Secrets: shown as '**********' in any repr, log or error; `.get_secret_value()` reads them.
+    api_token: SecretStr = SecretStr("")
+    # The built-in tasks this process knows; the others are unknown tasks here.
+    builtins: Annotated[list[str], NoDecode] = list(BUILTIN_TASKS)
+    # What `webhook.deliver` may reach beyond public addresses, and its caps.
+    webhook_allow: Annotated[list[str], NoDecode] = []
+    webhook_max_response_bytes: int = Field(default=65_536, ge=0)
+    webhook_timeout: float = Field(default=30, gt=0)
+    webhook_max_redirects: int = Field(default=3, ge=0, le=20)
     smtp_host: str = "localhost"
     smtp_port: int = 25
     smtp_username: str = ""
-    smtp_password: str = ""
+    smtp_password: SecretStr = SecretStr("")
     smtp_starttls: bool = False
     smtp_sender: str = "backstop@localhost"
     # How much Backstop logs (its `app` and `store` loggers): INFO shows runners starting and
@@ -52,9 +63,28 @@ class Settings(BaseSettings):
     @field_validator("task_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return _split(value)
+
+    @field_validator("builtins", mode="before")
+    @classmethod
+    def _split_builtins(cls, value: object) -> object:
+        names = _split(value)
+        if isinstance(names, list):
+            unknown = [name for name in names if name not in BUILTIN_TASKS]
+            if unknown:
+                raise ValueError(
+                    f"{', '.join(map(repr, unknown))} is not a built-in task;"
+                    f" the built-ins are {', '.join(BUILTIN_TASKS)}"
+                )
+        return names
+
+    @field_validator("webhook_allow", mode="before")
+    @classmethod
+    def _parse_allow(cls, value: object) -> object:
+        entries = _split(value)
+        if isinstance(entries, list):
+            AllowList.parse(entries)  # a ValueError naming the entry that is not one
+        return entries
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -77,6 +107,13 @@ class Settings(BaseSettings):
     def logs_dir(self) -> Path:
         """Where `log.append` writes."""
         return self.data_dir / "logs"
+
+
+def _split(value: object) -> object:
+    """A comma-separated environment value as a list of its non-empty parts."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 def parse_queues(text: str) -> dict[str, int]:

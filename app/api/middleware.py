@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
@@ -33,9 +34,9 @@ async def _reject(send: Send, status: int, detail: str, headers: list[tuple[byte
 class BearerToken:
     """When a token is set, every request but `/healthz` and `/readyz` must bear it."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: SecretStr) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = f"Bearer {token.get_secret_value()}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:

@@ -40,7 +40,8 @@ class BackstopRoute(APIRoute):
         handler = super().get_route_handler()
         backstop = self.backstop
         settings = backstop.settings
-        expected = f"Bearer {settings.api_token}".encode() if settings.api_token else None
+        token = settings.api_token.get_secret_value()
+        expected = f"Bearer {token}".encode() if token else None
         if self.endpoint in self.open_endpoints:
             expected = None
         limit = settings.max_body_bytes

@@ -15,8 +15,9 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
+from app.errors import TaskSwitchedOff
 from app.settings import Settings
-from app.tasks.context import TaskContext
+from app.tasks.context import Grant, TaskContext, TaskSettings
 from app.tasks.registry import Registry, TaskSpec, finite
 from app.tasks.retry import DEFAULT_POLICY, next_run_at
 from store.models import Claim, Task, TaskStatus
@@ -45,10 +46,24 @@ class Executor:
     def __init__(self, registry: Registry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
+        self._task_settings = TaskSettings.of(settings)
+        self._grants: dict[type[Grant], Grant] = {}
 
     def context(self, claim: Claim) -> TaskContext:
-        """The context a claimed task's function receives."""
-        return TaskContext(task_id=claim.id, attempt=claim.attempts, settings=self.settings)
+        """The context a claimed task's function receives: the settings every task may
+        read, and the grants its own `@task` asked for (no other task sees those)."""
+        spec = self.spec_of(claim)
+        grants = {kind: self._grant(kind) for kind in spec.grants} if spec is not None else {}
+        return TaskContext(
+            task_id=claim.id, attempt=claim.attempts, settings=self._task_settings, grants=grants
+        )
+
+    def _grant(self, kind: type[Grant]) -> Grant:
+        # Built once per process (a race builds it twice, harmlessly).
+        granted = self._grants.get(kind)
+        if granted is None:
+            granted = self._grants[kind] = kind.from_settings(self.settings)
+        return granted
 
     def spec_of(self, claim: Claim) -> TaskSpec | None:
         """The claimed task's registration; None when this process does not know its name."""
@@ -103,22 +118,24 @@ class Executor:
         """A failed attempt, with the retry policy's verdict: again at `run_at`, or never."""
         now = now or utcnow()
         message, trace = _describe(error)
-        try:
-            run_at = next_run_at(
-                spec.policy if spec is not None else DEFAULT_POLICY,
-                claim.attempts,
-                error,
-                max_attempts=claim.max_attempts,
-                created_at=claim.created_at,
-                now=now,
-            )
-        except Exception as policy_error:
-            # A retry strategy that raises cannot decide: give up, and say why.
-            run_at = None
-            message += (
-                f" (and the retry policy failed: {type(policy_error).__name__}: {policy_error})"
-            )
-            log.exception("task %s attempt %d: retry policy raised", claim.id, claim.attempts)
+        run_at: datetime | None = None
+        # A task switched off here is not retried: another attempt would find it off again.
+        if not isinstance(error, TaskSwitchedOff):
+            try:
+                run_at = next_run_at(
+                    spec.policy if spec is not None else DEFAULT_POLICY,
+                    claim.attempts,
+                    error,
+                    max_attempts=claim.max_attempts,
+                    created_at=claim.created_at,
+                    now=now,
+                )
+            except Exception as policy_error:
+                # A retry strategy that raises cannot decide: give up, and say why.
+                message += (
+                    f" (and the retry policy failed: {type(policy_error).__name__}: {policy_error})"
+                )
+                log.exception("task %s attempt %d: retry policy raised", claim.id, claim.attempts)
         return Outcome(
             claim.lease, claim.attempts, now, error=message, traceback=trace, run_at=run_at
         )

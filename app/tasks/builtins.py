@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import email.utils
+import re
 import smtplib
+from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
 import httpx
-from pydantic import AfterValidator
+from pydantic import AfterValidator, SecretStr
 from tenacity import retry_if_exception, retry_if_exception_type
 
+from app.settings import Settings
+from app.tasks import webhook
 from app.tasks.context import TaskContext
 from app.tasks.registry import task
+from app.tasks.webhook import RESERVED_HEADERS, WebhookPolicy, WebhookRetryable
 
 # -- log.append -----------------------------------------------------------------------------
 
@@ -53,41 +58,49 @@ def append_line(message: str, file: LogName = "log.txt", *, ctx: TaskContext) ->
 # -- webhook.deliver -------------------------------------------------------------------------
 
 
-class WebhookRetryable(Exception):
-    """The receiver answered 429 or 5xx: worth trying again later."""
-
-
-class WebhookRejected(Exception):
-    """The receiver answered another 4xx: trying again would not help."""
-
-
 def _webhook_url(url: str) -> str:
-    parsed = httpx.URL(url)
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"url is not a valid URL: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError("url must be an absolute http(s) URL")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ValueError(f"url has port {parsed.port}; a port is 1 to 65535")
     return url
 
 
 WebhookURL = Annotated[str, AfterValidator(_webhook_url)]
 
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _webhook_headers(headers: dict[str, str] | None) -> dict[str, str] | None:
+    for name, value in (headers or {}).items():
+        if not _TOKEN.match(name):
+            raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"header {name!r} is set by webhook.deliver itself")
+        if any(char in value for char in "\r\n\x00"):
+            raise ValueError(f"header {name!r}: a value cannot hold line breaks or NUL")
+    return headers
+
+
+WebhookHeaders = Annotated[dict[str, str] | None, AfterValidator(_webhook_headers)]
+
 
 @task(
     name="webhook.deliver",
     max_attempts=8,
-    timeout=60,
     retry=retry_if_exception_type((httpx.TransportError, WebhookRetryable, TimeoutError)),
+    grants=[WebhookPolicy],
 )
 async def deliver_webhook(
-    url: WebhookURL, payload: Any, headers: dict[str, str] | None = None
+    url: WebhookURL, payload: Any, headers: WebhookHeaders = None, *, ctx: TaskContext
 ) -> dict[str, Any]:
-    """POST `payload` as JSON to `url`; retries connection errors, timeouts, 429 and 5xx."""
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0)) as client:
-        response = await client.post(url, json=payload, headers=headers)
-    code = response.status_code
-    if code == 429 or code >= 500:
-        raise WebhookRetryable(f"{url} answered {code}")
-    if code >= 400:
-        raise WebhookRejected(f"{url} answered {code}")
+    """POST `payload` as JSON to `url`, a public address unless BACKSTOP_WEBHOOK_ALLOW
+    allows it; retries connection errors, timeouts, 429 and 5xx."""
+    code = await webhook.deliver(ctx.grant(WebhookPolicy), url, payload, headers)
     return {"status": code}
 
 
@@ -117,20 +130,50 @@ def _smtp_transient(error: BaseException) -> bool:
     )
 
 
-@task(name="email.send", max_attempts=5, timeout=120, retry=retry_if_exception(_smtp_transient))
+@dataclass(frozen=True)
+class SmtpServer:
+    """The SMTP settings, all `email.send` is given of the settings (the password stays a
+    `SecretStr` until the login reads it)."""
+
+    host: str
+    port: int
+    username: str
+    password: SecretStr
+    starttls: bool
+    sender: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SmtpServer:
+        return cls(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            username=settings.smtp_username,
+            password=settings.smtp_password,
+            starttls=settings.smtp_starttls,
+            sender=settings.smtp_sender,
+        )
+
+
+@task(
+    name="email.send",
+    max_attempts=5,
+    timeout=120,
+    retry=retry_if_exception(_smtp_transient),
+    grants=[SmtpServer],
+)
 def send_email(to: Address, subject: str, body: str, ctx: TaskContext) -> dict[str, Any]:
     """Send a plain-text email through the configured SMTP server."""
-    settings = ctx.settings
+    server = ctx.grant(SmtpServer)
     message = EmailMessage()
-    message["From"] = settings.smtp_sender
+    message["From"] = server.sender
     message["To"] = to
     message["Subject"] = subject
     message["Message-ID"] = f"<{ctx.task_id}@backstop>"  # the same on every attempt
     message.set_content(body)
-    with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=30) as smtp:
-        if settings.smtp_starttls:
+    with smtplib.SMTP(server.host, server.port, timeout=30) as smtp:
+        if server.starttls:
             smtp.starttls()
-        if settings.smtp_username:
-            smtp.login(settings.smtp_username, settings.smtp_password)
+        if server.username:
+            smtp.login(server.username, server.password.get_secret_value())
         refused = smtp.send_message(message)
     return {"to": to, "refused": sorted(refused)}

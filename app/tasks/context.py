@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from threading import Event, Lock
+from typing import Any, Protocol, Self, TypeVar
 
 from app.settings import Settings
+
+G = TypeVar("G")
+
+
+class Grant(Protocol):
+    """A piece of configuration a task asks for by name (`@task(grants=[SmtpServer])`):
+    the runner builds it from the settings and hands it to that task's context alone."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self: ...
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What every task may read of the settings: where the service keeps its files.
+    Nothing secret: the API token and the SMTP login are not here."""
+
+    data_dir: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> TaskSettings:
+        return cls(data_dir=settings.data_dir)
+
+    @property
+    def logs_dir(self) -> Path:
+        """Where `log.append` writes."""
+        return self.data_dir / "logs"
 
 
 class StopRequest:
@@ -61,11 +90,24 @@ class TaskContext:
 
     task_id: str
     attempt: int
-    settings: Settings
+    settings: TaskSettings
     stop: StopRequest = field(default_factory=StopRequest, repr=False)
+    # What the task's `@task(grants=...)` asked for, by type; nothing for other tasks.
+    grants: Mapping[type[Any], Any] = field(default_factory=dict, repr=False)
 
     @property
     def cancelled(self) -> bool:
         """True once the task should stop: it was cancelled, timed out, lost its lease, or
         its runner is shutting down past its grace. Long sync functions should check it."""
         return self.stop.requested
+
+    def grant(self, kind: type[G]) -> G:
+        """The `kind` configuration this task was granted by its `@task(grants=[kind])`."""
+        try:
+            value: G = self.grants[kind]
+        except KeyError:
+            raise LookupError(
+                f"task {self.task_id} was not granted {kind.__name__}: declare it in"
+                f" @task(grants=[{kind.__name__}])"
+            ) from None
+        return value

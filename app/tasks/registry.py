@@ -6,7 +6,7 @@ import inspect
 import json
 import math
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -17,8 +17,8 @@ from tenacity.retry import retry_base
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from app.errors import InvalidArguments, NotATask, TaskDefinitionError, UnknownTask
-from app.tasks.context import TaskContext
+from app.errors import InvalidArguments, NotATask, TaskDefinitionError, TaskSwitchedOff, UnknownTask
+from app.tasks.context import Grant, TaskContext
 from app.tasks.recurrence import MAX_PERIODIC_NAME, Recurrence
 from app.tasks.retry import DEFAULT_POLICY, RetryPolicy
 
@@ -68,6 +68,8 @@ class TaskSpec:
     params: dict[str, _Param] = field(repr=False)
     # Set for a periodic task (`cron=` or `every=`): when the runners enqueue it.
     recurrence: Recurrence | None = None
+    # The configuration its context carries beyond the plain settings (`TaskContext.grant`).
+    grants: tuple[type[Grant], ...] = ()
 
     @property
     def max_attempts(self) -> int:
@@ -169,6 +171,15 @@ class Registry:
 
     def __init__(self) -> None:
         self._specs: dict[str, TaskSpec] = {}
+        self._off: frozenset[str] = frozenset()
+
+    def without(self, names: Iterable[str]) -> Registry:
+        """This registry with `names` switched off (unknown to it), as a view: a task
+        registered here later is known to the view as well."""
+        view = Registry()
+        view._specs = self._specs
+        view._off = self._off | frozenset(names)
+        return view
 
     def add(self, spec: TaskSpec) -> None:
         """Register `spec`; a name already taken by another function is an error."""
@@ -181,11 +192,14 @@ class Registry:
         self._specs[spec.name] = spec
 
     def get(self, name: str) -> TaskSpec:
-        """The spec registered under `name`, or `UnknownTask` listing the known ones."""
+        """The spec registered under `name`, or `UnknownTask` listing the known ones
+        (`TaskSwitchedOff` when it is registered but switched off)."""
+        if name in self._off:
+            raise TaskSwitchedOff(name, self.names())
         try:
             return self._specs[name]
         except KeyError:
-            raise UnknownTask(name, self._specs) from None
+            raise UnknownTask(name, self.names()) from None
 
     def resolve(self, fn_or_name: Callable[..., Any] | str) -> TaskSpec:
         """The spec of a decorated function or of a registered name."""
@@ -194,17 +208,19 @@ class Registry:
         spec = getattr(fn_or_name, _SPEC_ATTRIBUTE, None)
         if not isinstance(spec, TaskSpec):
             raise NotATask(fn_or_name)
+        if spec.name in self._off:
+            raise TaskSwitchedOff(spec.name, self.names())
         return spec
 
     def names(self) -> list[str]:
-        """Every registered name, sorted."""
-        return sorted(self._specs)
+        """Every registered name that is not switched off, sorted."""
+        return sorted(name for name in self._specs if name not in self._off)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._specs
+        return name in self._specs and name not in self._off
 
     def __iter__(self) -> Iterator[TaskSpec]:
-        return iter(self._specs.values())
+        return iter([spec for name, spec in self._specs.items() if name not in self._off])
 
 
 def _origin(fn: Callable[..., Any]) -> str:
@@ -226,6 +242,7 @@ def task(
     stop: stop_base | None = None,
     cron: str | None = None,
     every: float | timedelta | None = None,
+    grants: Iterable[type[Grant]] = (),
 ) -> Callable[[F], F]:
     """Register a function as a durable task; the function itself is returned unchanged.
 
@@ -235,6 +252,10 @@ def task(
 
     `cron` (five crontab fields, in UTC) or `every` (seconds or a timedelta) makes it a
     periodic task: the runners enqueue it once per tick, however many of them run.
+
+    `grants` names configuration the task needs beyond `ctx.settings` (a class with a
+    `from_settings(settings)` constructor, like the built-in `SmtpServer`): the runner
+    builds each from the settings and hands it to this task's context alone.
     """
     if max_attempts < 1:
         raise TaskDefinitionError("max_attempts must be at least 1")
@@ -263,6 +284,7 @@ def task(
             signature=signature,
             params=params,
             recurrence=recurrence,
+            grants=tuple(grants),
         )
         registry.add(spec)
         setattr(fn, _SPEC_ATTRIBUTE, spec)

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from app import Backstop, DurableTasks
 from app.main import create_app
@@ -77,7 +77,7 @@ def events() -> list[str]:
 @pytest.fixture
 def addon(settings: Settings, events: list[str]) -> Iterator[tuple[TestClient, Backstop]]:
     settings = settings.model_copy(
-        update={"api_token": TOKEN, "run_worker": False, "max_body_bytes": 1000}
+        update={"api_token": SecretStr(TOKEN), "run_worker": False, "max_body_bytes": 1000}
     )
     app, backstop = team_app(settings, events)
     with TestClient(app) as client:

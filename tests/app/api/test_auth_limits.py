@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from starlette.types import Message
 
 from app.main import create_app
@@ -40,7 +41,7 @@ def chunks(body: bytes, size: int = 100) -> Iterator[bytes]:
 @pytest.fixture
 def guarded(settings: Settings) -> Iterator[TestClient]:
     """The API with a token set."""
-    app = create_app(settings.model_copy(update={"api_token": TOKEN}), run_worker=False)
+    app = create_app(settings.model_copy(update={"api_token": SecretStr(TOKEN)}), run_worker=False)
     with TestClient(app) as test_client:
         yield test_client
 
@@ -102,7 +103,7 @@ def test_health_checks_need_no_token(guarded: TestClient) -> None:
 
 
 def test_the_token_is_checked_before_the_body_size(settings: Settings) -> None:
-    update: dict[str, Any] = {"api_token": TOKEN, "max_body_bytes": LIMIT}
+    update: dict[str, Any] = {"api_token": SecretStr(TOKEN), "max_body_bytes": LIMIT}
     app = create_app(settings.model_copy(update=update), run_worker=False)
     with TestClient(app) as guarded:
         response = guarded.post("/tasks", content=body_of_size(LIMIT + 1))

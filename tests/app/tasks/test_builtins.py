@@ -170,13 +170,22 @@ def receiver() -> Iterator[Receiver]:
         thread.join(10)
 
 
+@pytest.fixture
+def hook_client(settings: Settings) -> Iterator[TestClient]:
+    """The API with loopback allowed as a webhook target: the receivers here are local (the
+    refusals themselves are tested in test_webhook_ssrf.py)."""
+    allowed = settings.model_copy(update={"webhook_allow": ["127.0.0.0/8"]})
+    with TestClient(create_app(allowed, run_worker=False)) as test_client:
+        yield test_client
+
+
 def test_webhook_delivers_the_payload_and_headers_and_succeeds_on_200(
-    client: TestClient, receiver: Receiver
+    hook_client: TestClient, receiver: Receiver
 ) -> None:
     payload = {"event": "order.paid", "amount": 12.5, "items": [1, 2], "note": "ünïcode"}
 
     task = run(
-        client,
+        hook_client,
         {
             "name": "webhook.deliver",
             "args": [f"{receiver.url}/hooks/orders", payload],
@@ -196,36 +205,36 @@ def test_webhook_delivers_the_payload_and_headers_and_succeeds_on_200(
 
 @pytest.mark.parametrize("code", [201, 202, 204])
 def test_webhook_counts_any_non_error_answer_as_delivered(
-    client: TestClient, receiver: Receiver, code: int
+    hook_client: TestClient, receiver: Receiver, code: int
 ) -> None:
     receiver.codes.append(code)
 
-    task = run(client, {"name": "webhook.deliver", "args": [receiver.url, {}]})
+    task = run(hook_client, {"name": "webhook.deliver", "args": [receiver.url, {}]})
 
     assert task["status"] == "succeeded"
     assert task["result"] == {"status": code}
 
 
 @pytest.mark.parametrize("code", [500, 502, 503, 429])
-def test_webhook_retries_on_429_and_5xx(client: TestClient, receiver: Receiver, code: int) -> None:
+def test_webhook_retries_on_429_and_5xx(
+    hook_client: TestClient, receiver: Receiver, code: int
+) -> None:
     receiver.codes.append(code)
 
-    task = run(client, {"name": "webhook.deliver", "args": [receiver.url, {"n": 1}]})
+    task = run(hook_client, {"name": "webhook.deliver", "args": [receiver.url, {"n": 1}]})
 
     assert_retrying(task, f"WebhookRetryable: {receiver.url} answered {code}")
     assert len(receiver.received) == 1
 
 
-def test_webhook_succeeds_on_a_later_attempt(
-    client: TestClient, receiver: Receiver, backstop_drain: Drain
-) -> None:
+def test_webhook_succeeds_on_a_later_attempt(hook_client: TestClient, receiver: Receiver) -> None:
     receiver.codes.append(503)
-    first = run(client, {"name": "webhook.deliver", "args": [receiver.url, {"n": 1}]})
+    first = run(hook_client, {"name": "webhook.deliver", "args": [receiver.url, {"n": 1}]})
     assert first["status"] == "retrying"
 
-    backstop_drain(advance=timedelta(hours=1))
+    Drain(service(hook_client))(advance=timedelta(hours=1))
 
-    done = client.get(f"/tasks/{first['id']}").json()
+    done = hook_client.get(f"/tasks/{first['id']}").json()
     assert done["status"] == "succeeded"
     assert done["attempts"] == 2
     assert len(receiver.received) == 2
@@ -233,11 +242,11 @@ def test_webhook_succeeds_on_a_later_attempt(
 
 @pytest.mark.parametrize("code", [400, 401, 404, 410, 422])
 def test_webhook_fails_at_once_on_other_4xx(
-    client: TestClient, receiver: Receiver, code: int
+    hook_client: TestClient, receiver: Receiver, code: int
 ) -> None:
     receiver.codes.append(code)
 
-    task = run(client, {"name": "webhook.deliver", "args": [receiver.url, {}]})
+    task = run(hook_client, {"name": "webhook.deliver", "args": [receiver.url, {}]})
 
     assert task["status"] == "failed"
     assert task["attempts"] == 1
@@ -245,10 +254,10 @@ def test_webhook_fails_at_once_on_other_4xx(
     assert task["finished_at"] is not None
 
 
-def test_webhook_retries_when_the_connection_is_refused(client: TestClient) -> None:
+def test_webhook_retries_when_the_connection_is_refused(hook_client: TestClient) -> None:
     url = f"http://127.0.0.1:{closed_port()}/hook"
 
-    task = run(client, {"name": "webhook.deliver", "args": [url, {}]})
+    task = run(hook_client, {"name": "webhook.deliver", "args": [url, {}]})
 
     assert_retrying(task, "ConnectError")
 
