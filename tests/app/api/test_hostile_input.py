@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from app import task
 from store import tasks as store_tasks
 from store.jsonvalues import MAX_DEPTH
 from store.tasks import NewTask
-from tests.support.client import count_tasks, service
+from tests.support.client import count_tasks, drain, service
 
 
 def post_raw(client: TestClient, body: str, **headers: str) -> Any:
@@ -189,6 +190,57 @@ def test_a_log_file_name_that_is_not_a_file_under_the_logs_folder_is_refused(
     assert "argument 'file'" in refused(client, body)
 
 
+# -- results -------------------------------------------------------------------------------------
+
+
+def _deep(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+RESULTS: dict[str, Any] = {
+    "nan": {"ratio": float("nan")},
+    "infinity": [1, float("-inf")],
+    "surrogate": {"text": "bad \udcff"},
+    "surrogate-key": {"\ud800": 1},
+    "deep": _deep(MAX_DEPTH + 1),
+}
+
+
+@task(name="test_hostile.returns", max_attempts=1)
+def returns(kind: str) -> Any:
+    """Returns one of `RESULTS`: a value JSON in UTF-8 cannot carry."""
+    return RESULTS[kind]
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [
+        ("nan", "NaN at ['ratio']"),
+        ("infinity", "-Infinity at [1]"),
+        ("surrogate", "a lone surrogate in a string at ['text']"),
+        ("surrogate-key", "a lone surrogate in the key"),
+        ("deep", f"nested deeper than {MAX_DEPTH} levels"),
+    ],
+)
+def test_a_result_json_cannot_carry_fails_the_attempt_and_reads_still_answer(
+    client: TestClient, kind: str, named: str
+) -> None:
+    task_id = post_raw(client, f'{{"name":"test_hostile.returns","args":["{kind}"]}}').json()["id"]
+
+    drain(client)
+
+    shown = client.get(f"/tasks/{task_id}")
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["status"] == "failed"
+    assert shown.json()["result"] is None
+    assert shown.json()["last_error"].startswith("ResultNotJSON: the result holds ")
+    assert named in shown.json()["last_error"]
+    assert client.get("/tasks").status_code == 200
+
+
 # -- rows stored before these checks, or by hand ---------------------------------------------------
 
 
@@ -261,10 +313,13 @@ def cli_json_list(client: TestClient, monkeypatch: pytest.MonkeyPatch, capsys: A
 
     def run() -> Any:
         capsys.readouterr()
+        code: object = 0
         try:
             main(["tasks", "list", "--json"])
         except SystemExit as exit_:
-            assert not exit_.code, capsys.readouterr().err
-        return json.loads(capsys.readouterr().out)
+            code = exit_.code
+        captured = capsys.readouterr()
+        assert not code, captured.err
+        return json.loads(captured.out)
 
     return run
