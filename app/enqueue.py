@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -367,9 +368,14 @@ def scheduled_at(delay: float | None, run_at: datetime | None, now: datetime) ->
     if delay is not None and run_at is not None:
         raise InvalidSchedule("give either delay or run_at, not both")
     if delay is not None:
+        if not math.isfinite(delay):
+            raise InvalidSchedule(f"delay must be a finite number of seconds, not {delay}")
         if delay < 0:
             raise InvalidSchedule("delay must not be negative")
-        return now + timedelta(seconds=delay)
+        try:
+            return now + timedelta(seconds=delay)
+        except OverflowError:
+            raise InvalidSchedule(f"a delay of {delay} seconds runs past the year 9999") from None
     if run_at is not None:
         if run_at.tzinfo is None:
             raise InvalidSchedule("run_at needs a time zone (for example 2030-01-01T09:00:00Z)")
