@@ -147,9 +147,12 @@ def test_nesting_to_the_limit_is_kept(client: TestClient) -> None:
     assert got == 1
 
 
-@pytest.mark.parametrize("depth", [400, 999, 3000])
-def test_deep_nesting_outside_the_arguments_is_refused(client: TestClient, depth: int) -> None:
-    response = post_raw(client, '{"name":' + nested(depth) + "}")
+@pytest.mark.parametrize("depth", [400, 700, 900, 999, 3000])
+@pytest.mark.parametrize("field", ["name", "queue", "kwargs", "unknown"])
+def test_deep_nesting_outside_the_arguments_is_refused(
+    client: TestClient, depth: int, field: str
+) -> None:
+    response = post_raw(client, f'{{"name":"test.noop","{field}":' + nested(depth) + "}")
 
     assert response.status_code == 422, response.text
     assert response.json()["detail"]
