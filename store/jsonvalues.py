@@ -21,33 +21,43 @@ MAX_DEPTH = 64
 _CONTAINERS = (list, tuple, set, frozenset, dict)
 
 
-def problem(value: Any, where: str = "") -> str | None:
+def problem(value: Any) -> str | None:
     """Why `value` cannot be stored as JSON every client reads back, naming where in it the
-    trouble lies (`where` prefixes that path); None when it can."""
-    return _problem(value, where, 0)
+    trouble lies (`[0]['key']`); None when it can."""
+    found = _problem(value, 0)
+    if found is None:
+        return None
+    what, path = found
+    return what + (" at " + "".join(reversed(path)) if path else "")
 
 
-def _problem(value: Any, where: str, depth: int) -> str | None:
+# What is wrong, and the path to it, innermost step first (built only on the way out).
+_Found = tuple[str, list[str]]
+
+
+def _problem(value: Any, depth: int) -> _Found | None:
     # Recursion stops at MAX_DEPTH, so a cyclic or very deep value is refused, not followed.
     if isinstance(value, str):
-        return None if _encodable(value) else f"a lone surrogate in a string{_at(where)}"
+        return None if _encodable(value) else ("a lone surrogate in a string", [])
     if isinstance(value, float):
-        return None if math.isfinite(value) else f"{_float_text(value)}{_at(where)}"
+        return None if math.isfinite(value) else (_float_text(value), [])
     if not isinstance(value, _CONTAINERS):
         return None
     if depth >= MAX_DEPTH:
-        return f"arrays or objects nested deeper than {MAX_DEPTH} levels"
+        return f"arrays or objects nested deeper than {MAX_DEPTH} levels", []
     if isinstance(value, dict):
         for key, item in value.items():
             if isinstance(key, str) and not _encodable(key):
-                return f"a lone surrogate in the key {key!r}{_at(where)}"
-            found = _problem(item, f"{where}[{key!r}]", depth + 1)
+                return f"a lone surrogate in the key {key!r}", []
+            found = _problem(item, depth + 1)
             if found is not None:
+                found[1].append(f"[{key!r}]")
                 return found
         return None
     for index, item in enumerate(value):
-        found = _problem(item, f"{where}[{index}]", depth + 1)
+        found = _problem(item, depth + 1)
         if found is not None:
+            found[1].append(f"[{index}]")
             return found
     return None
 
@@ -85,10 +95,6 @@ def _escaped(value: Any, depth: int) -> Any:
 def escaped_text(text: str) -> str:
     """`text` with any lone surrogate as its backslash escape (a message that quotes input)."""
     return text if _encodable(text) else _shown(text)
-
-
-def _at(where: str) -> str:
-    return f" at {where}" if where else ""
 
 
 def _encodable(text: str) -> bool:
