@@ -4,12 +4,16 @@ nothing; and rows that hold what JSON in UTF-8 cannot carry, read without failin
 from __future__ import annotations
 
 import base64
+import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app import task
+from app.cli.commands import main
+from app.errors import InvalidSchedule
 from store import tasks as store_tasks
 from store.jsonvalues import MAX_DEPTH
 from store.tasks import NewTask
@@ -65,8 +69,6 @@ def test_a_lone_surrogate_in_the_idempotency_key_is_refused_from_python(
     client: TestClient,
 ) -> None:
     # Over HTTP a header cannot hold one; the Python API checks it all the same.
-    from app.errors import InvalidSchedule
-
     with pytest.raises(InvalidSchedule, match="idempotency key holds a lone surrogate"):
         service(client).tasks.add_task("test.noop", idempotency_key="key-\ud800")
     with pytest.raises(InvalidSchedule, match="queue holds a lone surrogate"):
@@ -248,7 +250,7 @@ def test_a_result_json_cannot_carry_fails_the_attempt_and_reads_still_answer(
 
 
 def test_a_row_that_cannot_be_shown_is_shown_escaped_and_the_rest_still_answers(
-    client: TestClient, cli_json_list: Any
+    client: TestClient, cli_json_list: Callable[[], Any]
 ) -> None:
     good = post_raw(client, '{"name":"test.noop"}').json()["id"]
     with service(client).db.write() as conn:
@@ -304,12 +306,10 @@ def test_a_row_nested_deeper_than_the_limit_is_shown_with_the_deep_part_as_text(
 
 
 @pytest.fixture
-def cli_json_list(client: TestClient, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> Any:
+def cli_json_list(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[[], Any]:
     """`backstop tasks list --json`, in this process on the client's database; its JSON."""
-    import json
-
-    from app.cli.commands import main
-
     settings = service(client).settings
     monkeypatch.setenv("BACKSTOP_DATA_DIR", str(settings.data_dir))
     monkeypatch.setenv("BACKSTOP_DATABASE_URL", settings.url)
