@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from app.errors import InvalidArguments, InvalidSchedule, SessionOnAnotherDatabase
 from app.tasks.registry import Registry
+from store import jsonvalues
 from store import tasks as store_tasks
 from store.commits import GroupEnqueue
 from store.engine import Database, same_database
@@ -253,6 +255,11 @@ class TaskClient:
             raise InvalidSchedule("max_attempts must be at least 1")
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_KEY_LENGTH:
             raise InvalidSchedule(f"idempotency key must be 1 to {MAX_KEY_LENGTH} characters")
+        for option, text in (("queue", queue), ("idempotency key", idempotency_key)):
+            if text is not None and jsonvalues.problem(text) is not None:
+                raise InvalidSchedule(
+                    f"the {option} holds a lone surrogate, which UTF-8 cannot encode"
+                )
         new = NewTask(
             name=spec.name,
             args=checked_args,
@@ -361,12 +368,22 @@ def scheduled_at(delay: float | None, run_at: datetime | None, now: datetime) ->
     if delay is not None and run_at is not None:
         raise InvalidSchedule("give either delay or run_at, not both")
     if delay is not None:
+        if not math.isfinite(delay):
+            raise InvalidSchedule(f"delay must be a finite number of seconds, not {delay}")
         if delay < 0:
             raise InvalidSchedule("delay must not be negative")
-        return now + timedelta(seconds=delay)
+        try:
+            return now + timedelta(seconds=delay)
+        except OverflowError:
+            raise InvalidSchedule(f"a delay of {delay} seconds runs past the year 9999") from None
     if run_at is not None:
         if run_at.tzinfo is None:
             raise InvalidSchedule("run_at needs a time zone (for example 2030-01-01T09:00:00Z)")
         # In UTC, as the row reads back: the enqueue answer must not echo the caller's offset.
-        return run_at.astimezone(UTC)
+        try:
+            return run_at.astimezone(UTC)
+        except OverflowError:  # 9999-12-31T23:59:59-01:00 names an instant past year 9999
+            raise InvalidSchedule(
+                f"run_at {run_at.isoformat()} is outside the years 1 to 9999 in UTC"
+            ) from None
     return None

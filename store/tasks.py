@@ -7,7 +7,7 @@ import binascii
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
 
@@ -266,11 +266,12 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, task_id = base64.urlsafe_b64decode(padded).decode().split("|", 1)
         stamp = datetime.fromisoformat(created)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        if stamp.tzinfo is None:
+            raise ValueError("a cursor's time has an offset")
+        # In UTC, as the rows compare: an offset can push it past the years 1 to 9999.
+        return stamp.astimezone(UTC), task_id
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError) as exc:
         raise InvalidCursor(cursor) from exc
-    if stamp.tzinfo is None:
-        raise InvalidCursor(cursor)
-    return stamp, task_id
 
 
 def list_tasks(

@@ -7,13 +7,17 @@ the whole app, for the routes a team adds to it.
 
 from __future__ import annotations
 
+import sys
+
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from app.errors import BackstopError
 from store.errors import IdempotencyConflict, InvalidCursor, InvalidTransition, TaskNotFound
+from store.jsonvalues import MAX_DEPTH, escaped, escaped_text
 
 STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (BackstopError, status.HTTP_422_UNPROCESSABLE_CONTENT),
@@ -27,14 +31,30 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
 def error_response(exc: Exception) -> JSONResponse | None:
     """The answer for `exc`, or None when it is not one of the errors Backstop answers."""
     if isinstance(exc, RequestValidationError):
-        # FastAPI's own format, whatever handler the host app installed for its routes.
+        # FastAPI's own format, whatever handler the host app installed for its routes; the
+        # input it echoes is the client's, and may hold what JSON in UTF-8 cannot carry.
         return JSONResponse(
-            {"detail": jsonable_encoder(exc.errors())},
+            {"detail": escaped(jsonable_encoder(exc.errors()))},
             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
         )
+    if isinstance(exc, HTTPException) and (detail := _unparsed(exc.__cause__)) is not None:
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
     for kind, code in STATUS_OF:
         if isinstance(exc, kind):
-            return JSONResponse({"detail": str(exc)}, status_code=code)
+            return JSONResponse({"detail": escaped_text(str(exc))}, status_code=code)
+    return None
+
+
+def _unparsed(cause: BaseException | None) -> str | None:
+    """What is wrong with well-formed JSON that the parser still gave up on (FastAPI answers
+    400 for any body it cannot parse), or None for another cause."""
+    if isinstance(cause, RecursionError):
+        return (
+            "the body's JSON is nested too deep to parse (an argument may nest arrays and"
+            f" objects at most {MAX_DEPTH} levels deep)"
+        )
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"a number in the body has more than {sys.get_int_max_str_digits()} digits"
     return None
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from store.jsonvalues import escaped
 from store.models import Attempt, AttemptOutcome, Task, TaskStatus
 from store.tasks import NewTask, stored_row
 
@@ -28,7 +29,7 @@ class TaskIn(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     queue: str | None = Field(default=None, min_length=1, max_length=100)
     priority: int | None = Field(default=None, ge=-1_000_000, le=1_000_000)
-    delay: float | None = Field(default=None, ge=0, le=10 * 365 * 86_400)
+    delay: float | None = Field(default=None, ge=0, le=10 * 365 * 86_400, allow_inf_nan=False)
     run_at: AwareDatetime | None = None
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
 
@@ -58,7 +59,13 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
 
     @classmethod
     def of(cls, task: Task) -> TaskOut:
-        return cls.model_validate(task, from_attributes=True)
+        """The task as shown; a JSON value stored before the enqueue checks (or by hand) that
+        JSON in UTF-8 cannot carry is shown escaped (`store.jsonvalues.escaped`)."""
+        shown = cls.model_validate(task, from_attributes=True)
+        shown.args = escaped(shown.args, outer=1)
+        shown.kwargs = escaped(shown.kwargs, outer=1)
+        shown.result = escaped(shown.result)
+        return shown
 
     @classmethod
     def queued(cls, new: NewTask, now: datetime) -> TaskOut:

@@ -58,8 +58,12 @@ def _json_option(text: str | None, option: str) -> Any:
         return None
     try:
         return json.loads(text)
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # not JSON, or a number of more digits than Python parses
         raise typer.BadParameter(f"not valid JSON: {error}", param_hint=f"'{option}'") from None
+    except RecursionError:
+        raise typer.BadParameter(
+            "JSON nested too deep to parse", param_hint=f"'{option}'"
+        ) from None
 
 
 @tasks_cli.command("list")

@@ -18,8 +18,9 @@ from pydantic_core import to_jsonable_python
 from app.errors import TaskSwitchedOff
 from app.settings import Settings
 from app.tasks.context import Grant, TaskContext, TaskSettings
-from app.tasks.registry import Registry, TaskSpec, finite
+from app.tasks.registry import Registry, TaskSpec
 from app.tasks.retry import DEFAULT_POLICY, next_run_at
+from store import jsonvalues
 from store.models import Claim, Task, TaskStatus
 from store.outcomes import Outcome
 from store.timeutil import utcnow
@@ -257,8 +258,11 @@ async def _awaited(
 
 
 def _json_result(value: Any) -> Any:
-    """The function's return value as JSON the API can serve (no NaN or infinity)."""
-    result = to_jsonable_python(value)
-    if not finite(result):
-        raise ResultNotJSON("the result holds a NaN or an infinity, which JSON cannot carry")
+    """The function's return value as JSON the API can serve (no NaN or infinity, no lone
+    surrogate, no deeper than `jsonvalues.MAX_DEPTH`)."""
+    found = jsonvalues.problem(value)
+    result = to_jsonable_python(value) if found is None else None
+    found = found or jsonvalues.problem(result)
+    if found is not None:
+        raise ResultNotJSON(f"the result holds {found}, which JSON cannot carry")
     return result

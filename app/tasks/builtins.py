@@ -30,10 +30,11 @@ def _log_name(name: str) -> str:
         or "\\" in name
         or "\x00" in name
         or path.is_absolute()
-        or any(part in ("..", "") for part in name.split("/"))
+        or any(part in ("..", ".", "") for part in name.split("/"))
     ):
+        # "." or "a/.." name a folder, not a file; ".." or "/etc/x" a file outside.
         raise ValueError(
-            f"{name!r} would leave the logs folder; give a relative name like 'log.txt'"
+            f"{name!r} is not a file under the logs folder; give a relative name like 'log.txt'"
         )
     return name
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from app.errors import InvalidArguments, NotATask, TaskDefinitionError, TaskSwit
 from app.tasks.context import Grant, TaskContext
 from app.tasks.recurrence import MAX_PERIODIC_NAME, Recurrence
 from app.tasks.retry import DEFAULT_POLICY, RetryPolicy
+from store import jsonvalues
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,17 +33,6 @@ class _Param:
     name: str
     kind: inspect._ParameterKind
     adapter: TypeAdapter[Any]
-
-
-def finite(value: Any) -> bool:
-    """False when `value` holds a NaN or an infinity, which JSON cannot carry."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(finite(item) for item in value.values())
-    if isinstance(value, list | tuple | set | frozenset):
-        return all(finite(item) for item in value)
-    return True
 
 
 def _problem(error: ValidationError) -> str:
@@ -94,13 +83,16 @@ class TaskSpec:
         param = self._target(position)
         # A keyword is named as the caller wrote it: it may land on the `**kwargs` parameter.
         label = position if isinstance(position, str) else param.name
+        # Checked before pydantic recurses through it, and again as it dumps: the JSON dump
+        # would turn a NaN or an infinity inside an `Any` into null, the plain one shows it.
+        found = jsonvalues.problem(value)
         try:
-            checked = param.adapter.validate_python(value)
-            # The JSON dump turns a NaN or an infinity inside an `Any` into null: refuse it.
-            if not finite(param.adapter.dump_python(checked)):
-                raise ValueError("NaN or infinity")
-            dumped = param.adapter.dump_python(checked, mode="json")
-            json.dumps(dumped, allow_nan=False)
+            if found is None:
+                checked = param.adapter.validate_python(value)
+                found = jsonvalues.problem(param.adapter.dump_python(checked))
+            if found is None:
+                dumped = param.adapter.dump_python(checked, mode="json")
+                json.dumps(dumped, allow_nan=False)
         except ValidationError as exc:
             raise InvalidArguments(self.name, f"argument {label!r}: {_problem(exc)}") from exc
         except (PydanticSerializationError, TypeError, ValueError) as exc:
@@ -108,6 +100,8 @@ class TaskSpec:
                 self.name,
                 f"argument {label!r} is not JSON-serialisable ({type(value).__name__})",
             ) from exc
+        if found is not None:
+            raise InvalidArguments(self.name, f"argument {label!r} holds {found}")
         return dumped
 
     def check(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
@@ -116,6 +110,9 @@ class TaskSpec:
             raise InvalidArguments(
                 self.name, f"{self.context_param!r} is the task's context, filled in by the runner"
             )
+        keys = jsonvalues.problem(dict.fromkeys(kwargs))
+        if keys is not None:
+            raise InvalidArguments(self.name, f"keyword arguments hold {keys}")
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:

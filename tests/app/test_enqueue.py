@@ -151,7 +151,15 @@ def test_a_delayed_task_is_not_run_before_its_time(backstop: Backstop) -> None:
     [
         ({"delay": 5, "run_at": T0}, "either delay or run_at, not both"),
         ({"delay": -1}, "delay must not be negative"),
+        ({"delay": float("nan")}, "delay must be a finite number of seconds, not nan"),
+        ({"delay": float("inf")}, "delay must be a finite number of seconds, not inf"),
+        ({"delay": 1e15}, "runs past the year 9999"),
         ({"run_at": datetime(2030, 1, 1, 12, 0)}, "run_at needs a time zone"),
+        (
+            {"run_at": datetime(9999, 12, 31, 23, tzinfo=timezone(-timedelta(hours=2)))},
+            "outside the years 1 to 9999 in UTC",
+        ),
+        ({"queue": "q\udc80"}, "queue holds a lone surrogate"),
         ({"max_attempts": 0}, "max_attempts must be at least 1"),
     ],
 )

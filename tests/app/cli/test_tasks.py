@@ -536,6 +536,26 @@ def test_a_refused_enqueue_is_the_apis_422_detail(
     assert count_tasks(client) == 0
 
 
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ("[NaN]", "holds NaN"),
+        ('["\\ud800"]', "holds a lone surrogate"),
+        ("[" + "[" * 100 + "]" * 100 + "]", "nested deeper than 64 levels"),
+        ("[" + "[" * 5000 + "]" * 5000 + "]", "nested too deep to parse"),
+        ("[" + "9" * 5000 + "]", "not valid JSON"),
+    ],
+    ids=["nan", "surrogate", "deep", "too-deep-to-parse", "too-many-digits"],
+)
+def test_hostile_arguments_are_refused_in_one_line(
+    cli: Run, client: TestClient, arguments: str, named: str
+) -> None:
+    done = cli("tasks", "enqueue", "test.anything", "--args", arguments)
+
+    assert named in done.error_line()
+    assert count_tasks(client) == 0
+
+
 def test_an_unknown_task_name_lists_the_known_ones(cli: Run, client: TestClient) -> None:
     line = cli("tasks", "enqueue", "nope").error_line()
 
