@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from store.changes import CANCEL_CHANNEL, ChangeFeed, Listener
+from store.changes import CANCEL_CHANNEL, ChangeFeed, Listener, Notice
 from store.engine import Database
 
 log = logging.getLogger(__name__)
@@ -135,13 +135,7 @@ class NotifyBell:
             ready = {fd for fd, _ in poll.poll()}
             if self._wake_r in ready:
                 return
-            wanted = False
-            for notice in self._listener.receive():
-                if notice.channel == CANCEL_CHANNEL:
-                    self._cancel(notice.payload)
-                elif self._serves(notice.payload):
-                    wanted = True
-            if wanted:
+            if hand_on(self._listener.receive(), self._serves, self._cancel):
                 self._ring()
 
     def _pause(self, seconds: float) -> None:
@@ -247,6 +241,20 @@ class Doorbell:
             self._writes.close()
             self._writes = None
             return "idle"
+
+
+def hand_on(
+    notices: list[Notice], serves: Callable[[str], bool], cancel: Callable[[str], None]
+) -> bool:
+    """Pass each cancel in `notices` to `cancel`; whether any other is for a queue the
+    runner `serves` (it should claim: once, however many there are)."""
+    wanted = False
+    for notice in notices:
+        if notice.channel == CANCEL_CHANNEL:
+            cancel(notice.payload)
+        elif serves(notice.payload):
+            wanted = True
+    return wanted
 
 
 def _first_line(error: BaseException) -> str:

@@ -21,10 +21,12 @@ from sqlmodel import Session
 
 from app.backstop import Backstop
 from app.enqueue import TaskClient
+from app.runner.runner import Runner
+from app.runner.wakeup import hand_on
 from app.settings import Settings
 from app.tasks.registry import registry
 from store import control, leases, outcomes
-from store.changes import CHANNEL, LISTENER_NAME, Listener, Notice
+from store.changes import CANCEL_CHANNEL, CHANNEL, LISTENER_NAME, Listener, Notice
 from store.engine import Database, create_database, drop_database
 from store.models import Lease, TaskStatus
 from store.tasks import NewTask, enqueue, enqueue_once, get_task
@@ -185,6 +187,22 @@ def test_only_a_task_due_at_once_is_signalled(backstop: Backstop, other: Databas
         listener.close()
 
 
+def test_signals_heard_together_ask_for_one_claim_and_only_for_queues_served() -> None:
+    cancelled: list[str] = []
+    mine = {"mine"}.__contains__
+    assert not hand_on([Notice(CHANNEL, "other")], mine, cancelled.append)
+    together = [Notice(CHANNEL, "other"), Notice(CANCEL_CHANNEL, "t1"), Notice(CHANNEL, "mine")]
+    assert hand_on(together, mine, cancelled.append)
+    assert cancelled == ["t1"]
+
+
+def test_a_runner_serves_only_its_named_queues(backstop: Backstop) -> None:
+    assert backstop.runner.serves("default")
+    named = Runner(backstop.db, registry, backstop.settings, queues={"mine": 1}, worker_id="named")
+    assert named.serves("mine")
+    assert not named.serves("default")
+
+
 # -- retries, releases, operator retries, cancels -------------------------------------------
 
 
@@ -263,16 +281,16 @@ def test_the_listener_reconnects_after_its_connection_is_killed(
     async def scenario() -> None:
         found: set[int] = set()
 
-        def listening() -> bool:
-            found.update(_listeners(other))
+        def listening(besides: int | None = None) -> bool:
+            found.clear()
+            found.update(_listeners(other) - {besides})
             return bool(found)
 
         await until(listening, "the runner's listening connection")
         [first] = found
         with other.write() as conn:
             conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
-        found.clear()
-        await until(lambda: listening() and first not in found, "a new listening connection")
+        await until(lambda: listening(besides=first), "a new listening connection")
         task_id = await asyncio.to_thread(_enqueue_plain, other)
         await until(status_is(other, task_id, TaskStatus.SUCCEEDED), "the task to run")
 
