@@ -279,9 +279,9 @@ def fail_attempt(
         expired=expired,
         now=now,
     )
-    if task is not None and task.status == TaskStatus.RETRYING:
-        # Any runner may take the retry, not only this one: a retry due at once (or soon)
-        # must not wait for the others' next poll.
+    if task is not None and task.status == TaskStatus.RETRYING and task.scheduled_at <= now:
+        # Any runner may take a retry due at once, not only this one: it must not wait for
+        # the others' next poll. (One due later is found by the polls.)
         notify(conn, [task.queue])
     return task
 

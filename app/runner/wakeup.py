@@ -1,7 +1,7 @@
 """Waking the runner when another process enqueues: LISTEN on PostgreSQL, a doorbell on SQLite.
 
 On PostgreSQL (`NotifyBell`) the store sends NOTIFY in the transaction of every write that
-makes a task due (an enqueue, a retry scheduled, a release, an operator's retry) or asks a
+makes a task due (an enqueue, a retry due at once, a release, an operator's retry) or asks a
 running task to stop. A daemon thread, `backstop-listener`, owns a connection of its own
 that LISTENs; it is the only thread that touches that connection. When a signal arrives it
 rings the runner (once for any number that came together), or hands a cancel to the runner,
