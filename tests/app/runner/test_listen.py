@@ -100,13 +100,11 @@ def status_is(db: Database, task_id: str, wanted: TaskStatus) -> Callable[[], bo
     return lambda: status(db, task_id) == wanted
 
 
-def claimed_elsewhere(
-    db: Database, name: str = "test.echo", args: list[int] | None = None
-) -> Lease:
+def claimed_elsewhere(db: Database) -> Lease:
     """A task enqueued and claimed by another runner, in one transaction (so that the
     enqueue's signal finds nothing left for the runner under test)."""
     with db.write() as conn:
-        task = enqueue(conn, NewTask(name=name, args=args if args is not None else [1]))
+        task = enqueue(conn, NewTask(name="test.echo", args=[1]))
         [claim] = leases.claim_due(conn, "elsewhere", 1, lease_seconds=60)
     assert claim.id == task.id
     return claim.lease
