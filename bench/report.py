@@ -19,7 +19,16 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
-PACKAGES = ("fastapi", "uvicorn", "sqlalchemy", "sqlmodel", "pydantic", "huey")
+PACKAGES = (
+    "fastapi",
+    "uvicorn",
+    "sqlalchemy",
+    "sqlmodel",
+    "pydantic",
+    "huey",
+    "psycopg",
+    "pgqueuer",
+)
 
 
 @dataclass

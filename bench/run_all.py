@@ -22,12 +22,13 @@ from typing import Any
 
 from bench.report import Figure, format_figure, machine, number, versions
 
-SCRIPTS = ("enqueue", "end_to_end", "drain", "latency", "scale", "memory")
+SCRIPTS = ("enqueue", "end_to_end", "drain", "latency", "pg_latency", "scale", "memory")
 QUICK = {
     "enqueue": ["--runs", "1", "--seconds", "1"],
     "end_to_end": ["--runs", "1", "--seconds", "1"],
     "drain": ["--runs", "1", "--tasks", "2000"],
     "latency": ["--samples", "15"],
+    "pg_latency": ["--samples", "15"],
     "scale": ["--runs", "2", "--history", "10000,100000", "--tasks", "1000"],
     "memory": ["--tasks", "10000", "--warmup", "2000"],
 }
@@ -43,6 +44,7 @@ TARGETS = {
     "5": "Claim throughput with 1,000,000 finished tasks >= 0.9x that with 10,000",
     "6": "Runner RSS grows <= 5% over 500,000 tasks",
     "7": "Targets 1 and 3 again with synchronous=FULL",
+    "8": "Idle pickup on PostgreSQL from another process p50 <= 5 ms (PgQueuer beside it)",
 }
 
 

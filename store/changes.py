@@ -1,15 +1,134 @@
-"""Noticing that another connection committed: SQLite's stand-in for LISTEN/NOTIFY.
+"""Telling runners that another connection committed work: NOTIFY on PostgreSQL, and
+SQLite's stand-in for it.
 
-`PRAGMA data_version` changes whenever another connection (of this process or any other)
-commits to the file. Reading it is a few microseconds and touches no table, so a runner can
-look every couple of milliseconds and claim as soon as another process enqueues.
+On PostgreSQL every write that makes a task due, or asks a running one to stop, calls
+`notify` or `notify_cancel` inside its own transaction: PostgreSQL delivers the signal at
+commit (not at all on a rollback) to every connection that LISTENs, which is what a
+`Listener` does for a runner. On SQLite both calls do nothing.
+
+SQLite has no NOTIFY. `PRAGMA data_version` changes whenever another connection (of this
+process or any other) commits to the file. Reading it is a few microseconds and touches no
+table, so a runner can look every couple of milliseconds (`ChangeFeed`) and claim as soon as
+another process enqueues.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from store.engine import Database
+
+# Payload: a queue that may have a due task now.
+CHANNEL = "backstop"
+# Payload: the id of a running task that was asked to stop.
+CANCEL_CHANNEL = "backstop_cancel"
+# How a listening connection names itself in pg_stat_activity, unless the URL names it.
+LISTENER_NAME = "backstop-listener"
+
+_NOTIFY = sa.text(
+    "SELECT pg_notify(c, p) FROM unnest(CAST(:channels AS text[]), CAST(:payloads AS text[]))"
+    " AS n(c, p)"
+)
+_SENT = "backstop_notified"
+
+
+def notify(conn: Connection, queues: Iterable[str]) -> None:
+    """Tell listening runners, when this transaction commits, that tasks of these queues may
+    be due. Nothing on SQLite."""
+    _send(conn, CHANNEL, queues)
+
+
+def notify_cancel(conn: Connection, task_ids: Iterable[str]) -> None:
+    """Tell listening runners, when this transaction commits, that these running tasks were
+    asked to stop. Nothing on SQLite."""
+    _send(conn, CANCEL_CHANNEL, task_ids)
+
+
+def _send(conn: Connection, channel: str, payloads: Iterable[str]) -> None:
+    if conn.dialect.name != "postgresql":
+        return
+    wanted = {(channel, payload) for payload in payloads}
+    # PostgreSQL delivers a signal sent twice in one transaction once; sending it once saves
+    # the round trip (a cycle that schedules many retries of one queue sends one).
+    # (Per savepoint too: one rolled back takes its signals with it.)
+    transaction = conn.get_nested_transaction() or conn.get_transaction()
+    if transaction is not None:
+        sent: tuple[weakref.ref[Any], set[tuple[str, str]]] | None = conn.info.get(_SENT)
+        if sent is None or sent[0]() is not transaction:
+            sent = conn.info[_SENT] = (weakref.ref(transaction), set())
+        wanted -= sent[1]
+        sent[1].update(wanted)
+    if not wanted:
+        return
+    ordered = sorted(wanted)
+    conn.execute(
+        _NOTIFY, {"channels": [c for c, _ in ordered], "payloads": [p for _, p in ordered]}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One signal heard: its channel (`CHANNEL` or `CANCEL_CHANNEL`) and payload."""
+
+    channel: str
+    payload: str
+
+
+class Listener:
+    """A PostgreSQL connection of its own, in autocommit, that LISTENs on Backstop's channels.
+
+    Not thread-safe: one thread connects, waits on `fileno()` and calls `receive`. Any
+    method may raise the driver's error when the connection is lost; `connect` again then.
+    """
+
+    def __init__(self, db: Database, *, connect_timeout: int = 5) -> None:
+        if db.dialect != "postgresql":
+            raise ValueError("LISTEN needs PostgreSQL")
+        cargs, params = db.engine.dialect.create_connect_args(db.engine.url)
+        params.setdefault("application_name", LISTENER_NAME)
+        params.setdefault("connect_timeout", connect_timeout)
+        # A link that dies without a word (a host cut off) is noticed within about 25 s
+        # rather than at the kernel's default of two hours.
+        params.update(keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+        self._cargs = cargs
+        self._params = params
+        self._conn: Any = None
+
+    def connect(self) -> None:
+        """(Re)open the connection and LISTEN; signals sent before this are not heard."""
+        import psycopg
+
+        self.close()
+        conn = psycopg.connect(*self._cargs, **self._params, autocommit=True)
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+            conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def fileno(self) -> int:
+        """The socket to wait on: readable when a signal (or the connection's end) arrives."""
+        fileno: int = self._conn.fileno()
+        return fileno
+
+    def receive(self) -> list[Notice]:
+        """The signals that arrived, without waiting; raises when the connection is lost."""
+        return [Notice(n.channel, n.payload) for n in self._conn.notifies(timeout=0)]
+
+    def close(self) -> None:
+        """Close the connection, if open."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
 
 class ChangeFeed:

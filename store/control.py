@@ -7,6 +7,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from store.changes import notify, notify_cancel
 from store.errors import InvalidTransition
 from store.models import CLAIMABLE, Task, TaskStatus, task_table
 from store.tasks import get_task, to_task
@@ -40,6 +41,7 @@ def cancel_task(conn: Connection, task_id: str, *, now: datetime | None = None) 
         .returning(*t.c)
     ).first()
     if running is not None:
+        notify_cancel(conn, [task_id])  # its runner stops it at once, not at its next check
         return to_task(running)
     task = get_task(conn, task_id)
     raise InvalidTransition(task.id, task.status, "cancelled", "queued, retrying or running")
@@ -66,7 +68,9 @@ def retry_task(conn: Connection, task_id: str, *, now: datetime | None = None) -
         .returning(*t.c)
     ).first()
     if row is not None:
-        return to_task(row)
+        task = to_task(row)
+        notify(conn, [task.queue])
+        return task
     task = get_task(conn, task_id)
     raise InvalidTransition(task.id, task.status, "retried", "failed or cancelled")
 

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from store.attempts import of_task
+from store.changes import notify
 from store.driver import Driver
 from store.models import (
     CLAIMABLE_WHERE,
@@ -264,11 +265,12 @@ def release(conn: Connection, leases: Sequence[Lease], *, now: datetime | None =
                     attempts=t.c.attempts - 1,
                     scheduled_at=now,
                 )
-                .returning(t.c.attempts)
-            ).scalar_one_or_none()
+                .returning(t.c.attempts, t.c.queue)
+            ).first()
             if back is None:
                 continue
-            number, outcome = back + 1, AttemptOutcome.RELEASED
+            number, outcome = back.attempts + 1, AttemptOutcome.RELEASED
+            notify(conn, [back.queue])  # a runner still running takes it at once
         released += 1
         conn.execute(
             sa.update(a)

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from store.attempts import of_task
+from store.changes import notify
 from store.driver import Driver
 from store.models import AttemptOutcome, Lease, Task, TaskStatus, attempt_table, task_table
 from store.tasks import to_task
@@ -270,7 +271,7 @@ def fail_attempt(
         values.update(status=TaskStatus.FAILED, finished_at=now)
     else:
         values.update(status=TaskStatus.RETRYING, scheduled_at=run_at)
-    return _close(
+    task = _close(
         conn,
         lease,
         values,
@@ -278,6 +279,11 @@ def fail_attempt(
         expired=expired,
         now=now,
     )
+    if task is not None and task.status == TaskStatus.RETRYING and task.scheduled_at <= now:
+        # Any runner may take a retry due at once, not only this one: it must not wait for
+        # the others' next poll. (One due later is found by the polls.)
+        notify(conn, [task.queue])
+    return task
 
 
 def schedule_retry(

@@ -14,6 +14,7 @@ from uuid import uuid4
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect, Row
 
+from store.changes import notify
 from store.driver import Convert, Driver, bind_processor
 from store.errors import IdempotencyConflict, InvalidCursor, TaskNotFound
 from store.models import CLAIMABLE_WHERE, TERMINAL, TERMINAL_WHERE, Task, TaskStatus, task_table
@@ -159,10 +160,17 @@ def _driver_row(sql: str, values: dict[str, Any], processors: _Processors) -> tu
     return tuple(row)
 
 
+def _due_now(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Wake listening runners at commit for the queues of the rows that are due at once (a
+    delayed task is found by the polls)."""
+    notify(conn, {row["queue"] for row in rows if row["scheduled_at"] <= row["created_at"]})
+
+
 def _insert(conn: Connection, rows: list[dict[str, Any]]) -> None:
     """Insert `rows` (made by `_values`) in one statement."""
     if conn.dialect.name != "sqlite":
         conn.execute(sa.insert(t), rows)
+        _due_now(conn, rows)
         return
     processors = _bind_processors(conn.dialect)
     sql = _SQLITE_INSERT
@@ -185,7 +193,10 @@ def _insert_once(conn: Connection, values: dict[str, Any]) -> bool:
         # SQLAlchemy keeps an INSERT's rowcount only when asked to.
         options = {"preserve_rowcount": True}
         result = conn.execute(_insert_or_ignore(conn), values, execution_options=options)
-        return result.rowcount == 1
+        if result.rowcount != 1:
+            return False
+        _due_now(conn, [values])
+        return True
     sql = _SQLITE_INSERT_ONCE
     row = _driver_row(sql, values, _bind_processors(conn.dialect))
     return Driver(conn).execute_many(sql, [row]) == 1

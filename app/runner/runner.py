@@ -2,7 +2,8 @@
 
 An APScheduler `AsyncIOScheduler` drives the interval jobs: the claim (every
 `poll_interval`, and at once when this process enqueues, another process commits, or a slot
-frees up), the check for cancel requests, the heartbeat that renews the leases of running
+frees up; see `app.runner.wakeup`), the check for cancel requests (at once on PostgreSQL,
+where the store notifies them), the heartbeat that renews the leases of running
 tasks, the reclaim of leases that lapsed elsewhere, and any extra jobs the service adds
 (periodic tasks, retention). The claims, the functions and their outcomes flow through the
 pipeline (`app.runner.pipeline`): sync functions on threads, async ones on the loop. Every database
@@ -27,7 +28,7 @@ from app.runner.dbthread import DatabaseThread
 from app.runner.execution import Executor, attempt_of, report, report_expired
 from app.runner.pipeline import ALL_QUEUES, Pipeline, claim_queues
 from app.runner.pool import DaemonPool, call_on
-from app.runner.wakeup import Doorbell
+from app.runner.wakeup import Doorbell, NotifyBell
 from app.settings import Settings
 from app.tasks.registry import Registry
 from app.tasks.retry import DEFAULT_POLICY, after_lapsed_lease
@@ -90,7 +91,7 @@ class Runner:
         )
         self._extra_jobs: list[tuple[str, Job, float]] = []
         self._in_flight: dict[str, asyncio.Future[object]] = {}
-        self._doorbell: Doorbell | None = None
+        self._doorbell: Doorbell | NotifyBell | None = None
         self._scheduler: AsyncIOScheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
@@ -139,9 +140,12 @@ class Runner:
         self._scheduler = scheduler
         self._accepting = True
         self.pipeline.claiming = True
+        # Other processes' enqueues are seen within milliseconds, not at the next poll.
         if self.db.dialect == "sqlite":
-            # Other processes' enqueues are seen within milliseconds, not at the next poll.
             self._doorbell = Doorbell(self.db, self.notify, self.pipeline.waiting)
+        elif self.db.dialect == "postgresql":
+            self._doorbell = NotifyBell(self.db, self.notify, self._cancel_heard, self.serves)
+        if self._doorbell is not None:
             self._doorbell.start()
         served = ", ".join(f"{q or '*'}={n}" for q, n in self.limits.items())
         log.info("runner %s started (queues %s)", self.worker_id, served)
@@ -224,6 +228,15 @@ class Runner:
         """Claim now rather than at the next poll: a task was just enqueued. Thread-safe."""
         if self._accepting:
             self.pipeline.wake()
+
+    def serves(self, queue: str) -> bool:
+        """Whether this runner claims tasks of `queue`."""
+        return ALL_QUEUES in self.limits or queue in self.limits
+
+    def _cancel_heard(self, task_id: str) -> None:
+        """Another process asked a task to stop (from the listener's thread)."""
+        if task_id in self.pipeline.running:
+            self.cancel_local(task_id)
 
     def cancel_local(self, task_id: str) -> None:
         """Stop a task this runner is running, now (its cancel request is already stored)."""

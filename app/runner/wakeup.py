@@ -1,11 +1,19 @@
-"""Waking the runner when another process enqueues (SQLite has no NOTIFY).
+"""Waking the runner when another process enqueues: LISTEN on PostgreSQL, a doorbell on SQLite.
 
-A daemon thread watches the store's change feed and, when another connection committed,
-asks the runner to claim now instead of at its next poll. It looks only while the runner
-waits for work: a busy runner claims again anyway, and the looks would cost it a share of
-the core it runs on.
+On PostgreSQL (`NotifyBell`) the store sends NOTIFY in the transaction of every write that
+makes a task due (an enqueue, a retry due at once, a release, an operator's retry) or asks a
+running task to stop. A daemon thread, `backstop-listener`, owns a connection of its own
+that LISTENs; it is the only thread that touches that connection. When a signal arrives it
+rings the runner (once for any number that came together), or hands a cancel to the runner,
+which stops the task on its event loop. The runner's polls stay as the fallback: while the
+connection is down, and for delayed tasks that fall due later.
 
-On Linux the thread sleeps until the kernel says the database or its WAL was written
+SQLite has no NOTIFY (`Doorbell`). A daemon thread, `backstop-doorbell`, watches the store's
+change feed and, when another connection committed, asks the runner to claim now instead of
+at its next poll. It looks only while the runner waits for work: a busy runner claims again
+anyway, and the looks would cost it a share of the core it runs on.
+
+On Linux the doorbell sleeps until the kernel says the database or its WAL was written
 (inotify on their folder): an idle runner then costs nothing between commits, and hears
 of one within a fraction of a millisecond. Elsewhere, or when inotify cannot be had, it
 looks every `WATCH_INTERVAL` seconds.
@@ -27,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from store.changes import ChangeFeed
+from store.changes import CANCEL_CHANNEL, ChangeFeed, Listener, Notice
 from store.engine import Database
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,95 @@ IDLE_LOOK = 0.25
 PUBLISH_GRACE = 0.05
 
 Woke = Literal["write", "idle", "nothing", "stop"]
+
+# Pauses before connecting the listener again after its connection was lost (the last one
+# repeats). The polls find the work meanwhile.
+RECONNECT: tuple[float, ...] = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+class NotifyBell:
+    """Rings `ring` (from its own thread) whenever PostgreSQL delivers a signal for a queue
+    that `serves`, and calls `cancel` with the id of each running task asked to stop.
+
+    Signals that arrive together ring once. A lost connection is logged in one line, rings
+    once (a signal may have gone unheard while it was down), and is opened again after a
+    pause from `RECONNECT`.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        ring: Callable[[], None],
+        cancel: Callable[[str], None],
+        serves: Callable[[str], bool] = lambda queue: True,
+    ) -> None:
+        self._listener = Listener(db)
+        self._ring = ring
+        self._cancel = cancel
+        self._serves = serves
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._listen, name="backstop-listener", daemon=True)
+
+    def start(self) -> None:
+        """Start listening (the connection opens on the thread)."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening and close the connection."""
+        self._stop.set()
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        if self._thread.is_alive():  # stuck connecting: it holds the connection still
+            log.warning("listener: its thread did not stop within 5 s")
+            return
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+    def _listen(self) -> None:
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._listener.connect()
+                    if failures:
+                        log.info("listener: listening again")
+                        self._ring()  # what was enqueued while it was down
+                    failures = 0
+                    self._serve()
+                except Exception as error:
+                    if self._stop.is_set():
+                        break
+                    if failures == 0:
+                        log.warning(
+                            "listener: connection lost (%s); polling until it is back",
+                            _first_line(error),
+                        )
+                        self._ring()
+                    pause = RECONNECT[min(failures, len(RECONNECT) - 1)]
+                    failures += 1
+                    self._pause(pause)
+        finally:
+            with contextlib.suppress(Exception):
+                self._listener.close()
+
+    def _serve(self) -> None:
+        """Wait for signals and hand them on, until the stop or a lost connection."""
+        poll = select.poll()
+        poll.register(self._wake_r, select.POLLIN)
+        poll.register(self._listener.fileno(), select.POLLIN)
+        while not self._stop.is_set():
+            ready = {fd for fd, _ in poll.poll()}
+            if self._wake_r in ready:
+                return
+            if hand_on(self._listener.receive(), self._serves, self._cancel):
+                self._ring()
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if the bell stops."""
+        poll = select.poll()
+        poll.register(self._wake_r, select.POLLIN)
+        poll.poll(seconds * 1000)
 
 
 class Doorbell:
@@ -144,6 +241,25 @@ class Doorbell:
             self._writes.close()
             self._writes = None
             return "idle"
+
+
+def hand_on(
+    notices: list[Notice], serves: Callable[[str], bool], cancel: Callable[[str], None]
+) -> bool:
+    """Pass each cancel in `notices` to `cancel`; whether any other is for a queue the
+    runner `serves` (it should claim: once, however many there are)."""
+    wanted = False
+    for notice in notices:
+        if notice.channel == CANCEL_CHANNEL:
+            cancel(notice.payload)
+        elif serves(notice.payload):
+            wanted = True
+    return wanted
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 class _Writes:
