@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
-from uuid import uuid4
 
 import pytest
 
@@ -88,7 +87,7 @@ def backstop_database_url(tmp_path: Path) -> Iterator[str]:
     on the server `BACKSTOP_TEST_DATABASE_URL` names (dropped after the test)."""
     import sqlalchemy as sa
 
-    from store.engine import create_database, drop_database
+    from store.engine import temporary_database
 
     server = os.environ.get(DATABASE_ENV, "").strip()
     if not server:
@@ -97,12 +96,8 @@ def backstop_database_url(tmp_path: Path) -> Iterator[str]:
     url = sa.make_url(server)
     if url.get_backend_name() != "postgresql":
         raise pytest.UsageError(f"{DATABASE_ENV} must name a PostgreSQL server, not {server!r}")
-    name = f"backstop_test_{uuid4().hex[:16]}"
-    database_url = create_database(server, name)
-    try:
+    with temporary_database(server, "backstop_test") as database_url:
         yield database_url
-    finally:
-        drop_database(server, name)
 
 
 @pytest.fixture

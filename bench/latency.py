@@ -39,9 +39,23 @@ from bench.huey_app import Bench
 from bench.report import Figure, Report, arguments, header, median, percentile, rotated
 
 WARMUP = 3
-TIMEOUT = 15.0
-
 Sampler = Callable[[], Awaitable[float]]
+
+
+async def sample_rounds(pickers: dict[str, Sampler], samples: int) -> dict[str, list[float]]:
+    """Each sampler's latencies in ms, `samples` each after `WARMUP` rounds: the samplers
+    take turns in a rotated order, an idle pause of 50-150 ms before each sample."""
+    found: dict[str, list[float]] = {name: [] for name in pickers}
+    for round_ in range(WARMUP + samples):
+        for name in rotated(list(pickers), round_):
+            await asyncio.sleep(random.uniform(0.05, 0.15))
+            latency = await pickers[name]()
+            if round_ >= WARMUP:
+                found[name].append(latency * 1000)
+    return found
+
+
+TIMEOUT = 15.0
 
 
 async def wait_for(found: Callable[[], float | None]) -> float:
@@ -139,14 +153,7 @@ async def measure(root: Path, samples: int, huey_delay: float | None) -> dict[st
                 "another process": remote_sampler(client, root / "remote.stamps"),
                 "huey": huey_sampler(bench, root / "huey.stamps"),
             }
-            found: dict[str, list[float]] = {name: [] for name in pickers}
-            for round_ in range(WARMUP + samples):
-                for name in rotated(list(pickers), round_):
-                    await asyncio.sleep(random.uniform(0.05, 0.15))
-                    latency = await pickers[name]()
-                    if round_ >= WARMUP:
-                        found[name].append(latency * 1000)
-            return found
+            return await sample_rounds(pickers, samples)
     finally:
         await local.runner.stop()
         local.close()

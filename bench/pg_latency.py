@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import random
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,9 @@ from app.settings import Settings
 from app.tasks.registry import registry
 from bench import harness, tasks
 from bench.drain import LOCAL_POSTGRES, postgres_server
-from bench.latency import in_file, wait_for
-from bench.report import Figure, Report, arguments, header, median, percentile, rotated
-from store.engine import Database, create_database, drop_database
-
-WARMUP = 3
-Sampler = Callable[[], Awaitable[float]]
+from bench.latency import Sampler, in_file, sample_rounds, wait_for
+from bench.report import Figure, Report, arguments, header, median, percentile
+from store.engine import Database, temporary_database
 
 
 def libpq(url: str) -> str:
@@ -54,12 +50,8 @@ def libpq(url: str) -> str:
 
 @contextlib.contextmanager
 def new_database(server: str, prefix: str) -> Iterator[str]:
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    url = create_database(server, name)
-    try:
+    with temporary_database(server, prefix) as url:
         yield url
-    finally:
-        drop_database(server, name)
 
 
 def backstop_sampler(client: TaskClient, stamps: Path) -> Sampler:
@@ -157,14 +149,7 @@ async def measure(root: Path, server: str, samples: int) -> dict[str, list[float
         else:
             conn = None
         try:
-            found: dict[str, list[float]] = {name: [] for name in pickers}
-            for round_ in range(WARMUP + samples):
-                for name in rotated(list(pickers), round_):
-                    await asyncio.sleep(random.uniform(0.05, 0.15))
-                    latency = await pickers[name]()
-                    if round_ >= WARMUP:
-                        found[name].append(latency * 1000)
-            return found
+            return await sample_rounds(pickers, samples)
         finally:
             if conn is not None:
                 await conn.close()

@@ -13,6 +13,7 @@ import functools
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
@@ -280,6 +281,18 @@ def create_database(server_url: str, name: str) -> str:
     finally:
         admin.dispose()
     return url.set(database=name).render_as_string(hide_password=False)
+
+
+@contextmanager
+def temporary_database(server_url: str, prefix: str = "backstop") -> Iterator[str]:
+    """A new PostgreSQL database on the server `server_url` names, named `prefix_<random>`;
+    its URL while the block runs, dropped after it."""
+    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    url = create_database(server_url, name)
+    try:
+        yield url
+    finally:
+        drop_database(server_url, name)
 
 
 def drop_database(server_url: str, name: str) -> None:

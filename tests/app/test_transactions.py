@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from uuid import uuid4
 
 import pytest
 import sqlalchemy as sa
@@ -26,7 +25,7 @@ from app.errors import InvalidArguments, SessionOnAnotherDatabase
 from app.tasks.registry import registry
 from store import migrate
 from store import tasks as store_tasks
-from store.engine import Database, create_database, drop_database
+from store.engine import Database, temporary_database
 from store.errors import IdempotencyConflict
 from store.models import Task
 
@@ -101,13 +100,9 @@ def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Place]:
         yield from _prepare(f"sqlite:///{path}", f"sqlite+aiosqlite:///{path}")
         return
     server: str = request.getfixturevalue("server")
-    name = f"backstop_tx_{uuid4().hex[:12]}"
-    url = create_database(server, name)
-    try:
+    with temporary_database(server, "backstop_tx") as url:
         # The same `postgresql+psycopg://` URL: SQLAlchemy picks psycopg's async mode.
         yield from _prepare(url, url)
-    finally:
-        drop_database(server, name)
 
 
 # -- a Session --------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from uuid import uuid4
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +19,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from store import migrate
-from store.engine import Database, create_database, drop_database
+from store.engine import Database, temporary_database
 from store.models import metadata
 from tests.support.projects import write_files
 
@@ -135,12 +134,8 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'shared.db'}"
         return
     server: str = request.getfixturevalue("server")
-    name = f"backstop_test_{uuid4().hex[:16]}"
-    made = create_database(server, name)
-    try:
+    with temporary_database(server, "backstop_test") as made:
         yield made
-    finally:
-        drop_database(server, name)
 
 
 def run(cwd: Path, url: str, *command: str) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import select
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 
@@ -27,7 +26,7 @@ from app.settings import Settings
 from app.tasks.registry import registry
 from store import control, leases, outcomes
 from store.changes import CANCEL_CHANNEL, CHANNEL, LISTENER_NAME, Listener, Notice
-from store.engine import Database, create_database, drop_database
+from store.engine import Database, temporary_database
 from store.models import Lease, TaskStatus
 from store.tasks import NewTask, enqueue, enqueue_once, get_task
 from store.timeutil import utcnow
@@ -40,10 +39,8 @@ HOUR = timedelta(hours=1)
 @pytest.fixture
 def database_url(server: str) -> Iterator[str]:
     """A PostgreSQL database of the test's own."""
-    name = f"backstop_listen_{uuid.uuid4().hex[:12]}"
-    url = create_database(server, name)
-    yield url
-    drop_database(server, name)
+    with temporary_database(server, "backstop_listen") as url:
+        yield url
 
 
 @pytest.fixture
