@@ -1,4 +1,4 @@
-"""The `backstop` command: serve, worker, db upgrade.
+"""The `backstop` command: serve, worker, db upgrade, db copy.
 
 It runs from the team's own folder as `uvicorn` does: the current directory is importable, so
 `--app myservice.main:app` and `BACKSTOP_TASK_MODULES=myservice.tasks` need no PYTHONPATH.
@@ -24,11 +24,13 @@ from typer._click.exceptions import NoArgsIsHelpError
 
 from app import logs
 from app.backstop import Backstop, import_task_modules
-from app.cli.database import describe
+from app.cli.database import describe, existing_service
 from app.cli.schedules import schedules
 from app.cli.tasks import tasks_cli
 from app.errors import BackstopError
 from app.settings import Settings, parse_queues
+from store import copy as store_copy
+from store.engine import Database
 from store.errors import StoreError
 
 cli = typer.Typer(
@@ -38,7 +40,9 @@ cli = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-db_cli = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
+db_cli = typer.Typer(
+    help="Manage the database: its schema, and moving it elsewhere.", no_args_is_help=True
+)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(tasks_cli, name="tasks")
 cli.command("schedules")(schedules)
@@ -224,6 +228,40 @@ def db_upgrade() -> None:
     settings = _settings()
     _prepare(settings)
     typer.echo(f"database at {describe(settings.url)} is up to date")
+
+
+@db_cli.command("copy")
+def db_copy(
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="URL",
+            help="The PostgreSQL database to copy into, e.g. postgresql+psycopg://user@host/name;"
+            " migrated ('backstop db upgrade') and holding no task.",
+        ),
+    ],
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Rows read and written per batch.")
+    ] = store_copy.BATCH_SIZE,
+) -> None:
+    """Copy every task, attempt and schedule of this database into another, then verify the
+    counts. Stop the API and the workers first."""
+    if sa.make_url(to).get_backend_name() != "postgresql":
+        raise typer.BadParameter(
+            "copy into PostgreSQL: postgresql+psycopg://user@host/name", param_hint="--to"
+        )
+    target = Database.from_url(to)
+    try:
+        with existing_service(_settings()) as backstop:
+            report = store_copy.copy_database(backstop.db, target, batch_size=batch_size)
+    finally:
+        target.dispose()
+    typer.echo(f"{'table':<9} {'state':<14} {'source':>9} {'target':>9}")
+    for table, states in report.source.items():
+        for state, n in states.items():
+            typer.echo(f"{table:<9} {state:<14} {n:>9} {report.target[table][state]:>9}")
+    typer.echo(f"copied into {describe(to)}; every count matches")
 
 
 def _one_line(error: BaseException) -> str:

@@ -13,6 +13,7 @@ from store.engine import Database
 from store.leases import claim_due
 from store.models import Claim, Task, TaskStatus, lease_of
 from store.outcomes import mark_failed, mark_succeeded, schedule_retry
+from store.schedules import advance_schedule
 from store.tasks import NewTask, enqueue, get_tasks
 
 
@@ -77,3 +78,50 @@ def unfinished(
         later = schedule_retry(conn, lease_of(task), "Boom: again", None, run_at, now=since)
         assert later is not None
         return later.id
+
+
+def one_of_each(db: Database, at: datetime) -> dict[str, str]:
+    """A queue with a task in every state as of `at`, by state (`delayed`: queued, due later),
+    with a result, errors, tracebacks, several attempts and a schedule. No runner is at work
+    at `at`: the running task's lease expired an hour before."""
+    hour = timedelta(hours=1)
+    early = at - 3 * hour
+    trace = 'Traceback (most recent call last):\n  File "t.py", line 1\nValueError: no'
+    ids: dict[str, str] = {}
+    with db.write() as conn:
+        queued = NewTask(name="test.noop", args=[1, "é", 2.5], kwargs={"deep": {"b": [None]}})
+        ids["queued"] = enqueue(conn, queued, now=at - hour).id
+        delayed = NewTask(name="test.noop", priority=7, scheduled_at=at + hour, queue="later")
+        ids["delayed"] = enqueue(conn, delayed, now=at - hour).id
+
+        keyed = NewTask(name="test.noop", queue="ok", idempotency_key="k-1", request_hash="ab")
+        enqueue(conn, keyed, now=early)
+        (claim,) = claim_due(conn, "w1", 1, lease_seconds=60, queue="ok", now=early)
+        done = mark_succeeded(conn, claim.lease, {"rows": [1, 2.5, "ü"], "n": None}, now=early)
+        assert done is not None
+        ids["succeeded"] = done.id
+
+        enqueue(conn, NewTask(name="test.noop", queue="bad", max_attempts=2), now=early)
+        (claim,) = claim_due(conn, "w1", 1, lease_seconds=60, queue="bad", now=early)
+        assert schedule_retry(conn, claim.lease, "ValueError: no", trace, early, now=early)
+        (claim,) = claim_due(conn, "w2", 1, lease_seconds=7200, queue="bad", now=early)
+        failed = mark_failed(conn, claim.lease, "ValueError: no", trace, now=early + hour)
+        assert failed is not None
+        ids["failed"] = failed.id
+
+        enqueue(conn, NewTask(name="test.noop", queue="again"), now=early)
+        (claim,) = claim_due(conn, "w1", 1, lease_seconds=60, queue="again", now=early)
+        retrying = schedule_retry(conn, claim.lease, "ValueError: no", trace, at, now=early)
+        assert retrying is not None
+        ids["retrying"] = retrying.id
+
+        enqueue(conn, NewTask(name="test.noop", queue="died"), now=early)
+        (claim,) = claim_due(conn, "w3", 1, lease_seconds=3600, queue="died", now=at - 2 * hour)
+        ids["running"] = claim.id
+
+        ids["cancelled"] = cancel_task(
+            conn, enqueue(conn, NewTask(name="test.noop"), now=early).id, now=early
+        ).id
+        advance_schedule(conn, "nightly", at - hour, now=at - hour)
+        advance_schedule(conn, "hourly", at, now=at)
+    return ids
