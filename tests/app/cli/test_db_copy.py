@@ -102,16 +102,17 @@ def test_the_source_itself_is_refused(tmp_path: Path, target: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "named"),
+    ("url", "named", "status"),
     [
-        ("sqlite:///elsewhere.db", "copy into PostgreSQL"),
-        ("postgresql+psycopg2://postgres@127.0.0.1/x", "postgresql+psycopg://"),
+        ("sqlite:///elsewhere.db", "copy into PostgreSQL", 2),
+        ("postgresql+psycopg2://postgres@127.0.0.1/x", "postgresql+psycopg://", 1),
     ],
     ids=["sqlite", "psycopg2"],
 )
 def test_a_target_that_is_not_postgresql_through_psycopg_is_refused(
-    tmp_path: Path, source: Database, url: str, named: str
+    tmp_path: Path, source: Database, url: str, named: str, status: int
 ) -> None:
-    line = assert_one_line_error(backstop(tmp_path / "data", "db", "copy", "--to", url))
+    done = backstop(tmp_path / "data", "db", "copy", "--to", url)
 
-    assert named in line
+    assert named in assert_one_line_error(done)
+    assert done.returncode == status
