@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
+import store.copy
 from store import migrate
-from store.copy import CopyRefused, copy_database, count_rows
+from store.copy import CopyRefused, copy_database, copy_rows, count_rows
 from store.engine import Database, temporary_database
 from store.leases import claim_due, reclaim_expired
 from store.models import TaskStatus, attempt_table, schedule_table, task_table
@@ -87,6 +89,22 @@ def test_the_target_carries_on_where_the_source_stopped(db: Database, migrated: 
     assert ids["queued"] in {task.id for task in claimed}
     attempt_ids = [row["id"] for row in rows(migrated)["attempt"]]
     assert len(attempt_ids) == len(set(attempt_ids))
+
+
+def test_counts_that_differ_commit_nothing(
+    db: Database, migrated: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_of_each(db, AT)
+
+    def lossy(source: Connection, target: Connection, *, batch_size: int) -> None:
+        copy_rows(source, target, batch_size=batch_size)
+        target.execute(sa.delete(schedule_table).where(schedule_table.c.name == "nightly"))
+
+    monkeypatch.setattr(store.copy, "copy_rows", lossy)
+
+    with pytest.raises(CopyRefused, match="counts differ after the copy"):
+        copy_database(db, migrated, now=AT)
+    assert rows(migrated) == {"task": [], "attempt": [], "schedule": []}
 
 
 def test_a_runner_at_work_on_the_source_is_refused(db: Database, migrated: Database) -> None:
