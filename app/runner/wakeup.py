@@ -64,9 +64,9 @@ class NotifyBell:
     """Rings `ring` (from its own thread) whenever PostgreSQL delivers a signal for a queue
     that `serves`, and calls `cancel` with the id of each running task asked to stop.
 
-    Signals that arrive together ring once. A lost connection is logged in one line, rings
-    once (a signal may have gone unheard while it was down), and is opened again after a
-    pause from `RECONNECT`.
+    Signals that arrive together ring once. Each time the LISTEN takes (at start and after a
+    loss) it rings once, for what was enqueued before. A lost connection is logged in one
+    line, rings once, and is opened again after a pause from `RECONNECT`.
     """
 
     def __init__(
@@ -107,7 +107,9 @@ class NotifyBell:
                     self._listener.connect()
                     if failures:
                         log.info("listener: listening again")
-                        self._ring()  # what was enqueued while it was down
+                    # What was enqueued before the LISTEN took (at start, the runner's first
+                    # claim may come first; after a loss, while it was down) is claimed now.
+                    self._ring()
                     failures = 0
                     self._serve()
                 except Exception as error:
