@@ -158,7 +158,7 @@ class ValidationErrorOut(BaseModel):
 
 
 ANSWERS: dict[int, dict[str, Any]] = {
-    400: {"model": ErrorOut, "description": "An invalid Content-Length, or a body not JSON"},
+    400: {"model": ErrorOut, "description": "A Content-Length header that is not a number"},
     401: {"model": ErrorOut, "description": "Missing or wrong bearer token"},
     404: {"model": ErrorOut, "description": "No task with this id"},
     409: {"model": ErrorOut, "description": "The task's state does not allow this"},
