@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import schemathesis
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from pydantic import SecretStr
@@ -98,3 +99,38 @@ def test_every_refusal_of_a_request_without_the_token_is_declared(standalone: Fa
         "description": "The service's API token (`BACKSTOP_API_TOKEN`)",
     }
     assert fuzz(standalone, {"Authorization": "Bearer wrong"}, TOKEN) > EXAMPLES * 11
+
+
+def test_the_refusals_fuzzing_cannot_reach_are_declared_with_their_bodies(
+    settings: Settings,
+) -> None:
+    """A wrong Content-Length, a body over the limit, a conflict on an existing task: each
+    answer has a status its route declares and a body that fits the declared schema."""
+    settings = settings.model_copy(
+        update={"api_token": SecretStr(TOKEN), "max_body_bytes": 1000, "run_worker": False}
+    )
+    app = create_app(settings)
+    schema = schemathesis.openapi.from_dict(app.openapi())
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(app) as client:
+        task = client.post("/tasks", json={"name": "test.noop"}, headers=bearer).json()
+        assert client.post(f"/tasks/{task['id']}/cancel", headers=bearer).status_code == 200
+        answers = [
+            ("GET", "/tasks", {"headers": {**bearer, "Content-Length": "many"}}, 400),
+            ("POST", "/tasks", {"json": {"name": "test.noop"}}, 401),
+            ("GET", "/schedules", {"headers": {"Authorization": "Bearer wrong"}}, 401),
+            ("GET", "/tasks/{task_id}", {"headers": bearer}, 404),
+            ("POST", "/tasks/{task_id}/cancel", {"headers": bearer, "id": task["id"]}, 409),
+            ("POST", "/tasks/{task_id}/retry", {"headers": bearer, "id": "nope"}, 404),
+            ("POST", "/tasks", {"headers": bearer, "content": b"[" * 2000}, 413),
+            ("POST", "/tasks", {"headers": bearer, "json": {"name": "no.such"}}, 422),
+            ("POST", "/tasks", {"headers": bearer, "json": {"args": []}}, 422),
+            ("GET", "/tasks", {"headers": bearer, "params": {"cursor": "x"}}, 422),
+        ]
+        for method, route, options, expected in answers:
+            url = route.replace("{task_id}", str(options.pop("id", "nope")))
+            response = client.request(method, url, **options)
+            assert response.status_code == expected, (route, response.text)
+            declared = app.openapi()["paths"][route][method.lower()]["responses"]
+            assert str(expected) in declared, (method, route, expected)
+            schema[route][method].validate_response(response)
