@@ -3,11 +3,11 @@ runner in the app's lifespan. `backstop serve` runs `app.main:app`."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 
 from app.api import demo, handlers, health
 from app.api.middleware import BearerToken
-from app.api.router import route_class
+from app.api.router import guarded_router
 from app.backstop import Backstop
 from app.settings import Settings
 
@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     handlers.install(app)
     app.include_router(backstop.router)
     app.include_router(health.router)
-    examples = APIRouter(route_class=route_class(backstop))
+    examples = guarded_router(backstop)
     demo.add_routes(examples)
     app.include_router(examples)
     if settings.api_token.get_secret_value():

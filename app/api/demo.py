@@ -7,6 +7,7 @@ from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 
 from app.api.deps import DurableTasks
+from app.api.schemas import answers
 from app.tasks.builtins import append_line
 
 
@@ -30,5 +31,6 @@ def add_routes(router: APIRouter) -> None:
         send_message,
         methods=["POST"],
         status_code=status.HTTP_202_ACCEPTED,
+        responses=answers(422),
         tags=["examples"],
     )

@@ -8,6 +8,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from app.api.deps import Service
+from app.api.schemas import answers
 from store import migrate
 
 router = APIRouter(tags=["health"])
@@ -34,4 +35,11 @@ async def readyz(service: Service) -> dict[str, str] | JSONResponse:
 
 def add_routes(router: APIRouter) -> None:
     """Add `/readyz` to `router`."""
-    router.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"], response_model=None)
+    router.add_api_route(
+        "/readyz",
+        readyz,
+        methods=["GET"],
+        tags=["health"],
+        response_model=dict[str, str],
+        responses=answers(503),
+    )

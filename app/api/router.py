@@ -15,13 +15,15 @@ import hmac
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
 from starlette.types import Message
 
 from app.api import health, schedules, tasks
 from app.api.handlers import error_response
+from app.api.schemas import answers
 
 if TYPE_CHECKING:
     from app.backstop import Backstop
@@ -103,11 +105,34 @@ def route_class(backstop: Backstop) -> type[BackstopRoute]:
     return type("BackstopRoute", (BackstopRoute,), {"backstop": backstop})
 
 
+# How the OpenAPI document shows the token; `BackstopRoute` checks it before this is called,
+# so this never refuses anything itself.
+BEARER = HTTPBearer(
+    scheme_name="BackstopBearer",
+    description="The service's API token (`BACKSTOP_API_TOKEN`)",
+    auto_error=False,
+)
+
+
+def guarded_router(backstop: Backstop) -> APIRouter:
+    """A router of `backstop`'s routes that need its token when one is set: its routes
+    declare the answers of `BackstopRoute` (400, 413, and 401 with the bearer scheme)."""
+    token = backstop.settings.api_token.get_secret_value()
+    return APIRouter(
+        route_class=route_class(backstop),
+        responses=answers(400, 401, 413) if token else answers(400, 413),
+        dependencies=[Security(BEARER)] if token else [],
+    )
+
+
 def build_router(backstop: Backstop) -> APIRouter:
     """The task API of `backstop`: `/tasks...`, `/schedules`, `/readyz`, relative to the
     prefix the app includes it under."""
-    router = APIRouter(route_class=route_class(backstop))
-    tasks.add_routes(router)
-    schedules.add_routes(router)
+    guarded = guarded_router(backstop)
+    tasks.add_routes(guarded)
+    schedules.add_routes(guarded)
+    # `/readyz` is open to a load balancer: no 401, no bearer scheme.
+    router = APIRouter(route_class=route_class(backstop), responses=answers(400, 413))
+    router.include_router(guarded)
     health.add_routes(router)
     return router

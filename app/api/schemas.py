@@ -127,3 +127,47 @@ class ScheduleOut(BaseModel):
     last_tick: datetime | None = Field(
         description="The latest tick recorded (null: no runner has seen the schedule yet)"
     )
+
+
+class ErrorOut(BaseModel):
+    """Any refusal but a 422: what is wrong, in one line."""
+
+    __qualname__ = "BackstopError"  # its schema's name: see the module docstring
+
+    detail: str
+
+
+class ValidationErrorItem(BaseModel):
+    """One field a request got wrong, in FastAPI's format (with `input` and `ctx` besides)."""
+
+    __qualname__ = "BackstopValidationErrorItem"  # its schema's name: see the module docstring
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorOut(BaseModel):
+    """A 422: FastAPI's list of errors when the request does not fit its schema, or one line
+    when Backstop refuses it (an unknown task, arguments its function cannot take, a bad
+    cursor, an `Idempotency-Key` reused with another body)."""
+
+    __qualname__ = "BackstopValidationError"  # its schema's name: see the module docstring
+
+    detail: list[ValidationErrorItem] | str
+
+
+ANSWERS: dict[int, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "A Content-Length header that is not a number"},
+    401: {"model": ErrorOut, "description": "Missing or wrong bearer token"},
+    404: {"model": ErrorOut, "description": "No task with this id"},
+    409: {"model": ErrorOut, "description": "The task's state does not allow this"},
+    413: {"model": ErrorOut, "description": "The request body is over the limit"},
+    422: {"model": ValidationErrorOut, "description": "The request is refused"},
+    503: {"model": ErrorOut, "description": "The database is unavailable or not current"},
+}
+
+
+def answers(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route that can answer `codes`, each with its body."""
+    return {code: ANSWERS[code] for code in codes}

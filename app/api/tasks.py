@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import DurableTasks, Service
-from app.api.schemas import AttemptOut, StatsOut, TaskIn, TaskOut, TaskPageOut
+from app.api.schemas import AttemptOut, StatsOut, TaskIn, TaskOut, TaskPageOut, answers
 from store import attempts as store_attempts
 from store import control
 from store import stats as store_stats
@@ -132,7 +132,8 @@ def list_attempts(task_id: str, service: Service) -> list[AttemptOut]:
 
 
 def add_routes(router: APIRouter) -> None:
-    """Add the `/tasks` routes to `router` (the literal `/tasks/stats` before `/tasks/{id}`)."""
+    """Add the `/tasks` routes to `router` (the literal `/tasks/stats` before `/tasks/{id}`),
+    each with the refusals it can answer (the router adds those every route shares)."""
     tags: list[str | Enum] = ["tasks"]
     router.add_api_route(
         "/tasks",
@@ -140,12 +141,29 @@ def add_routes(router: APIRouter) -> None:
         methods=["POST"],
         status_code=status.HTTP_202_ACCEPTED,
         response_model=TaskOut,
-        responses={200: {"model": TaskOut, "description": "Same Idempotency-Key and body again"}},
+        responses={
+            200: {"model": TaskOut, "description": "Same Idempotency-Key and body again"},
+            **answers(422),
+        },
         tags=tags,
     )
     router.add_api_route("/tasks/stats", task_stats, methods=["GET"], tags=tags)
-    router.add_api_route("/tasks", list_tasks, methods=["GET"], tags=tags)
-    router.add_api_route("/tasks/{task_id}", get_task, methods=["GET"], tags=tags)
-    router.add_api_route("/tasks/{task_id}/cancel", cancel_task, methods=["POST"], tags=tags)
-    router.add_api_route("/tasks/{task_id}/retry", retry_task, methods=["POST"], tags=tags)
-    router.add_api_route("/tasks/{task_id}/attempts", list_attempts, methods=["GET"], tags=tags)
+    router.add_api_route("/tasks", list_tasks, methods=["GET"], responses=answers(422), tags=tags)
+    router.add_api_route(
+        "/tasks/{task_id}", get_task, methods=["GET"], responses=answers(404, 422), tags=tags
+    )
+    for path, endpoint in [("cancel", cancel_task), ("retry", retry_task)]:
+        router.add_api_route(
+            f"/tasks/{{task_id}}/{path}",
+            endpoint,
+            methods=["POST"],
+            responses=answers(404, 409, 422),
+            tags=tags,
+        )
+    router.add_api_route(
+        "/tasks/{task_id}/attempts",
+        list_attempts,
+        methods=["GET"],
+        responses=answers(404, 422),
+        tags=tags,
+    )
