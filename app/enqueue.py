@@ -71,12 +71,9 @@ class TaskClient:
         The keyword names above are options, not arguments of `fn`; for a function with a
         parameter of one of those names, use `enqueue(fn, args, kwargs, ...)`.
         """
-        try:
-            new, now = self.prepare(
-                fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
-            )
-        except InvalidArguments as error:
-            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
+        new, now = self._prepare_in(
+            session, fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
+        )
         existing = self._store(new, now, session)
         return new.id if existing is None else existing.id
 
@@ -129,12 +126,19 @@ class TaskClient:
     ) -> tuple[Task, bool]:
         """`enqueue`, telling also whether this call stored the task (False: an earlier
         request with the same idempotency key did)."""
-        try:
-            new, now = self.prepare(
-                fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
-            )
-        except InvalidArguments as error:
-            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
+        new, now = self._prepare_in(
+            session,
+            fn,
+            args,
+            kwargs,
+            delay,
+            run_at,
+            queue,
+            priority,
+            max_attempts,
+            idempotency_key,
+            now,
+        )
         return _answer(new, now, self._store(new, now, session))
 
     def _store(self, new: NewTask, now: datetime, session: Session | None) -> Task | None:
@@ -175,12 +179,9 @@ class TaskClient:
         """`add_task` for `async def` endpoints: the event loop never waits on the database,
         and concurrent calls commit together. Committed when the await returns; with
         `session` (an `AsyncSession`), when the caller commits it."""
-        try:
-            new, now = self.prepare(
-                fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
-            )
-        except InvalidArguments as error:
-            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
+        new, now = self._prepare_in(
+            session, fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
+        )
         existing = await self._store_async(new, now, session)
         return new.id if existing is None else existing.id
 
@@ -200,12 +201,19 @@ class TaskClient:
         now: datetime | None = None,
     ) -> tuple[Task, bool]:
         """`submit` for callers on an event loop."""
-        try:
-            new, now = self.prepare(
-                fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
-            )
-        except InvalidArguments as error:
-            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
+        new, now = self._prepare_in(
+            session,
+            fn,
+            args,
+            kwargs,
+            delay,
+            run_at,
+            queue,
+            priority,
+            max_attempts,
+            idempotency_key,
+            now,
+        )
         return _answer(new, now, await self._store_async(new, now, session))
 
     async def _store_async(
@@ -233,6 +241,29 @@ class TaskClient:
             self._wake()
         log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
         return existing
+
+    def _prepare_in(
+        self,
+        session: Session | AsyncSession | None,
+        fn: TaskRef,
+        args: Sequence[Any] | None,
+        kwargs: dict[str, Any] | None,
+        delay: float | None,
+        run_at: datetime | None,
+        queue: str | None,
+        priority: int | None,
+        max_attempts: int | None,
+        idempotency_key: str | None,
+        now: datetime | None = None,
+    ) -> tuple[NewTask, datetime]:
+        """`prepare`, for a call that may join `session`: refused arguments then say that
+        an id the database assigns exists only once the session is flushed."""
+        try:
+            return self.prepare(
+                fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
+            )
+        except InvalidArguments as error:
+            raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
 
     def prepare(
         self,
