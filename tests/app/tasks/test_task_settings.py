@@ -3,11 +3,10 @@ switched off by setting."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,7 +15,6 @@ from pydantic import SecretStr, ValidationError
 
 from app import TaskContext, task
 from app.errors import TaskSwitchedOff
-from app.main import create_app
 from app.settings import BUILTIN_TASKS, Settings
 from app.tasks.builtins import SmtpServer
 from app.tasks.registry import registry
@@ -48,18 +46,6 @@ def smtp_probe(ctx: TaskContext) -> dict[str, Any]:
         "grants": sorted(kind.__name__ for kind in ctx.grants),
         "logs in": server.password.get_secret_value() == PASSWORD,
     }
-
-
-@pytest.fixture
-def make_client(settings: Settings) -> Iterator[Callable[..., TestClient]]:
-    """The API on the test's database with some settings changed; runner not started."""
-    with contextlib.ExitStack() as stack:
-
-        def make(**update: Any) -> TestClient:
-            app = create_app(settings.model_copy(update=update), run_worker=False)
-            return stack.enter_context(TestClient(app))
-
-        yield make
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ fails any request that would leave for a non-loopback address: nothing leaves th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import socket
@@ -22,8 +21,6 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
 from app.tasks.addresses import AllowList
 from app.tasks.webhook import WebhookPolicy, WebhookRefused, permitted_addresses
 from app.testing import Drain
@@ -200,18 +197,6 @@ def dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return fake
-
-
-@pytest.fixture
-def make_client(settings: Settings) -> Iterator[Callable[..., TestClient]]:
-    """The API on the test's database with some settings changed; runner not started."""
-    with contextlib.ExitStack() as stack:
-
-        def make(**update: Any) -> TestClient:
-            app = create_app(settings.model_copy(update=update), run_worker=False)
-            return stack.enter_context(TestClient(app))
-
-        yield make
 
 
 def deliver(client: TestClient, url: str, payload: Any = None, **kwargs: Any) -> dict[str, Any]:
