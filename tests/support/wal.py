@@ -22,3 +22,8 @@ def frames(db: Database) -> int:
 def copied(db: Database) -> int:
     """`nBackfill`: the frames already copied into the database file."""
     return _header_field(db, 96)
+
+
+def salt(db: Database) -> bytes:
+    """`aSalt`: SQLite draws new salts each time the WAL starts over."""
+    return Path(f"{db.engine.url.database}-shm").read_bytes()[32:40]
