@@ -6,6 +6,7 @@ The API tests run on Backstop's own test kit (`app.testing`): `client` is its
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,23 +28,37 @@ pytest_plugins = ["pytester", "tests.support.backstops", "tests.support.projects
 LOCAL_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
-@pytest.fixture
-def server() -> str:
-    """A PostgreSQL server's URL. When nothing answers there the test skips, except under CI
-    (`CI=true`), where a missing server is a failure: `.ci/run` starts one."""
-    url = os.environ.get(DATABASE_ENV, "").strip() or LOCAL_SERVER
+@functools.cache
+def _unanswered(url: str) -> str | None:
+    """Why no PostgreSQL server answers at `url`, or None when one does; asked once a session."""
     engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
     try:
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
     except sa.exc.OperationalError as exc:
-        reason = f"no PostgreSQL server answers at {url}: {exc.orig}"
+        return f"no PostgreSQL server answers at {url}: {exc.orig}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def answering_server() -> str:
+    """The PostgreSQL server's URL (`BACKSTOP_TEST_DATABASE_URL`, else the local one). When
+    nothing answers there the test skips, except under CI (`CI=true`), where a missing server
+    is a failure: `.ci/run` starts one."""
+    url = os.environ.get(DATABASE_ENV, "").strip() or LOCAL_SERVER
+    reason = _unanswered(url)
+    if reason is not None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-    finally:
-        engine.dispose()
     return url
+
+
+@pytest.fixture
+def server() -> str:
+    """A PostgreSQL server's URL, as `answering_server` finds it (skips or fails without one)."""
+    return answering_server()
 
 
 @pytest.fixture

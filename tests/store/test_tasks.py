@@ -98,7 +98,7 @@ def test_enqueue_gives_random_ids_and_keeps_a_delay(db: Database) -> None:
 def test_an_idempotency_key_is_unique(db: Database) -> None:
     with db.write() as conn:
         enqueue(conn, NewTask(name="a", idempotency_key="same"), now=T)
-    with pytest.raises(IntegrityError, match="UNIQUE"), db.write() as conn:
+    with pytest.raises(IntegrityError, match=r"(?i)UNIQUE"), db.write() as conn:
         enqueue(conn, NewTask(name="b", idempotency_key="same"), now=T)
     with db.write() as conn:
         # Tasks without a key never collide.
@@ -152,6 +152,7 @@ def _raw_rows(db: Database) -> dict[str, tuple[Any, ...]]:
     return {row[0]: tuple(row[1:]) for row in rows}
 
 
+@pytest.mark.sqlite_only(reason="only SQLite's enqueue hands rows to the driver itself")
 @pytest.mark.parametrize("now", [T, T.replace(microsecond=123456)])
 def test_enqueue_stores_exactly_what_sqlalchemy_would(tmp_path: Path, now: datetime) -> None:
     # On SQLite the enqueue functions hand rows to the driver themselves: every column must
