@@ -1,4 +1,4 @@
-"""The SQLite engine: immediate write transactions, WAL, pragmas, and UTC timestamps."""
+"""The engines: SQLite's write lock, WAL and pragmas; on both, rollbacks and UTC times."""
 
 from __future__ import annotations
 
@@ -150,12 +150,14 @@ def test_naive_datetimes_are_refused(db: Database) -> None:
         assert sum(count_by_status(conn).values()) == 0
 
 
+@pytest.mark.sqlite_only(reason="a SQLite URL")
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite:///file:x?mode=memory"])
 def test_an_in_memory_database_is_refused(url: str) -> None:
     with pytest.raises(ValueError, match="needs a SQLite file"):
         Database.from_url(url)
 
 
+@pytest.mark.sqlite_only(reason="the default database is a SQLite file")
 def test_the_default_url_is_a_file_in_the_data_folder(tmp_path: Path) -> None:
     db = Database.from_url(default_url(tmp_path / "nested" / "data"))
     try:
@@ -167,6 +169,7 @@ def test_the_default_url_is_a_file_in_the_data_folder(tmp_path: Path) -> None:
     assert (tmp_path / "nested" / "data" / "backstop.db").is_file()
 
 
+@pytest.mark.sqlite_only(reason="SQLite's WAL")
 def test_a_new_file_turns_to_wal_once_a_writer_on_it_lets_go(tmp_path: Path) -> None:
     # What two processes starting on a new file meet: one holds the write lock before the
     # file is in WAL. SQLite refuses the other's switch to WAL at once, without busy_timeout.

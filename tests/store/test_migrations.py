@@ -47,11 +47,18 @@ def fresh(tmp_path: Path) -> Iterator[Database]:
     db.dispose()
 
 
+# Each engine's catalogue of what a database holds: its tables, columns and indexes.
+SCHEMA = {
+    "sqlite": "SELECT type, name, sql FROM sqlite_master ORDER BY type, name",
+    "postgresql": "SELECT 'index', indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+    " UNION ALL SELECT 'column', table_name || '.' || column_name, data_type"
+    " FROM information_schema.columns WHERE table_schema = 'public' ORDER BY 1, 2",
+}
+
+
 def _schema(db: Database) -> list[tuple[str, str, str | None]]:
     with db.read() as conn:
-        rows = conn.exec_driver_sql(
-            "SELECT type, name, sql FROM sqlite_master ORDER BY type, name"
-        ).all()
+        rows = conn.exec_driver_sql(SCHEMA[db.dialect]).all()
     return [(row[0], row[1], row[2]) for row in rows]
 
 
@@ -120,31 +127,6 @@ def test_the_partial_indexes_exist_with_their_where_clauses(db: Database) -> Non
         assert rows[name] == definition
 
 
-def test_is_current_only_after_upgrade(fresh: Database) -> None:
-    assert migrate.head_revision() == "0002"
-    assert migrate.is_current(fresh) is False
-    migrate.upgrade(fresh)
-    assert migrate.is_current(fresh) is True
-    with fresh.read() as conn:
-        assert migrate.current_revision(conn) == migrate.head_revision()
-
-
-def test_upgrade_twice_changes_nothing(fresh: Database) -> None:
-    migrate.upgrade(fresh)
-    with fresh.write() as conn:
-        task = enqueue(conn, NewTask(name="kept"), now=datetime(2026, 3, 1, tzinfo=UTC))
-    before = _schema(fresh)
-    migrate.upgrade(fresh)
-    assert _schema(fresh) == before
-    assert migrate.is_current(fresh)
-    with fresh.read() as conn:
-        assert get_task(conn, task.id) == task
-        versions = conn.exec_driver_sql(
-            f"SELECT version_num FROM {migrate.VERSION_TABLE}"
-        ).scalars()
-        assert list(versions) == ["0002"]
-
-
 def _attempts(db: Database) -> list[tuple[str, int, str]]:
     with db.read() as conn:
         rows = conn.exec_driver_sql(
@@ -168,6 +150,31 @@ def empty(request: pytest.FixtureRequest, fresh: Database) -> Iterator[Database]
     finally:
         db.dispose()
         drop_database(server, name)
+
+
+def test_is_current_only_after_upgrade(empty: Database) -> None:
+    assert migrate.head_revision() == "0002"
+    assert migrate.is_current(empty) is False
+    migrate.upgrade(empty)
+    assert migrate.is_current(empty) is True
+    with empty.read() as conn:
+        assert migrate.current_revision(conn) == migrate.head_revision()
+
+
+def test_upgrade_twice_changes_nothing(empty: Database) -> None:
+    migrate.upgrade(empty)
+    with empty.write() as conn:
+        task = enqueue(conn, NewTask(name="kept"), now=datetime(2026, 3, 1, tzinfo=UTC))
+    before = _schema(empty)
+    migrate.upgrade(empty)
+    assert _schema(empty) == before
+    assert migrate.is_current(empty)
+    with empty.read() as conn:
+        assert get_task(conn, task.id) == task
+        versions = conn.exec_driver_sql(
+            f"SELECT version_num FROM {migrate.VERSION_TABLE}"
+        ).scalars()
+        assert list(versions) == ["0002"]
 
 
 def test_0002_keeps_every_attempt_and_refers_it_to_its_task_by_creation_time(
@@ -204,6 +211,7 @@ def test_0002_keeps_every_attempt_and_refers_it_to_its_task_by_creation_time(
     assert [row[0] for row in _attempts(empty)] == [first.id, first.id]
 
 
+@pytest.mark.sqlite_only(reason="a connection without foreign keys: PostgreSQL has none")
 def test_0002_drops_attempts_whose_task_is_gone_and_says_so(
     fresh: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -311,10 +319,10 @@ def test_a_teams_revision_named_like_backstops_is_not_taken(empty: Database) -> 
     assert {"task", "attempt", "schedule"} <= _tables(empty)
 
 
-def test_alembic_itself_moves_an_old_named_database_over(fresh: Database) -> None:
-    migrate.upgrade(fresh)
-    _as_before_the_rename(fresh)
-    url = fresh.engine.url.render_as_string(hide_password=False)
+def test_alembic_itself_moves_an_old_named_database_over(empty: Database) -> None:
+    migrate.upgrade(empty)
+    _as_before_the_rename(empty)
+    url = empty.engine.url.render_as_string(hide_password=False)
 
     done = subprocess.run(
         [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), "upgrade", "head"],
@@ -325,12 +333,12 @@ def test_alembic_itself_moves_an_old_named_database_over(fresh: Database) -> Non
     )
 
     assert done.returncode == 0, done.stderr
-    assert migrate.is_current(fresh)
-    assert "alembic_version" not in _tables(fresh)
+    assert migrate.is_current(empty)
+    assert "alembic_version" not in _tables(empty)
 
 
 def _upgrade_in_process(url: str, meet: Barrier, out: multiprocessing.Queue[str]) -> None:
-    """A spawned process that upgrades the file as soon as its twin is ready too."""
+    """A spawned process that upgrades the database as soon as its twin is ready too."""
     db = Database.from_url(url)
     try:
         meet.wait(timeout=20)
@@ -343,8 +351,10 @@ def _upgrade_in_process(url: str, meet: Barrier, out: multiprocessing.Queue[str]
         db.dispose()
 
 
-def test_two_processes_can_upgrade_a_fresh_file_at_once(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'backstop.db'}"
+def test_two_processes_can_upgrade_a_new_database_at_once(empty: Database) -> None:
+    # On SQLite a file that does not exist yet: both turn it to WAL, then queue on BEGIN
+    # IMMEDIATE; on PostgreSQL both wait on the migration's advisory lock.
+    url = empty.engine.url.render_as_string(hide_password=False)
     ctx = multiprocessing.get_context("spawn")
     meet = ctx.Barrier(2)
     out: multiprocessing.Queue[str] = ctx.Queue()
@@ -362,13 +372,7 @@ def test_two_processes_can_upgrade_a_fresh_file_at_once(tmp_path: Path) -> None:
                 proc.kill()
     assert answers == ["current", "current"]
     assert [proc.exitcode for proc in procs] == [0, 0]
-    db = Database.from_url(url)
-    try:
-        assert migrate.is_current(db)
-        with db.read() as conn:
-            versions = conn.exec_driver_sql(
-                f"SELECT version_num FROM {migrate.VERSION_TABLE}"
-            ).scalars()
-            assert list(versions) == ["0002"]
-    finally:
-        db.dispose()
+    assert migrate.is_current(empty)
+    with empty.read() as conn:
+        versions = conn.exec_driver_sql(f"SELECT version_num FROM {migrate.VERSION_TABLE}")
+        assert list(versions.scalars()) == ["0002"]

@@ -217,10 +217,10 @@ def test_the_team_can_downgrade_its_own_history_without_touching_backstops(
 
 
 def test_without_the_helper_the_teams_autogenerate_would_drop_backstops_tables(
-    tmp_path: Path,
+    url: str,
 ) -> None:
     # What the recipe's `include_name` is for: the same comparison with and without it.
-    db = Database.from_url(f"sqlite:///{tmp_path / 'shared.db'}")
+    db = Database.from_url(url)
     try:
         migrate.upgrade(db)
         with db.read() as conn:
