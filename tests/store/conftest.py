@@ -8,10 +8,11 @@ once, on SQLite.
 
 Each engine migrates once a session. A SQLite test gets a copy of the migrated file. The
 PostgreSQL tests take turns on one migrated database, emptied before each: no rows, attempt
-ids from 1, as newly migrated. A database copied from a template and dropped for each test
-cost more than most tests: every `DROP DATABASE` waits for a checkpoint of the whole server
-(15 ms on a quiet one, over a second on a busy one), where emptying takes milliseconds. A
-test that changes the schema takes a database of its own (`temporary_database`) instead.
+ids from 1, as newly migrated; should a test have changed its schema, the next one gets a
+new database. A database copied from a template and dropped for each test cost more than
+most tests: every `DROP DATABASE` waits for a checkpoint of the whole server (15 ms on a
+quiet one, over a second on a busy one), where emptying takes milliseconds. A test that
+changes the schema on purpose takes a database of its own (`temporary_database`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ from store.models import metadata
 from tests.conftest import answering_server
 
 ENGINES = ("sqlite", "postgresql")
+
+# What the database holds besides rows: its relations and their columns, constraints,
+# triggers and functions. When a test changed any of it, emptying is not enough.
+SCHEMA_PRINT = """SELECT md5(string_agg(item, ',' ORDER BY item)) FROM (
+    SELECT concat_ws(' ', c.relname, c.relkind, a.attname, format_type(a.atttypid, a.atttypmod))
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+    WHERE n.nspname = 'public'
+    UNION ALL SELECT concat_ws(' ', conname, pg_get_constraintdef(oid)) FROM pg_constraint
+    WHERE connamespace = 'public'::regnamespace
+    UNION ALL SELECT tgname FROM pg_trigger WHERE NOT tgisinternal
+    UNION ALL SELECT oid::regprocedure::text FROM pg_proc
+    WHERE pronamespace = 'public'::regnamespace
+) AS schema (item)"""
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -61,34 +76,42 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+class ChangedSchema(Exception):
+    """A test left the schema other than the migrations made it."""
+
+
 class PostgresDatabase:
-    """The session's migrated PostgreSQL database, emptied before each test. Should emptying
-    it fail (a lock still held by a connection a test left behind), it is made anew."""
+    """The session's migrated PostgreSQL database, emptied before each test. When a test
+    changed its schema, or emptying it fails (a lock held by a connection a test left
+    behind), it is made anew."""
 
     def __init__(self, server: str) -> None:
         self.server = server
         self.name = ""
-        self.db = self._make()
+        self.db, self.schema = self._make()
 
-    def _make(self) -> Database:
+    def _make(self) -> tuple[Database, str]:
         self.name = f"backstop_test_{uuid.uuid4().hex[:16]}"
         db = Database.from_url(create_database(self.server, self.name))
         migrate.upgrade(db)
-        return db
+        with db.read() as conn:
+            return db, conn.exec_driver_sql(SCHEMA_PRINT).scalar_one()
 
     def empty(self) -> None:
         """Delete every row of Backstop's tables and start attempt ids over from 1."""
         try:
             with self.db.write() as conn:
+                if conn.exec_driver_sql(SCHEMA_PRINT).scalar_one() != self.schema:
+                    raise ChangedSchema
                 conn.exec_driver_sql("SET LOCAL lock_timeout = '5s'")
                 for table in reversed(metadata.sorted_tables):
                     conn.execute(table.delete())
                 conn.exec_driver_sql(
                     "SELECT setval(pg_get_serial_sequence('attempt', 'id'), 1, false)"
                 )
-        except sa.exc.DBAPIError:
+        except (ChangedSchema, sa.exc.DBAPIError):
             self.drop()
-            self.db = self._make()
+            self.db, self.schema = self._make()
 
     def url(self) -> str:
         """The database's URL, password included."""
