@@ -66,7 +66,9 @@ class NotifyBell:
 
     Signals that arrive together ring once. Each time the LISTEN takes (at start and after a
     loss) it rings once, for what was enqueued before. A lost connection is logged in one
-    line, rings once, and is opened again after a pause from `RECONNECT`.
+    line, rings once, and is opened again after a pause from `RECONNECT`. Where a signal
+    sent to check does not arrive (a pooler in transaction mode), it says so once and stops:
+    the runner polls every `poll_interval`.
     """
 
     def __init__(
@@ -75,8 +77,11 @@ class NotifyBell:
         ring: Callable[[], None],
         cancel: Callable[[str], None],
         serves: Callable[[str], bool] = lambda queue: True,
+        *,
+        poll_interval: float = 0.5,
     ) -> None:
         self._listener = Listener(db)
+        self._poll_interval = poll_interval
         self._ring = ring
         self._cancel = cancel
         self._serves = serves
@@ -105,6 +110,13 @@ class NotifyBell:
             while not self._stop.is_set():
                 try:
                     self._listener.connect()
+                    if not self._listener.hears():
+                        log.warning(
+                            "listener: signals do not reach this connection (a pooler in"
+                            " transaction mode?); claiming every %ss by polling instead",
+                            self._poll_interval,
+                        )
+                        return
                     if failures:
                         log.info("listener: listening again")
                     # What was enqueued before the LISTEN took (at start, the runner's first
