@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     database_url: str = ""
     sqlite_synchronous: Synchronous = "NORMAL"
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
-    # PostgreSQL's connections (see docs/postgresql.md): ignored on SQLite.
+    # PostgreSQL's connections (docs/postgresql-connections.md): ignored on SQLite.
     pg_pool_size: int = Field(default=5, ge=1)
     pg_max_overflow: int = Field(default=10, ge=0)
     pg_statement_timeout: float = Field(default=0, ge=0)

@@ -62,6 +62,7 @@ class Backoff:
     def succeeded(self) -> None:
         """Count a success: the next failure starts a new row (and is logged)."""
         if self.failures:
-            log.info("%s works again after %d failed tries", self.what, self.failures)
+            tries = "try" if self.failures == 1 else "tries"
+            log.info("%s works again after %d failed %s", self.what, self.failures, tries)
         self.failures = 0
         self._next_try = 0.0
