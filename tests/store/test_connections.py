@@ -3,6 +3,7 @@ ended while it sat idle."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -14,6 +15,7 @@ from store.changes import Listener
 from store.commits import GroupEnqueue
 from store.engine import Database, PostgresOptions, connect_args, create_engine, temporary_database
 from store.tasks import NewTask
+from tests.support.projects import free_port
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -84,17 +86,7 @@ def test_a_kept_connection_the_server_ended_while_idle_is_replaced_unseen(
     monkeypatch.setattr(store_engine, "IDLE_CHECK", 0.0)
     try:
         assert group.enqueue(NewTask(name="t"), NOW) is None
-        admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            ended = conn.execute(
-                sa.text(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                    " WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": sa.make_url(database_url).database},
-            ).scalar()
-        admin.dispose()
-        assert ended
+        assert _terminate_others(server, database_url)
         assert group.enqueue(NewTask(name="t"), NOW) is None
     finally:
         group.close()
@@ -110,3 +102,66 @@ def test_a_direct_listener_hears_its_own_probe(database_url: str) -> None:
     finally:
         listener.close()
         db.dispose()
+
+
+def test_a_group_whose_connection_was_ended_commits_on_a_new_one(
+    server: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle check out of the way: the group finds its connection dead, and tries once
+    more on a new one."""
+    from store import migrate
+
+    monkeypatch.setattr(store_engine, "IDLE_CHECK", 1e9)
+    db = Database(create_engine(database_url))
+    migrate.upgrade(db)
+    group = GroupEnqueue(db)
+    try:
+        assert group.enqueue(NewTask(name="t"), NOW) is None
+        assert _terminate_others(server, database_url)
+        news = [NewTask(name="t", args=[n]) for n in range(10)]
+
+        async def enqueue_all() -> list[object]:
+            calls = [group.enqueue_async(new, NOW) for new in news]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        assert asyncio.run(enqueue_all()) == [None] * 10
+    finally:
+        group.close()
+        db.dispose()
+
+
+def test_a_group_on_a_server_out_of_reach_fails_at_once_not_task_by_task() -> None:
+    """Twenty enqueues waiting together: one try to connect (two at most), not twenty-one."""
+    db = Database(create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"))
+    tries: list[int] = []
+    sa.event.listen(db.engine, "do_connect", lambda *args: tries.append(1))
+    group = GroupEnqueue(db)
+    news = [NewTask(name="t", args=[n]) for n in range(20)]
+
+    async def enqueue_all() -> list[object]:
+        calls = [group.enqueue_async(new, NOW) for new in news]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        answers = asyncio.run(enqueue_all())
+    finally:
+        group.close()
+        db.dispose()
+    assert all(isinstance(answer, sa.exc.OperationalError) for answer in answers)
+    assert len(tries) <= 2
+
+
+def _terminate_others(server: str, database_url: str) -> int:
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            ended = conn.execute(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": sa.make_url(database_url).database},
+            ).scalar_one()
+    finally:
+        admin.dispose()
+    return int(ended)
