@@ -6,7 +6,9 @@ running task to stop. A daemon thread, `backstop-listener`, owns a connection of
 that LISTENs; it is the only thread that touches that connection. When a signal arrives it
 rings the runner (once for any number that came together), or hands a cancel to the runner,
 which stops the task on its event loop. The runner's polls stay as the fallback: while the
-connection is down, and for delayed tasks that fall due later.
+connection is down, for delayed tasks that fall due later, and for good where signals cannot
+reach a listening connection (behind a pooler in transaction mode: the listener checks with
+a signal of its own each time it connects, and says so once).
 
 SQLite has no NOTIFY (`Doorbell`). A daemon thread, `backstop-doorbell`, watches the store's
 change feed and, when another connection committed, asks the runner to claim now instead of
