@@ -53,6 +53,7 @@ def open_database(settings: Settings) -> Database:
             settings.url,
             synchronous=settings.sqlite_synchronous,
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+            postgres=settings.postgres,
         )
     )
 
@@ -152,7 +153,7 @@ class Backstop:
         self.periodic = Periodic(self.registry, self.runner)
         # Every second (or at the claim's pace when that is faster): a tick's task is enqueued
         # within a second of it, and a check that finds nothing due is one lock-free read.
-        self.runner.add_job("periodic", self.periodic.run, min(1.0, settings.poll_interval))
+        self.runner.add_job("periodic", self.periodic.tick, min(1.0, settings.poll_interval))
         self.pruner = Pruner(self.runner.write, settings)
         self.runner.add_job("prune", self.pruner.run, settings.prune_interval)
         self.checkpointer = Checkpointer(self.db)

@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.tasks.addresses import AllowList
-from store.engine import Synchronous, default_url
+from store.engine import PostgresOptions, Synchronous, default_url
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     database_url: str = ""
     sqlite_synchronous: Synchronous = "NORMAL"
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
+    # PostgreSQL's connections (docs/postgresql-connections.md): ignored on SQLite.
+    pg_pool_size: int = Field(default=5, ge=1)
+    pg_max_overflow: int = Field(default=10, ge=0)
+    pg_statement_timeout: float = Field(default=0, ge=0)
+    pg_connect_timeout: int = Field(default=5, ge=1)
+    pg_prepared_statements: bool = True
     run_worker: bool = True
     concurrency: int = Field(default=8, ge=1)
     poll_interval: float = Field(default=0.5, gt=0)
@@ -102,6 +108,17 @@ class Settings(BaseSettings):
     def url(self) -> str:
         """The database URL in force: the setting, or the SQLite file under `data_dir`."""
         return self.database_url or default_url(self.data_dir)
+
+    @property
+    def postgres(self) -> PostgresOptions:
+        """How to connect when the database is PostgreSQL."""
+        return PostgresOptions(
+            pool_size=self.pg_pool_size,
+            max_overflow=self.pg_max_overflow,
+            statement_timeout=self.pg_statement_timeout,
+            connect_timeout=self.pg_connect_timeout,
+            prepared_statements=self.pg_prepared_statements,
+        )
 
     @property
     def logs_dir(self) -> Path:

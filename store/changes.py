@@ -15,6 +15,8 @@ another process enqueues.
 from __future__ import annotations
 
 import sqlite3
+import time
+import uuid
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from store.engine import Database
+from store.engine import LINK_CHECKS, Database, connect_args
 
 # Payload: a queue that may have a due task now.
 CHANNEL = "backstop"
@@ -31,6 +33,10 @@ CHANNEL = "backstop"
 CANCEL_CHANNEL = "backstop_cancel"
 # How a listening connection names itself in pg_stat_activity, unless the URL names it.
 LISTENER_NAME = "backstop-listener"
+# The channel (with a random suffix) of the signal a listener sends itself to check that
+# signals reach it, and how long it waits for it (seconds).
+PROBE_CHANNEL = "backstop_probe"
+PROBE_TIMEOUT = 3.0
 
 _NOTIFY = sa.text(
     "SELECT pg_notify(c, p) FROM unnest(CAST(:channels AS text[]), CAST(:payloads AS text[]))"
@@ -93,19 +99,20 @@ class Listener:
             raise ValueError("LISTEN needs PostgreSQL")
         cargs, params = db.engine.dialect.create_connect_args(db.engine.url)
         params.setdefault("application_name", LISTENER_NAME)
+        params.update(connect_args(db.engine))
         params.setdefault("connect_timeout", connect_timeout)
-        # A link that dies without a word (a host cut off) is noticed within about 25 s
-        # rather than at the kernel's default of two hours.
-        params.update(keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+        params.update(LINK_CHECKS)
         self._cargs = cargs
         self._params = params
         self._conn: Any = None
+        self._early: list[Notice] = []
 
     def connect(self) -> None:
         """(Re)open the connection and LISTEN; signals sent before this are not heard."""
         import psycopg
 
         self.close()
+        self._early = []
         conn = psycopg.connect(*self._cargs, **self._params, autocommit=True)
         try:
             conn.execute(f"LISTEN {CHANNEL}")
@@ -115,6 +122,32 @@ class Listener:
             raise
         self._conn = conn
 
+    def hears(self, timeout: float = PROBE_TIMEOUT) -> bool:
+        """Whether a signal sent on another connection reaches this one within `timeout`.
+
+        Not behind a pooler that hands each transaction to any server connection (PgBouncer
+        in transaction mode): the LISTEN took on a server connection that went back to the
+        pool, and the signals go there. A signal of Backstop's heard meanwhile is kept for
+        `receive`.
+        """
+        import psycopg
+
+        channel = f"{PROBE_CHANNEL}_{uuid.uuid4().hex[:12]}"
+        self._conn.execute(f"LISTEN {channel}")
+        probe = {**self._params, "application_name": f"{LISTENER_NAME}-probe"}
+        with psycopg.connect(*self._cargs, **probe, autocommit=True) as sender:
+            sender.execute("SELECT pg_notify(%s, 'probe')", (channel,))
+        deadline = time.monotonic() + timeout
+        heard = False
+        while not heard and (left := deadline - time.monotonic()) > 0:
+            for notice in self._conn.notifies(timeout=left, stop_after=1):
+                if notice.channel == channel:
+                    heard = True
+                else:
+                    self._early.append(Notice(notice.channel, notice.payload))
+        self._conn.execute(f"UNLISTEN {channel}")
+        return heard
+
     def fileno(self) -> int:
         """The socket to wait on: readable when a signal (or the connection's end) arrives."""
         fileno: int = self._conn.fileno()
@@ -122,7 +155,8 @@ class Listener:
 
     def receive(self) -> list[Notice]:
         """The signals that arrived, without waiting; raises when the connection is lost."""
-        return [Notice(n.channel, n.payload) for n in self._conn.notifies(timeout=0)]
+        early, self._early = self._early, []
+        return early + [Notice(n.channel, n.payload) for n in self._conn.notifies(timeout=0)]
 
     def close(self) -> None:
         """Close the connection, if open."""

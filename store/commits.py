@@ -23,6 +23,7 @@ import weakref
 from datetime import datetime
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from store.engine import Database, KeptConnection
 from store.models import Task
@@ -151,19 +152,28 @@ class GroupEnqueue:
             connection.close()
 
 
-def _commit(connection: KeptConnection, group: list[_Job]) -> None:
-    """Store the group in one transaction; if that fails, each task in one of its own."""
+def _commit(connection: KeptConnection, group: list[_Job], *, again: bool = True) -> None:
+    """Store the group in one transaction; if that fails, each task in one of its own
+    (unless the database could not be reached: then every task fails at once)."""
     if not group:
         return
     try:
         with connection.write() as conn:
             existing = _insert(conn, group)
     except Exception as error:
-        if len(group) == 1:
-            group[0].error = error
+        if again and isinstance(error, DBAPIError) and error.connection_invalidated:
+            # The kept connection died under the group (the server restarted, or an
+            # administrator ended it): once more, on a new connection.
+            _commit(connection, group, again=False)
+            return
+        if len(group) == 1 or isinstance(error, OperationalError):
+            # A database out of reach (or locked) fails every task the same way: one by
+            # one, each would wait out the connect timeout in turn, and their callers too.
+            for job in group:
+                job.error = error
             return
         for job in group:
-            _commit(connection, [job])
+            _commit(connection, [job], again=False)
         return
     for job, task in zip(group, existing, strict=True):
         job.existing = task

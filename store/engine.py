@@ -14,8 +14,10 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,14 +90,84 @@ def _begin_immediate(raw: sqlite3.Connection, busy_timeout_ms: int) -> None:
     raw.execute("BEGIN IMMEDIATE")
 
 
+@dataclass(frozen=True)
+class PostgresOptions:
+    """How Backstop connects to PostgreSQL (the `BACKSTOP_PG_*` settings)."""
+
+    # The pool of each process: connections kept open, and how many more it may open at a
+    # busy moment (closed again when returned).
+    pool_size: int = 5
+    max_overflow: int = 10
+    # Seconds any one statement may run before the server cancels it; 0: no limit.
+    statement_timeout: float = 0
+    # Seconds to wait for a connection to open: an unreachable server fails a request in
+    # this time instead of the kernel's minutes.
+    connect_timeout: int = 5
+    # False behind a pooler that hands each transaction to any server connection (PgBouncer
+    # in transaction mode): the driver then never prepares statements on the server.
+    prepared_statements: bool = True
+
+
+# A link that dies without a word (a host cut off, a cable pulled) is noticed within about
+# 25 s, idle or mid-statement, rather than at the kernel's default of two hours.
+LINK_CHECKS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 25_000,
+}
+
+_connect_args: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def connect_args(engine: Engine) -> dict[str, Any]:
+    """The driver's keyword arguments that `create_engine` gave `engine`'s connections on
+    top of its URL (for a connection opened outside the pool, like the listener's)."""
+    return dict(_connect_args.get(engine, {}))
+
+
+def _postgres_engine(url: str, options: PostgresOptions, echo: bool) -> Engine:
+    args: dict[str, Any] = {"connect_timeout": max(options.connect_timeout, 1), **LINK_CHECKS}
+    if not options.prepared_statements:
+        args["prepare_threshold"] = None
+    engine = sa.create_engine(
+        url,
+        echo=echo,
+        # A connection the server closed (it restarted, or an administrator ended it) is
+        # replaced when taken from the pool, so no request pays for it.
+        pool_pre_ping=True,
+        pool_size=options.pool_size,
+        max_overflow=options.max_overflow,
+        connect_args=args,
+    )
+    _connect_args[engine] = args
+    timeout_ms = round(options.statement_timeout * 1000)
+    if timeout_ms > 0:
+        # A SET on each new connection rather than the startup packet's `options`, which
+        # PgBouncer refuses ("unsupported startup parameter").
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            autocommit = dbapi_connection.autocommit
+            dbapi_connection.autocommit = True
+            try:
+                dbapi_connection.execute(f"SET statement_timeout = {timeout_ms}")
+            finally:
+                dbapi_connection.autocommit = autocommit
+
+    return engine
+
+
 def create_engine(
     url: str,
     *,
     synchronous: Synchronous = "NORMAL",
     busy_timeout_ms: int = 10_000,
     echo: bool = False,
+    postgres: PostgresOptions | None = None,
 ) -> Engine:
-    """An engine for `url`; on SQLite: WAL, `busy_timeout`, `synchronous`, explicit BEGINs."""
+    """An engine for `url`; on SQLite: WAL, `busy_timeout`, `synchronous`, explicit BEGINs;
+    on PostgreSQL: the pool, timeouts and link checks of `postgres`."""
     parsed = sa.make_url(url)
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
@@ -110,7 +182,7 @@ def create_engine(
                 " write the URL as postgresql+psycopg://user@host/name"
             )
         try:
-            return sa.create_engine(url, echo=echo, pool_pre_ping=True)
+            return _postgres_engine(url, postgres or PostgresOptions(), echo)
         except ImportError as error:
             raise ValueError(
                 f"PostgreSQL needs psycopg ({error}): install backstop-tasks[postgres]"
@@ -221,6 +293,10 @@ class Database:
         self.engine.dispose()
 
 
+# Seconds a kept PostgreSQL connection may sit idle before its next use checks it first.
+IDLE_CHECK = 1.0
+
+
 class KeptConnection:
     """A single writer thread's connection, kept from one write transaction to the next.
 
@@ -233,13 +309,22 @@ class KeptConnection:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._conn: Connection | None = None
+        self._used = 0.0
+        # Only a server can restart under a kept connection; a SQLite file cannot.
+        self._idle_check = IDLE_CHECK if db.dialect == "postgresql" else float("inf")
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction on the kept connection; after a failure the next one opens a
         new connection (the failure may have been the connection's)."""
+        now = time.monotonic()
+        if self._conn is not None and now - self._used > self._idle_check:
+            # Idle a while: the server may have restarted meanwhile. Back to the pool, whose
+            # checkout pings it, rather than failing the next write on a dead connection.
+            self.close()
         if self._conn is None or self._conn.closed or self._conn.invalidated:
             self._conn = self.db.engine.connect()
+        self._used = now
         try:
             with self.db.write(self._conn) as conn:
                 yield conn

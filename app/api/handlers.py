@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 
 from app.errors import BackstopError
@@ -42,7 +43,33 @@ def error_response(exc: Exception) -> JSONResponse | None:
     for kind, code in STATUS_OF:
         if isinstance(exc, kind):
             return JSONResponse({"detail": escaped_text(str(exc))}, status_code=code)
-    return None
+    return unreachable_response(exc)
+
+
+# -- the database out of reach ----------------------------------------------------------------
+# A server that is down, restarting or cut off, a connection ended under a request, or a pool
+# with no connection to give within its timeout: 503 with `Retry-After`, never a 500 or a
+# hang (connections open within `BACKSTOP_PG_CONNECT_TIMEOUT`). The request was not
+# committed, and nothing commits it later: the client sends it again.
+
+UNREACHABLE: tuple[type[Exception], ...] = (sa_exc.OperationalError, sa_exc.TimeoutError)
+RETRY_AFTER_SECONDS = 1
+
+
+def unreachable_response(exc: Exception) -> JSONResponse | None:
+    """503 when `exc` says the database cannot be reached now, else None."""
+    lost = isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    if not (isinstance(exc, UNREACHABLE) or lost):
+        return None
+    cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    return JSONResponse(
+        {
+            "detail": f"the database cannot be reached right now ({type(cause).__name__});"
+            " try again shortly"
+        },
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 def _unparsed(cause: BaseException | None) -> str | None:
@@ -63,8 +90,9 @@ def install(app: FastAPI) -> None:
 
     async def handler(_request: Request, exc: Exception) -> JSONResponse:
         answer = error_response(exc)
-        assert answer is not None  # registered for these kinds only
+        if answer is None:  # a database error that is not an outage: a bug, a 500
+            raise exc
         return answer
 
-    for kind, _code in STATUS_OF:
+    for kind in (*(kind for kind, _code in STATUS_OF), *UNREACHABLE, sa_exc.DBAPIError):
         app.add_exception_handler(kind, handler)

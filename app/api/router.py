@@ -116,11 +116,12 @@ BEARER = HTTPBearer(
 
 def guarded_router(backstop: Backstop) -> APIRouter:
     """A router of `backstop`'s routes that need its token when one is set: its routes
-    declare the answers of `BackstopRoute` (400, 413, and 401 with the bearer scheme)."""
+    declare the answers of `BackstopRoute` (400, 413, 503 while the database cannot be
+    reached, and 401 with the bearer scheme)."""
     token = backstop.settings.api_token.get_secret_value()
     return APIRouter(
         route_class=route_class(backstop),
-        responses=answers(400, 401, 413) if token else answers(400, 413),
+        responses=answers(400, 401, 413, 503) if token else answers(400, 413, 503),
         dependencies=[Security(BEARER)] if token else [],
     )
 

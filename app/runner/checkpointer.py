@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Iterator
 
+from app.runner.backoff import CAP, Backoff
 from store.checkpoints import WalCheckpoints
 from store.engine import Database
 
@@ -51,16 +52,16 @@ class Checkpointer:
 
     def _run(self) -> None:
         checkpoints: WalCheckpoints | None = None
-        failing = False
-        while not self._stop.wait(self.interval):
+        backoff = Backoff("WAL checkpoint", first=self.interval, cap=max(self.interval, CAP))
+        pause = self.interval
+        while not self._stop.wait(pause):
             try:
                 checkpoints = checkpoints or WalCheckpoints(self.db)
                 checkpoints.run()
-                failing = False
-            except Exception:  # a full disk, say: commits still checkpoint meanwhile
-                if not failing:
-                    log.exception("WAL checkpoint failed; trying every %ss", self.interval)
-                failing = True
+                backoff.succeeded()
+                pause = self.interval
+            except Exception as error:  # a full disk, say: commits still checkpoint meanwhile
+                pause = backoff.failed(error)
                 if checkpoints is not None:  # on a new connection next time
                     with contextlib.suppress(Exception):
                         checkpoints.close()

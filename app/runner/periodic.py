@@ -181,10 +181,3 @@ class Periodic:
         if created:
             self.runner.notify()
         return created
-
-    async def run(self) -> None:
-        """`tick` as the runner's interval job: a failure is logged and retried next time."""
-        try:
-            await self.tick()
-        except Exception:
-            log.exception("periodic tasks: enqueue failed; trying again at the next check")

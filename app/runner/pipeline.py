@@ -21,6 +21,7 @@ from datetime import datetime
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
+from app.runner.backoff import Backoff
 from app.runner.dbthread import DatabaseThread
 from app.runner.execution import Executor, TaskTimeout, attempt_of, report
 from app.runner.pool import DaemonPool, call_on
@@ -111,6 +112,9 @@ class Pipeline:
         self._timers: set[threading.Timer] = set()
         self._last_cycle = 0.0
         self._ran_dry = True  # nothing claimed yet: waiting for work
+        # After a cycle failed, claims wait out this back-off (outcomes keep their own
+        # retries, `RECORD_RETRIES`); a timer wakes the first cycle past it.
+        self._backoff = Backoff(f"runner {owner}: claim")
 
     # -- from any thread -------------------------------------------------------------------
 
@@ -257,7 +261,8 @@ class Pipeline:
         with self._lock:
             self._scheduled = False
             batch, self._pending = self._pending, []
-            free = self._free(batch) if self.claiming else {}
+            claiming = self.claiming and self._backoff.ready()
+            free = self._free(batch) if claiming else {}
         if not batch and not free:
             return
         try:
@@ -267,9 +272,10 @@ class Pipeline:
                     conn, self.owner, free, lease_seconds=self.lease_seconds, now=None
                 )
         except Exception as error:
-            log.exception("runner %s: a cycle's transaction failed", self.owner)
-            # Its claim did not happen: the doorbell (or a slot freed below) must ask again.
+            # Its claim did not happen: a timer asks again once the back-off is over, and
+            # the doorbell (or a slot freed below) may ask sooner.
             self._ran_dry = True
+            self._wake_in(self._backoff.failed(error))
             if len(batch) > 1 and not isinstance(error, OperationalError):
                 # One bad outcome must not hold up the others. (Not when the database is
                 # locked or unreachable: each would wait out the same timeout in turn.)
@@ -278,6 +284,7 @@ class Pipeline:
             else:
                 self._retry_later(batch)
             return
+        self._backoff.succeeded()
         self._ran_dry = any(len(claimed.get(queue, ())) < slots for queue, slots in free.items())
         try:
             self._written(batch, states)
@@ -345,6 +352,20 @@ class Pipeline:
             return
         delay = RECORD_RETRIES[max(entry.failures for entry, _ in again) - 1]
         timer = threading.Timer(delay, lambda: self._retry(timer, again))
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+        timer.start()
+
+    def _wake_in(self, delay: float) -> None:
+        """Run a cycle in `delay` seconds (a daemon timer, cancelled by `close`)."""
+
+        def fire() -> None:
+            with self._lock:
+                self._timers.discard(timer)
+            self.wake()
+
+        timer = threading.Timer(delay, fire)
         timer.daemon = True
         with self._lock:
             self._timers.add(timer)

@@ -82,7 +82,8 @@ class Pruner:
         return pruned
 
     async def run(self) -> None:
-        """The periodic job: prune, logging a failure instead of raising it."""
+        """The periodic job: prune. A failure is the runner's to log and retry (with
+        back-off, see `app.runner.backoff`)."""
         try:
             await self.prune()
         except asyncio.CancelledError:
@@ -90,5 +91,3 @@ class Pruner:
             # swallows the error anyway): committed batches stay deleted, the rest is for the
             # next start.
             log.info("pruning interrupted by shutdown")
-        except Exception:
-            log.exception("pruning failed; trying again in the next interval")

@@ -24,6 +24,7 @@ from uuid import uuid4
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from app.runner.backoff import Backoff
 from app.runner.dbthread import DatabaseThread
 from app.runner.execution import Executor, attempt_of, report, report_expired
 from app.runner.pipeline import ALL_QUEUES, Pipeline, claim_queues
@@ -144,7 +145,9 @@ class Runner:
         if self.db.dialect == "sqlite":
             self._doorbell = Doorbell(self.db, self.notify, self.pipeline.waiting)
         elif self.db.dialect == "postgresql":
-            self._doorbell = NotifyBell(self.db, self.notify, self._cancel_heard, self.serves)
+            self._doorbell = NotifyBell(
+                self.db, self.notify, self._cancel_heard, self.serves, poll_interval=poll
+            )
         if self._doorbell is not None:
             self._doorbell.start()
         served = ", ".join(f"{q or '*'}={n}" for q, n in self.limits.items())
@@ -153,12 +156,22 @@ class Runner:
     def _solo(self, job_id: str, func: Job) -> Job:
         """The job as APScheduler runs it: it starts `func` in the background and returns,
         unless the previous run is still going. A slow run (the database busy) then skips a
-        beat quietly instead of making APScheduler log a warning at every interval."""
+        beat quietly instead of making APScheduler log a warning at every interval. A run
+        that fails is logged (the first of a row) and the next waits out a back-off."""
+        backoff = Backoff(f"runner {self.worker_id}: {job_id}")
+
+        async def run() -> None:
+            try:
+                await func()
+            except Exception as error:
+                backoff.failed(error)
+            else:
+                backoff.succeeded()
 
         async def start() -> None:
             previous = self._in_flight.get(job_id)
-            if previous is None or previous.done():
-                self._in_flight[job_id] = asyncio.ensure_future(func())
+            if (previous is None or previous.done()) and backoff.ready():
+                self._in_flight[job_id] = asyncio.ensure_future(run())
 
         return start
 
@@ -304,11 +317,7 @@ class Runner:
         running = list(self.pipeline.snapshot())
         if not running:
             return
-        try:
-            asked = await self.read(control.cancel_requested, running)
-        except Exception:
-            log.exception("runner %s: cancel check failed", self.worker_id)
-            return
+        asked = await self.read(control.cancel_requested, running)
         for task_id in asked:
             self.cancel_local(task_id)
 
@@ -316,23 +325,20 @@ class Runner:
         held_before = self.pipeline.snapshot()
         if not held_before:
             return
-        try:
-            held = await self.write(
-                leases.extend_leases,
-                self.worker_id,
-                list(held_before),
-                lease_seconds=self.settings.lease_seconds,
-            )
-        except Exception:
-            log.exception("runner %s: heartbeat failed", self.worker_id)
-            return
+        held = await self.write(
+            leases.extend_leases,
+            self.worker_id,
+            list(held_before),
+            lease_seconds=self.settings.lease_seconds,
+        )
         for task_id, entry in held_before.items():
             if task_id not in held and self.pipeline.running.get(task_id) is entry:
                 log.warning("%s lost its lease; asking it to stop", attempt_of(entry.claim))
                 entry.ctx.stop.request()
 
     async def reclaim(self, *, now: datetime | None = None) -> list[Task]:
-        """Fail the attempts whose leases lapsed (their runners died); the reclaimed tasks."""
+        """Fail the attempts whose leases lapsed (their runners died); the reclaimed tasks.
+        Raises the database's error when it cannot be reached."""
         now = now or utcnow()
 
         def decide(task: Task) -> datetime | None:
@@ -342,16 +348,12 @@ class Runner:
                 policy, task.attempts, task.max_attempts, task.created_at, now
             )
 
-        try:
-            reclaimed = await self.write(
-                leases.reclaim_expired,
-                decide,
-                max_expirations=self.settings.max_lease_expiries,
-                now=now,
-            )
-        except Exception:
-            log.exception("runner %s: reclaim failed", self.worker_id)
-            return []
+        reclaimed = await self.write(
+            leases.reclaim_expired,
+            decide,
+            max_expirations=self.settings.max_lease_expiries,
+            now=now,
+        )
         for task in reclaimed:
             report_expired(task, now)
         if reclaimed:

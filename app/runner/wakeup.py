@@ -6,7 +6,9 @@ running task to stop. A daemon thread, `backstop-listener`, owns a connection of
 that LISTENs; it is the only thread that touches that connection. When a signal arrives it
 rings the runner (once for any number that came together), or hands a cancel to the runner,
 which stops the task on its event loop. The runner's polls stay as the fallback: while the
-connection is down, and for delayed tasks that fall due later.
+connection is down, for delayed tasks that fall due later, and for good where signals cannot
+reach a listening connection (behind a pooler in transaction mode: the listener checks with
+a signal of its own each time it connects, and says so once).
 
 SQLite has no NOTIFY (`Doorbell`). A daemon thread, `backstop-doorbell`, watches the store's
 change feed and, when another connection committed, asks the runner to claim now instead of
@@ -66,7 +68,9 @@ class NotifyBell:
 
     Signals that arrive together ring once. Each time the LISTEN takes (at start and after a
     loss) it rings once, for what was enqueued before. A lost connection is logged in one
-    line, rings once, and is opened again after a pause from `RECONNECT`.
+    line, rings once, and is opened again after a pause from `RECONNECT`. Where a signal
+    sent to check does not arrive (a pooler in transaction mode), it says so once and stops:
+    the runner polls every `poll_interval`.
     """
 
     def __init__(
@@ -75,8 +79,11 @@ class NotifyBell:
         ring: Callable[[], None],
         cancel: Callable[[str], None],
         serves: Callable[[str], bool] = lambda queue: True,
+        *,
+        poll_interval: float = 0.5,
     ) -> None:
         self._listener = Listener(db)
+        self._poll_interval = poll_interval
         self._ring = ring
         self._cancel = cancel
         self._serves = serves
@@ -105,6 +112,13 @@ class NotifyBell:
             while not self._stop.is_set():
                 try:
                     self._listener.connect()
+                    if not self._listener.hears():
+                        log.warning(
+                            "listener: signals do not reach this connection (a pooler in"
+                            " transaction mode?); claiming every %ss by polling instead",
+                            self._poll_interval,
+                        )
+                        return
                     if failures:
                         log.info("listener: listening again")
                     # What was enqueued before the LISTEN took (at start, the runner's first

@@ -199,3 +199,9 @@ async def async_swallow() -> str:
     except asyncio.CancelledError:
         return "swallowed"
     return "slept"
+
+
+@task(name="test.nap")
+def nap(seconds: float) -> None:
+    """Sleeps `seconds`: work that takes a while and leaves nothing behind but its outcome."""
+    time.sleep(seconds)

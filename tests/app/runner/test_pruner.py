@@ -121,17 +121,17 @@ def test_prune_logs_one_line_when_it_deleted_something_and_none_otherwise(
     ]
 
 
-def test_the_periodic_job_logs_a_failure_instead_of_raising(
+def test_the_periodic_job_lets_a_failure_through_to_the_runners_back_off(
     backstop: Backstop, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The runner logs it once and tries again later (tests/app/runner/test_backoff.py)."""
+
     async def broken(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         raise RuntimeError("database is gone")
 
-    asyncio.run(Pruner(broken, backstop.settings).run())
-
-    (record,) = [r for r in caplog.records if r.name == "app.runner.pruner"]
-    assert record.levelno == logging.ERROR
-    assert "pruning failed" in record.getMessage()
+    with pytest.raises(RuntimeError, match="database is gone"):
+        asyncio.run(Pruner(broken, backstop.settings).run())
+    assert [r for r in caplog.records if r.name == "app.runner.pruner"] == []
 
 
 def test_the_runner_of_every_backstop_prunes_at_start_and_every_interval(
