@@ -49,6 +49,10 @@ def test_the_wheel_holds_every_package_its_data_and_nothing_else(wheel: Path) ->
         "store/py.typed",
         "store/migrations/env.py",
         "store/migrations/script.py.mako",
+        # The dashboard's templates and assets: it serves from the package, never a CDN.
+        "app/dashboard/templates/page.html",
+        "app/dashboard/static/dashboard.css",
+        "app/dashboard/static/dashboard.js",
     } <= names
     assert any(name.startswith("store/migrations/versions/") for name in names)
     dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
