@@ -40,7 +40,7 @@ def recent_runners(
 ) -> list[RunnerSeen]:
     """The runners that hold a lease or ran an attempt within `within` of `now`, by id."""
     now = now or utcnow()
-    busy = dict(
+    busy: dict[str, int] = dict(
         conn.execute(
             sa.select(t.c.lease_owner, sa.func.count())
             .where(sa.text(RUNNING_WHERE), t.c.lease_owner.is_not(None))
@@ -53,7 +53,7 @@ def recent_runners(
         .limit(LATEST_ATTEMPTS)
         .subquery()
     )
-    seen = dict(
+    seen: dict[str, datetime] = dict(
         conn.execute(
             sa.select(latest.c.worker, sa.func.max(latest.c.seen))
             .where(latest.c.seen >= now - within)

@@ -34,10 +34,13 @@ SAME_SITE = frozenset({"same-origin", "none"})
 
 
 def base_path(request: Request) -> str:
-    """The dashboard's root path as the browser sees it (under the app's prefix)."""
-    route = request.scope["route"]
-    path: str = route.path_format
-    return request.scope.get("root_path", "") + path[: path.rfind("/dashboard")] + "/dashboard"
+    """The dashboard's root path as the browser sees it, under whatever prefix the app
+    included the router at: the request's path less as many segments as the route's own
+    path has after `/dashboard`."""
+    route: str = request.scope["route"].path_format
+    depth = route[route.rfind("/dashboard") + len("/dashboard") :].count("/")
+    parts = request.url.path.split("/")
+    return "/".join(parts[: len(parts) - depth])
 
 
 def _mac(token: str, expires: int) -> str:
