@@ -200,8 +200,12 @@ def test_a_form_post_from_another_site_changes_nothing(client: TestClient) -> No
 
 def test_the_assets_are_served_from_the_package(client: TestClient) -> None:
     page = client.get("/dashboard").text
-    assets = re.findall(r'(?:src|href)="([^"]+\.(?:css|js))"', page)
-    assert sorted(assets) == ["/dashboard/static/dashboard.css", "/dashboard/static/dashboard.js"]
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:css|js|svg))"', page)
+    assert sorted(assets) == [
+        "/dashboard/static/dashboard.css",
+        "/dashboard/static/dashboard.js",
+        "/dashboard/static/favicon.svg",
+    ]
     for asset in assets:
         assert client.get(asset).status_code == 200
     assert "//" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
