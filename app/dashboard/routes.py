@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from datetime import datetime
 from importlib import resources
 from typing import Annotated, Any
@@ -240,12 +241,15 @@ def task_page(request: Request, service: Service, task_id: str) -> HTMLResponse:
     return _task_page(request, service, task_id)
 
 
-async def _act(request: Request, service: Backstop, task_id: str, action: str) -> Response:
+async def _act(
+    request: Request, service: Backstop, task_id: str, act: Callable[[str, Backstop], object]
+) -> Response:
+    """Do what the task API's `act` does (cancel, retry), then show the task again; a task
+    whose state does not allow it shows why (409)."""
     try:
         await read_form(request)
     except Refused as error:
         return _refused(request, service, error)
-    act = task_api.cancel_task if action == "cancel" else task_api.retry_task
     try:
         await run_in_threadpool(act, task_id, service)
     except TaskNotFound:
@@ -259,12 +263,12 @@ async def _act(request: Request, service: Backstop, task_id: str, action: str) -
 
 async def cancel(request: Request, service: Service, task_id: str) -> Response:
     """Cancel the task, then show it again."""
-    return await _act(request, service, task_id, "cancel")
+    return await _act(request, service, task_id, task_api.cancel_task)
 
 
 async def retry(request: Request, service: Service, task_id: str) -> Response:
     """Queue the failed or cancelled task again, then show it again."""
-    return await _act(request, service, task_id, "retry")
+    return await _act(request, service, task_id, task_api.retry_task)
 
 
 def schedules(request: Request, service: Service) -> HTMLResponse:

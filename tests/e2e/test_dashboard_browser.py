@@ -118,9 +118,10 @@ def service(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> Iterato
 
 
 @pytest.fixture
-def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Headless Chromium from the distribution. Missing, the test skips, except under CI
-    (`CI=true`), where it fails: `.ci/run` installs it."""
+def chromium(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
+    """Starts headless Chromium from the distribution (`javascript=False`: with scripts off).
+    Missing, the test skips, except under CI (`CI=true`), where it fails: `.ci/run` installs
+    it."""
     reason = _missing()
     if reason is not None:
         if os.environ.get("CI", "").lower() == "true":
@@ -131,21 +132,34 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     # Selenium Manager would look for (and download) a browser and driver: it may not.
     monkeypatch.setenv("SE_OFFLINE", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # CI runs as root, where Chromium's sandbox cannot start
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1100,760",
-    ):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=DriverService(str(CHROMEDRIVER)), options=options)
-    try:
-        yield driver
-    finally:
+    started: list[Any] = []
+
+    def start(*, javascript: bool = True) -> Any:
+        options = webdriver.ChromeOptions()
+        options.binary_location = str(CHROMIUM)
+        for argument in (
+            "--headless=new",
+            "--no-sandbox",  # CI runs as root, where Chromium's sandbox cannot start
+            "--disable-dev-shm-usage",
+            "--disable-gpu",
+            "--window-size=1100,760",
+        ):
+            options.add_argument(argument)
+        if not javascript:
+            options.add_argument("--blink-settings=scriptEnabled=false")
+        driver = webdriver.Chrome(service=DriverService(str(CHROMEDRIVER)), options=options)
+        started.append(driver)
+        return driver
+
+    yield start
+    for driver in started:
         driver.quit()
+
+
+@pytest.fixture
+def browser(chromium: Callable[..., Any]) -> Any:
+    """Headless Chromium with JavaScript on."""
+    return chromium()
 
 
 def wait_for(driver: Any, condition: Callable[[Any], Any], what: str) -> Any:
@@ -203,6 +217,7 @@ def test_the_dashboard_in_chromium(service: Service, browser: Any) -> None:
     click(browser, "#login")
     wait_for(browser, lambda d: d.find_element(By.ID, "queues"), "the overview")
     assert browser.current_url == f"{service.url}/dashboard"
+    assert browser.execute_script("return document.documentElement.dataset.script") == "on"
     assert text_of(browser, 'tr[data-queue="reports"] td[data-state="failed"]') == "1"
     shoot(browser, "overview")
 
@@ -242,3 +257,25 @@ def test_the_dashboard_in_chromium(service: Service, browser: Any) -> None:
     # Nothing on any page came from another origin, and the page ran no injected script.
     logs = browser.get_log("browser") if hasattr(browser, "get_log") else []
     assert not [entry for entry in logs if entry.get("level") == "SEVERE"], logs
+
+
+def test_the_dashboard_works_with_javascript_off(
+    service: Service, chromium: Callable[..., Any]
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser = chromium(javascript=False)
+    fatal = service.enqueue("test.fatal", queue="reports")
+    assert service.task(fatal, wait=20)["status"] == "failed"
+
+    browser.get(f"{service.url}/dashboard/tasks/{fatal}")
+    wait_for(browser, lambda d: d.find_element(By.ID, "token"), "the login form")
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    click(browser, "#login")
+    wait_for(browser, lambda d: text_of(d, "#status") == "failed", "the task's page")
+    # The shipped script marks the page when it runs: here it did not.
+    assert browser.execute_script("return document.documentElement.dataset.script") is None
+    click(browser, "#retry")
+    wait_for(browser, lambda _: len(service.attempts(fatal)) == 2, "the retried attempt")
+    browser.get(f"{service.url}/dashboard")
+    assert text_of(browser, 'tr[data-queue="reports"] td[data-state="failed"]') == "1"

@@ -4,6 +4,7 @@
 // they only stay as they were loaded.
 "use strict";
 (function () {
+  document.documentElement.dataset.script = "on";
   function poll(element) {
     const every = Number(element.dataset.every) || 2000;
     const url = new URL(element.dataset.live, window.location.href);
