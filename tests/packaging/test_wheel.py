@@ -176,6 +176,11 @@ def test_serve_answers_and_runs_a_posted_task(venv: Venv, outside: Path) -> None
 
         task = _finished(http, posted.json()["id"])
         assert task["status"] == "succeeded", task
+        # The dashboard renders from the templates and assets installed with the package.
+        page = http.get(f"/dashboard/tasks/{task['id']}")
+        assert page.status_code == 200, page.text
+        assert "from the wheel" in page.text
+        assert http.get("/dashboard/static/dashboard.js").status_code == 200
         assert server.stop() == 0, server.output()
 
     log = outside / "data" / "logs" / "log.txt"
