@@ -49,8 +49,9 @@ from store.timeutil import utcnow
 
 PAGE_SIZE = 25
 FAILING = (TaskStatus.FAILED, TaskStatus.RETRYING)
-# How often a live page refreshes its main part, in milliseconds.
-LIVE_EVERY = 2000
+# How often a live page refreshes its main part, in milliseconds: each refresh of the
+# overview counts the whole task table.
+LIVE_EVERY = 3000
 # The browser runs only the dashboard's own script and styles, whatever a task's data holds.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (

@@ -9,6 +9,11 @@
     const every = Number(element.dataset.every) || 2000;
     const url = new URL(element.dataset.live, window.location.href);
     async function tick() {
+      if (document.hidden) {
+        // A tab nobody looks at costs the database nothing.
+        window.setTimeout(tick, every);
+        return;
+      }
       try {
         const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
         if (response.redirected) {
