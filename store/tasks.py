@@ -288,22 +288,25 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 def list_tasks(
     conn: Connection,
     *,
-    status: TaskStatus | None = None,
+    status: TaskStatus | Sequence[TaskStatus] | None = None,
     name: str | None = None,
     queue: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> TaskPage:
-    """Tasks newest first, filtered, one page at a time (a keyset cursor: stable under inserts)."""
+    """Tasks newest first, filtered (`status`: one state or any of several), one page at a
+    time (a keyset cursor: stable under inserts)."""
     if limit < 1:
         raise ValueError("limit must be at least 1")
     query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id.desc()).limit(limit + 1)
-    if status is not None:
+    if isinstance(status, TaskStatus):
         query = query.where(t.c.status == status)
         if status in TERMINAL:
             # Implied by the line above, but SQLite uses the partial ix_task_finished_status
             # only when the query carries the index's own WHERE clause word for word.
             query = query.where(sa.text(TERMINAL_WHERE))
+    elif status is not None:
+        query = query.where(t.c.status.in_([state.value for state in status]))
     if name is not None:
         query = query.where(t.c.name == name)
     if queue is not None:

@@ -15,6 +15,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
+def _dashboard(path: str) -> bool:
+    # The dashboard's routes check the token themselves, as a header or as the session
+    # cookie of its login form: a browser sends no Authorization header.
+    return path == "/dashboard" or path.startswith("/dashboard/")
+
+
 async def _reject(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send(
@@ -32,14 +38,15 @@ async def _reject(send: Send, status: int, detail: str, headers: list[tuple[byte
 
 
 class BearerToken:
-    """When a token is set, every request but `/healthz` and `/readyz` must bear it."""
+    """When a token is set, every request but `/healthz`, `/readyz` and the dashboard's (which
+    take it from a cookie too) must bear it."""
 
     def __init__(self, app: ASGIApp, token: SecretStr) -> None:
         self.app = app
         self.expected = f"Bearer {token.get_secret_value()}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or _dashboard(scope["path"]):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")

@@ -54,13 +54,8 @@ class BackstopRoute(APIRoute):
 
         async def guarded(request: Request) -> Response:
             request.state.backstop = backstop
-            if expected is not None:
-                given = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(given, expected):
-                    detail = "missing or wrong bearer token" if given else "missing bearer token"
-                    return JSONResponse(
-                        {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-                    )
+            if expected is not None and (refused := self.refusal(request, expected)):
+                return refused
             declared = request.headers.get("content-length")
             if declared is not None:
                 try:
@@ -95,6 +90,17 @@ class BackstopRoute(APIRoute):
 
         return guarded
 
+    def refusal(self, request: Request, expected: bytes) -> Response | None:
+        """The answer to a request that does not bear the token (`expected`, the whole
+        `Authorization` header), or None when it does."""
+        given = request.headers.get("authorization", "").encode()
+        if hmac.compare_digest(given, expected):
+            return None
+        detail = "missing or wrong bearer token" if given else "missing bearer token"
+        return JSONResponse(
+            {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+
 
 class BodyTooLarge(Exception):
     """A request body passed the limit while it was read."""
@@ -127,13 +133,17 @@ def guarded_router(backstop: Backstop) -> APIRouter:
 
 
 def build_router(backstop: Backstop) -> APIRouter:
-    """The task API of `backstop`: `/tasks...`, `/schedules`, `/readyz`, relative to the
-    prefix the app includes it under."""
+    """The task API of `backstop`: `/tasks...`, `/schedules`, `/readyz`, and the dashboard
+    at `/dashboard`, relative to the prefix the app includes it under."""
+    from app.dashboard.routes import dashboard_router  # the dashboard builds on this module
+
     guarded = guarded_router(backstop)
     tasks.add_routes(guarded)
     schedules.add_routes(guarded)
     # `/readyz` is open to a load balancer: no 401, no bearer scheme.
     router = APIRouter(route_class=route_class(backstop), responses=answers(400, 413))
     router.include_router(guarded)
+    # The dashboard checks the token itself, in a header or a cookie (browsers send no header).
+    router.include_router(dashboard_router(backstop))
     health.add_routes(router)
     return router

@@ -1,4 +1,4 @@
-"""The `backstop` command: serve, worker, db upgrade, db copy.
+"""The `backstop` command: serve, worker, db upgrade, db copy (and tasks, schedules, top).
 
 It runs from the team's own folder as `uvicorn` does: the current directory is importable, so
 `--app myservice.main:app` and `BACKSTOP_TASK_MODULES=myservice.tasks` need no PYTHONPATH.
@@ -27,6 +27,7 @@ from app.backstop import Backstop, import_task_modules
 from app.cli.database import describe, existing_service
 from app.cli.schedules import schedules
 from app.cli.tasks import tasks_cli
+from app.cli.top import top
 from app.errors import BackstopError
 from app.settings import Settings, parse_queues
 from store import copy as store_copy
@@ -46,6 +47,7 @@ db_cli = typer.Typer(
 cli.add_typer(db_cli, name="db")
 cli.add_typer(tasks_cli, name="tasks")
 cli.command("schedules")(schedules)
+cli.command("top")(top)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

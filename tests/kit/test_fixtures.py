@@ -264,6 +264,11 @@ def test_drain_from_async_tests(pytester: pytest.Pytester, run_kit: RunKit) -> N
         import tasks
 
 
+        @pytest.fixture
+        def anyio_backend():
+            return "asyncio"  # not trio as well, which the dev extra brings (Selenium's)
+
+
         def test_await_run_inside_a_loop(backstop_app, backstop_drain):
             client = backstop_app.state.backstop.tasks
             client.add_task(tasks.async_job, 5)

@@ -49,6 +49,10 @@ def test_the_wheel_holds_every_package_its_data_and_nothing_else(wheel: Path) ->
         "store/py.typed",
         "store/migrations/env.py",
         "store/migrations/script.py.mako",
+        # The dashboard's templates and assets: it serves from the package, never a CDN.
+        "app/dashboard/templates/page.html",
+        "app/dashboard/static/dashboard.css",
+        "app/dashboard/static/dashboard.js",
     } <= names
     assert any(name.startswith("store/migrations/versions/") for name in names)
     dist_info = "-".join(wheel.name.split("-")[:2]) + ".dist-info"
@@ -172,6 +176,11 @@ def test_serve_answers_and_runs_a_posted_task(venv: Venv, outside: Path) -> None
 
         task = _finished(http, posted.json()["id"])
         assert task["status"] == "succeeded", task
+        # The dashboard renders from the templates and assets installed with the package.
+        page = http.get(f"/dashboard/tasks/{task['id']}")
+        assert page.status_code == 200, page.text
+        assert "from the wheel" in page.text
+        assert http.get("/dashboard/static/dashboard.js").status_code == 200
         assert server.stop() == 0, server.output()
 
     log = outside / "data" / "logs" / "log.txt"
