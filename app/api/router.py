@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from starlette.types import Message
+from starlette.types import Message, Receive
 
 from app.api import health, schedules, tasks
 from app.api.handlers import error_response
@@ -47,6 +47,15 @@ class BackstopRoute(APIRoute):
         if self.endpoint in self.open_endpoints:
             expected = None
         limit = settings.max_body_bytes
+        discard = settings.max_discard_bytes
+
+        async def refuse(answer: JSONResponse, body: Body) -> JSONResponse:
+            # A client still sending its body reads no answer before it has sent it all: the
+            # body is read and dropped, up to a bound, so that it sees this answer and not a
+            # connection reset. Past the bound the connection closes after the answer.
+            if not await body.discard(discard):
+                answer.headers["Connection"] = "close"
+            return answer
 
         def too_large() -> JSONResponse:
             detail = f"request body is over the limit of {limit} bytes"
@@ -54,40 +63,33 @@ class BackstopRoute(APIRoute):
 
         async def guarded(request: Request) -> Response:
             request.state.backstop = backstop
+            declared = request.headers.get("content-length")
+            body = Body(request.receive, limit, declared)
             if expected is not None:
                 given = request.headers.get("authorization", "").encode()
                 if not hmac.compare_digest(given, expected):
                     detail = "missing or wrong bearer token" if given else "missing bearer token"
-                    return JSONResponse(
-                        {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                    return await refuse(
+                        JSONResponse(
+                            {"detail": detail},
+                            status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"},
+                        ),
+                        body,
                     )
-            declared = request.headers.get("content-length")
             if declared is not None:
                 try:
                     if int(declared) > limit:
-                        return too_large()
+                        return await refuse(too_large(), body)
                 except ValueError:
                     return JSONResponse({"detail": "invalid Content-Length header"}, 400)
-            seen = 0
-            receive = request.receive
-
-            async def counted() -> Message:
-                # A chunked body has no length up front: it is counted as it arrives.
-                nonlocal seen
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    if seen > limit:
-                        raise BodyTooLarge
-                return message
-
             try:
-                return await handler(Request(request.scope, counted))
+                return await handler(Request(request.scope, body.receive))
             except Exception as exc:
                 # FastAPI turns a failure to read the body into a 400 of its own: the cause
                 # tells a body over the limit apart.
-                if seen > limit:
-                    return too_large()
+                if body.seen > limit:
+                    return await refuse(too_large(), body)
                 answer = error_response(exc)
                 if answer is None:
                     raise
@@ -98,6 +100,46 @@ class BackstopRoute(APIRoute):
 
 class BodyTooLarge(Exception):
     """A request body passed the limit while it was read."""
+
+
+class Body:
+    """A request's body as the route reads it: counted as it arrives (a chunked body has no
+    length up front), refused once past `limit`, and what is left of it can be dropped."""
+
+    def __init__(self, receive: Receive, limit: int, declared: str | None) -> None:
+        self._receive = receive
+        self.limit = limit
+        # What Content-Length says, when it says a number.
+        self.declared = int(declared) if declared is not None and declared.isdigit() else None
+        self.seen = 0
+        self.ended = False
+
+    async def receive(self) -> Message:
+        """The next message, as the ASGI `receive` gives it; `BodyTooLarge` past the limit."""
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            self.ended = not message.get("more_body", False)
+            if self.seen > self.limit:
+                raise BodyTooLarge
+        else:
+            self.ended = True
+        return message
+
+    async def discard(self, bound: int) -> bool:
+        """Read what is left of the body and drop it, up to `bound` bytes in all; whether
+        the body ended within the bound (False: the client went or sends more)."""
+        if self.declared is not None and self.declared > bound:
+            return False
+        while not self.ended:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                return False
+            self.seen += len(message.get("body", b""))
+            self.ended = not message.get("more_body", False)
+            if self.seen > bound:
+                return False
+        return self.seen <= bound
 
 
 def route_class(backstop: Backstop) -> type[BackstopRoute]:
