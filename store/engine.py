@@ -23,6 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from store import jsonvalues
+
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 _BEGIN_MODE = "backstop_begin"
@@ -124,12 +126,16 @@ def create_engine(
         url,
         echo=echo,
         connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+        # A row written by hand may hold text that is not JSON, or not UTF-8: read, not
+        # raised on (see `store.jsonvalues`). PostgreSQL checks both as it stores them.
+        json_deserializer=jsonvalues.loads,
     )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Autocommit at the driver level: the "begin" hook below decides how to BEGIN.
         dbapi_connection.isolation_level = None
+        dbapi_connection.text_factory = jsonvalues.decode_text
         cursor = dbapi_connection.cursor()
         _enable_wal(cursor, busy_timeout_ms / 1000)
         cursor.execute(f"PRAGMA synchronous={synchronous}")
