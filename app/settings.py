@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.tasks.addresses import AllowList
-from store.engine import Synchronous, default_url
+from store.engine import Synchronous, default_url, masked_url
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -106,6 +107,13 @@ class Settings(BaseSettings):
         if not isinstance(value, str):
             return value
         return parse_queues(value)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() name the database without its password (`database_url` stays the
+        # plain string the setting holds: `Settings(database_url=...)` and
+        # `model_copy(update={"database_url": ...})` work as they always did).
+        for name, value in super().__repr_args__():
+            yield name, masked_url(value) if name == "database_url" and value else value
 
     @property
     def url(self) -> str:

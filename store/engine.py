@@ -35,6 +35,14 @@ def default_url(data_dir: str | Path) -> str:
     return f"sqlite:///{Path(data_dir) / 'backstop.db'}"
 
 
+def masked_url(url: str) -> str:
+    """`url` with its password as `***`, fit for a log line or an error."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except (sa.exc.ArgumentError, ValueError):
+        return "<a database URL that does not parse>"
+
+
 def _enable_wal(cursor: Any, timeout_s: float) -> None:
     # Turning a new file to WAL takes an exclusive lock, and when two connections try at the
     # same moment SQLite answers "database is locked" at once instead of waiting on

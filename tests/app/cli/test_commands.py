@@ -145,6 +145,35 @@ def test_a_database_url_that_cannot_work_is_one_line(data_dir: Path) -> None:
     assert "SQLite file" in line
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://backstop:hunter2@127.0.0.1:1/jobs",  # nothing listens there
+        "postgresql+psycopg://backstop:hunter2@127.0.0.1:notaport/jobs",
+        "mysql://backstop:hunter2@127.0.0.1/jobs",
+    ],
+)
+def test_the_database_password_appears_in_no_error(data_dir: Path, url: str) -> None:
+    for command in (["db", "upgrade"], ["tasks", "list"], ["worker"]):
+        done = backstop(data_dir, *command, BACKSTOP_DATABASE_URL=url)
+
+        assert_one_line_error(done)
+        assert "hunter2" not in done.stdout + done.stderr
+
+
+def test_settings_show_the_database_url_without_its_password() -> None:
+    url = "postgresql+psycopg://backstop:hunter2@db.internal:5432/jobs"
+    settings = Settings(database_url=url)
+
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(settings)
+    assert "postgresql+psycopg://backstop:***@db.internal:5432/jobs" in repr(settings)
+    # The value itself is the string it was given, for the code that connects.
+    assert settings.database_url == settings.url == url
+    assert settings.model_copy(update={"database_url": "sqlite:///x.db"}).url == "sqlite:///x.db"
+    assert "hunter2" not in repr(Settings(database_url=url.replace("5432", "x")))
+
+
 def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     occupied = tmp_path / "occupied"
     occupied.write_text("not a folder")
