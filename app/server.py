@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -72,9 +73,9 @@ class Tally:
         self.next_line = now + self.interval
 
 
-def connection_cap(wanted: int) -> int:
-    """`wanted`, but no more than half the process's soft limit of open files."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+def connection_cap(wanted: int, open_files: int | None = None) -> int:
+    """`wanted`, but no more than half of `open_files` (the process's soft limit)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if open_files is None else open_files
     if soft == resource.RLIM_INFINITY:
         return wanted
     return max(1, min(wanted, soft // 2))
@@ -155,6 +156,11 @@ class GuardedH11(H11Protocol):
         if self.head_timer is not None and self.cycle is not self.cycle_before:
             self.stop_waiting()
 
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        # The head has arrived; the connection is the WebSocket protocol's from here on.
+        self.stop_waiting()
+        super().handle_websocket_upgrade(event)
+
     def on_response_complete(self) -> None:
         # Armed first: uvicorn goes on to parse a pipelined request, which disarms it.
         if not self.transport.is_closing():
@@ -164,6 +170,22 @@ class GuardedH11(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_waiting()
         super().connection_lost(exc)
+
+
+def tally_accept_failures(loop: asyncio.AbstractEventLoop, tally: Tally) -> None:
+    """Count `loop`'s reports of `accept()` failing for want of resources on `tally` instead
+    of logging a traceback for each; every other report goes where it went before."""
+    previous = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == ACCEPT_FAILED:
+            tally.add(str(context.get("exception", "")))
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 def protocol_class(settings: Settings) -> type[GuardedH11]:
@@ -180,19 +202,7 @@ class Server(uvicorn.Server):
         self.guard = guard
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        previous = loop.get_exception_handler()
-        tally = self.guard.accept_failed
-
-        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-            if context.get("message") == ACCEPT_FAILED:
-                tally.add(str(context.get("exception", "")))
-            elif previous is not None:
-                previous(loop, context)
-            else:
-                loop.default_exception_handler(context)
-
-        loop.set_exception_handler(handle)
+        tally_accept_failures(asyncio.get_running_loop(), self.guard.accept_failed)
         await super().startup(sockets)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
