@@ -376,3 +376,30 @@ def test_bytes_that_are_not_utf8_and_text_that_is_not_json_are_shown_escaped(
     assert (attempts.json()[0]["error"], attempts.json()[0]["worker"]) == ("E\\udcff", "w\\udcff")
     assert client.get("/tasks?status=queued").status_code == 200
     assert {item["id"] for item in cli_json_list()["items"]} == {good, *ids}
+
+
+def test_a_runner_fails_stored_arguments_of_the_wrong_shape_at_once(client: TestClient) -> None:
+    ids = [post_raw(client, '{"name":"test.anything","args":[1]}').json()["id"] for _ in range(3)]
+    path = service(client).settings.data_dir / "backstop.db"
+    with contextlib.closing(sqlite3.connect(path)) as raw, raw:
+        for task_id, assignment in zip(
+            ids,
+            ["args = 'not json'", "kwargs = '[1]'", "args = CAST(X'5B22FF225D' AS TEXT)"],
+            strict=True,
+        ):
+            raw.execute(f"UPDATE task SET {assignment} WHERE id = ?", (task_id,))
+
+    drain(client)
+
+    shapes, keywords, stray = (client.get(f"/tasks/{task_id}").json() for task_id in ids)
+    assert (shapes["status"], shapes["attempts"]) == ("failed", 1)
+    assert shapes["last_error"] == (
+        "UnreadableArguments: bad arguments for task 'test.anything': the stored arguments"
+        " are not a JSON array and an object (str and dict)"
+    )
+    assert (keywords["status"], keywords["attempts"]) == ("failed", 1)
+    assert "(list and list)" in keywords["last_error"]
+    # Arguments of the right shape run, whatever bytes they hold; returned, the stray byte
+    # (a lone surrogate once read) is refused as any result JSON cannot carry.
+    assert stray["attempts"] == 1
+    assert stray["last_error"].startswith("ResultNotJSON: the result holds a lone surrogate")
