@@ -12,8 +12,9 @@
   `limit_concurrency` is not used: it answers 503 to requests while idle sockets are what
   fill the table, and logs a line for each.
 - Quiet floods: connections closed by the cap or the timeout, and `accept()` failing for want
-  of file descriptors (asyncio logs a traceback for each of up to `backlog` tries a second),
-  are summed up in one log line per `QUIET_INTERVAL` at most.
+  of file descriptors, are summed up in one log line per `QUIET_INTERVAL` at most. asyncio's
+  own loop reports each of up to `backlog` failed tries a tick with a traceback (and tries
+  again a second later); uvloop sheds the waiting connections and reports nothing.
 - At shutdown, long polls (`GET /tasks/{id}?wait=`) answer at once with the task as it
   stands, before uvicorn's grace period ends and it cancels them with a 500.
 
