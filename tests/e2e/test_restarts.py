@@ -41,7 +41,7 @@ NOISE = ("apscheduler.executors",)
 
 class Server:
     """One `backstop serve` process; its stdout and stderr go to `log_path`; `open_files`
-    caps its file descriptors (`ulimit -n`)."""
+    caps its file descriptors (`ulimit -n`), and `extra_env` adds to its environment last."""
 
     def __init__(
         self,
@@ -49,6 +49,7 @@ class Server:
         log_path: Path,
         settings: dict[str, str],
         open_files: int | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
@@ -62,6 +63,7 @@ class Server:
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
         )
         env.update({f"BACKSTOP_{key.upper()}": value for key, value in settings.items()})
+        env.update(extra_env or {})
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [str(BACKSTOP), "serve", "--port", str(self.port)],
@@ -153,11 +155,17 @@ class Servers:
         self.tmp_path = tmp_path
         self.started: list[Server] = []
 
-    def start(self, data_dir: Path, open_files: int | None = None, **settings: str) -> Server:
+    def start(
+        self,
+        data_dir: Path,
+        open_files: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        **settings: str,
+    ) -> Server:
         """Start `backstop serve` on `data_dir` (settings as `BACKSTOP_*` names, lower case),
-        with at most `open_files` file descriptors."""
+        with at most `open_files` file descriptors and `extra_env` in its environment."""
         log_path = self.tmp_path / f"server-{len(self.started) + 1}.log"
-        server = Server(data_dir, log_path, settings, open_files)
+        server = Server(data_dir, log_path, settings, open_files, extra_env)
         self.started.append(server)
         server.wait_ready()
         return server
