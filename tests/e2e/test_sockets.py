@@ -3,6 +3,7 @@ long poll, and a client still sending a body the server refuses."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -67,10 +68,15 @@ def test_an_idle_connection_is_closed_after_the_header_timeout(
         assert closed_by_server(trickling)
 
     # A client that sends its request in time is answered, on a connection kept alive.
-    with connect(server) as prompt:
+    prompt = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
         for _ in range(2):
-            prompt.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert prompt.recv(1024).startswith(b"HTTP/1.1 200 ")
+            prompt.request("GET", "/healthz")
+            answer = prompt.getresponse()
+            assert (answer.status, answer.read()) == (200, b'{"status":"ok"}')
+        assert prompt.sock is not None  # the same connection both times
+    finally:
+        prompt.close()
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "default"])
@@ -95,9 +101,10 @@ def test_idle_connections_past_the_file_limit_leave_healthz_answering_and_the_lo
     log = server.log_path.read_text(encoding="utf-8", errors="replace")
     assert "Traceback" not in log
     assert "out of system resource" not in log
-    # One summary line for the idle connections closed to make room, not one per socket.
-    assert log.count("closed idle connections to make room") == 1, log
-    assert log.count("accept() failed") <= 1, log
+    # A summary line per 10 s for the idle connections closed to make room (over a hundred
+    # of them), not one per socket; the same for accept() failing.
+    assert 1 <= log.count("closed idle connections to make room") <= 3, log
+    assert log.count("accept() failed") <= 3, log
     assert len(log) < 20_000
 
 
