@@ -101,7 +101,9 @@ heap = HeapFreeze()
 
 
 class Pulse:
-    """Wakes every waiter when some task finishes (used by `GET /tasks/{id}?wait=`).
+    """Wakes every waiter when some task finishes (used by `GET /tasks/{id}?wait=`), and
+    all of them for good once the server stops (`stop`), so that they answer before the
+    server's grace period runs out.
 
     Waiters live on the app's loop; `fire` may come from any thread or loop.
     """
@@ -109,6 +111,16 @@ class Pulse:
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Wake every waiter now, and have `wait` return at once from now on."""
+        self.stopping = True
+        self.fire()
+
+    def resume(self) -> None:
+        """Wait again (the app starts serving again)."""
+        self.stopping = False
 
     def fire(self) -> None:
         call_on(self._loop, self._set)
@@ -122,6 +134,8 @@ class Pulse:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new loop (the app started again): a new event too
             self._loop, self._event = loop, asyncio.Event()
+        if self.stopping:
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), seconds)
 
@@ -196,6 +210,7 @@ class Backstop:
         if getattr(app.state, "backstop", None) is None:
             app.state.backstop = self
         await run_in_threadpool(self.prepare)
+        self.finished.resume()
         with_runner = self.settings.run_worker
         if with_runner:
             await self.runner.start()

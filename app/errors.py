@@ -48,6 +48,11 @@ class InvalidArguments(BackstopError):
         super().__init__(f"bad arguments for task {task!r}: {problem}")
 
 
+class UnreadableArguments(InvalidArguments):
+    """Stored arguments of the wrong shape (a row written by hand): no attempt can run them,
+    so the task fails without a retry."""
+
+
 class SessionOnAnotherDatabase(BackstopError):
     """A session passed to `add_task` that is bound to another database than Backstop's: the
     task would be committed where no runner of this Backstop looks."""

@@ -38,7 +38,9 @@ def create_app(settings: Settings | None = None, *, run_worker: bool | None = No
     app.include_router(examples)
     if settings.api_token.get_secret_value():
         # The task API checks the token itself; this locks the rest (demo, /docs) as well.
-        app.add_middleware(BearerToken, token=settings.api_token)
+        app.add_middleware(
+            BearerToken, token=settings.api_token, discard=settings.max_discard_bytes
+        )
     return app
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.tasks.addresses import AllowList
-from store.engine import PostgresOptions, Synchronous, default_url
+from store.engine import PostgresOptions, Synchronous, default_url, masked_url
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -45,6 +46,15 @@ class Settings(BaseSettings):
     retain_failed: float = Field(default=30 * 86_400, gt=0)
     prune_interval: float = Field(default=60, gt=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1)
+    # A body refused before it is read (413, 401) is read and dropped up to this many bytes,
+    # so that a client still sending it sees the answer; a longer one is cut off.
+    max_discard_bytes: int = Field(default=16 * 1_048_576, ge=0)
+    # `backstop serve`: seconds a connection has to send a whole request head, from its
+    # opening or its previous answer; seconds an idle keep-alive connection stays open;
+    # and how many connections may be open at once (at most half the open-file limit).
+    header_timeout: float = Field(default=10, gt=0)
+    keep_alive_timeout: int = Field(default=5, ge=1)
+    max_connections: int = Field(default=1000, ge=1)
     # Secrets: shown as '**********' in any repr, log or error; `.get_secret_value()` reads them.
     api_token: SecretStr = SecretStr("")
     # The built-in tasks this process knows; the others are unknown tasks here.
@@ -103,6 +113,13 @@ class Settings(BaseSettings):
         if not isinstance(value, str):
             return value
         return parse_queues(value)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() name the database without its password (`database_url` stays the
+        # plain string the setting holds: `Settings(database_url=...)` and
+        # `model_copy(update={"database_url": ...})` work as they always did).
+        for name, value in super().__repr_args__():
+            yield name, masked_url(value) if name == "database_url" and value else value
 
     @property
     def url(self) -> str:

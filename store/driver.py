@@ -13,7 +13,6 @@ JSON), so the stored bytes are what the SQLAlchemy path stores; tests compare th
 
 from __future__ import annotations
 
-import json
 import weakref
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 
+from store import jsonvalues
 from store.models import task_table
 
 Convert = Callable[[Any], Any]
@@ -81,8 +81,8 @@ class Driver:
 
     def read_json(self, value: Any) -> Any:
         """A stored JSON value as Python data."""
-        if self.sqlite and isinstance(value, str):
-            return json.loads(value)
+        if self.sqlite and isinstance(value, str | bytes):
+            return jsonvalues.loads(value)
         return value
 
     def _cursor(self) -> Any:

@@ -25,6 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from store import jsonvalues
+
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 _BEGIN_MODE = "backstop_begin"
@@ -33,6 +35,14 @@ _BEGIN_MODE = "backstop_begin"
 def default_url(data_dir: str | Path) -> str:
     """The SQLite file Backstop uses when no database URL is set."""
     return f"sqlite:///{Path(data_dir) / 'backstop.db'}"
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password as `***`, fit for a log line or an error."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except (sa.exc.ArgumentError, ValueError):
+        return "<a database URL that does not parse>"
 
 
 def _enable_wal(cursor: Any, timeout_s: float) -> None:
@@ -196,12 +206,16 @@ def create_engine(
         url,
         echo=echo,
         connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+        # A row written by hand may hold text that is not JSON, or not UTF-8: read, not
+        # raised on (see `store.jsonvalues`). PostgreSQL checks both as it stores them.
+        json_deserializer=jsonvalues.loads,
     )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Autocommit at the driver level: the "begin" hook below decides how to BEGIN.
         dbapi_connection.isolation_level = None
+        dbapi_connection.text_factory = jsonvalues.decode_text
         cursor = dbapi_connection.cursor()
         _enable_wal(cursor, busy_timeout_ms / 1000)
         cursor.execute(f"PRAGMA synchronous={synchronous}")

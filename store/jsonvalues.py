@@ -5,8 +5,8 @@ A value is storable when every client can read it back as it was written: JSON i
 has no NaN or infinity and no lone surrogate, and a value nested deeper than `MAX_DEPTH`
 is refused before anything recurses through it (parsers, validators and encoders each have
 a recursion limit of their own, and a request must not find it). Enqueues and results are
-checked with `problem`; a row written before these checks, or by hand, is shown through
-`escaped`, so that no stored value can make a read fail.
+checked with `problem`; a row written before these checks, or by hand, is read through
+`loads` and shown through `escaped`, so that no stored value can make a read fail.
 """
 
 from __future__ import annotations
@@ -60,6 +60,22 @@ def _problem(value: Any, depth: int) -> _Found | None:
             found[1].append(f"[{index}]")
             return found
     return None
+
+
+def decode_text(raw: bytes) -> str:
+    """Text as SQLite hands it over, UTF-8 or not: a byte that is not UTF-8 (a row written by
+    hand) becomes a lone surrogate, `\\udcXX`, which `escaped` shows and `problem` refuses."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def loads(stored: str | bytes) -> Any:
+    """A JSON column's stored text as Python data; text that is not JSON (a row written by
+    hand) is returned as that text, a string."""
+    text = decode_text(stored) if isinstance(stored, bytes) else stored
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
 
 
 def escaped(value: Any, outer: int = 0) -> Any:

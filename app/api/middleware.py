@@ -12,6 +12,8 @@ import json
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.bodies import Body
+
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -41,9 +43,12 @@ class BearerToken:
     """When a token is set, every request but `/healthz`, `/readyz` and the dashboard's (which
     take it from a cookie too) must bear it."""
 
-    def __init__(self, app: ASGIApp, token: SecretStr) -> None:
+    def __init__(self, app: ASGIApp, token: SecretStr, discard: int) -> None:
         self.app = app
         self.expected = f"Bearer {token.get_secret_value()}".encode()
+        # The body of a refused request is read and dropped up to this many bytes first,
+        # as `app.api.router` does, so that a client still sending it sees the 401.
+        self.discard = discard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or _dashboard(scope["path"]):
@@ -52,6 +57,11 @@ class BearerToken:
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
             detail = "missing or wrong bearer token" if given else "missing bearer token"
-            await _reject(send, 401, detail, [(b"www-authenticate", b"Bearer")])
+            headers = [(b"www-authenticate", b"Bearer")]
+            declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+            body = Body(receive, limit=0, declared=declared or None)
+            if not await body.discard(self.discard):
+                headers.append((b"connection", b"close"))
+            await _reject(send, 401, detail, headers)
             return
         await self.app(scope, receive, send)

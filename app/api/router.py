@@ -19,9 +19,9 @@ from fastapi import APIRouter, Request, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
-from starlette.types import Message
 
 from app.api import health, schedules, tasks
+from app.api.bodies import Body
 from app.api.handlers import error_response
 from app.api.schemas import answers
 
@@ -47,6 +47,15 @@ class BackstopRoute(APIRoute):
         if self.endpoint in self.open_endpoints:
             expected = None
         limit = settings.max_body_bytes
+        discard = settings.max_discard_bytes
+
+        async def refuse(answer: JSONResponse, body: Body) -> JSONResponse:
+            # A client still sending its body reads no answer before it has sent it all: the
+            # body is read and dropped, up to a bound, so that it sees this answer and not a
+            # connection reset. Past the bound the connection closes after the answer.
+            if not await body.discard(discard):
+                answer.headers["Connection"] = "close"
+            return answer
 
         def too_large() -> JSONResponse:
             detail = f"request body is over the limit of {limit} bytes"
@@ -54,35 +63,23 @@ class BackstopRoute(APIRoute):
 
         async def guarded(request: Request) -> Response:
             request.state.backstop = backstop
-            if expected is not None and (refused := self.refusal(request, expected)):
-                return refused
             declared = request.headers.get("content-length")
+            body = Body(request.receive, limit, declared)
+            if expected is not None and (refused := self.refusal(request, expected)):
+                return await refuse(refused, body)
             if declared is not None:
                 try:
                     if int(declared) > limit:
-                        return too_large()
+                        return await refuse(too_large(), body)
                 except ValueError:
                     return JSONResponse({"detail": "invalid Content-Length header"}, 400)
-            seen = 0
-            receive = request.receive
-
-            async def counted() -> Message:
-                # A chunked body has no length up front: it is counted as it arrives.
-                nonlocal seen
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    if seen > limit:
-                        raise BodyTooLarge
-                return message
-
             try:
-                return await handler(Request(request.scope, counted))
+                return await handler(Request(request.scope, body.receive))
             except Exception as exc:
                 # FastAPI turns a failure to read the body into a 400 of its own: the cause
                 # tells a body over the limit apart.
-                if seen > limit:
-                    return too_large()
+                if body.seen > limit:
+                    return await refuse(too_large(), body)
                 answer = error_response(exc)
                 if answer is None:
                     raise
@@ -100,10 +97,6 @@ class BackstopRoute(APIRoute):
         return JSONResponse(
             {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
         )
-
-
-class BodyTooLarge(Exception):
-    """A request body passed the limit while it was read."""
 
 
 def route_class(backstop: Backstop) -> type[BackstopRoute]:

@@ -59,19 +59,29 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
 
     @classmethod
     def of(cls, task: Task) -> TaskOut:
-        """The task as shown; a JSON value stored before the enqueue checks (or by hand) that
-        JSON in UTF-8 cannot carry is shown escaped (`store.jsonvalues.escaped`)."""
-        shown = cls.model_validate(task, from_attributes=True)
-        shown.args = escaped(shown.args, outer=1)
-        shown.kwargs = escaped(shown.kwargs, outer=1)
-        shown.result = escaped(shown.result)
-        return shown
+        """The task as shown. A row stored before the enqueue checks, or written by hand,
+        may hold what JSON in UTF-8 cannot carry, or bytes that are not UTF-8: the value is
+        shown escaped (`store.jsonvalues.escaped`). Arguments that are not an array (text
+        that is not JSON, say) are shown as an array of that one value, keyword arguments
+        that are not an object as `{"": value}` (no parameter has an empty name)."""
+        values = {name: getattr(task, name) for name in _SHOWN}
+        args, kwargs = values["args"], values["kwargs"]
+        values["args"] = escaped(args if isinstance(args, list) else [args], outer=1)
+        values["kwargs"] = escaped(kwargs if isinstance(kwargs, dict) else {"": kwargs}, outer=1)
+        for name in _TEXT:
+            values[name] = escaped(values[name])
+        return cls.model_validate(values)
 
     @classmethod
     def queued(cls, new: NewTask, now: datetime) -> TaskOut:
         """The task `new` as enqueued at `now`, without building the `Task` model first
         (it costs more than this whole answer)."""
         return cls.model_validate(stored_row(new, now))
+
+
+_SHOWN = tuple(TaskOut.model_fields)
+# The values shown as they are stored, escaped when they need it.
+_TEXT = ("id", "name", "queue", "result", "last_error", "idempotency_key")
 
 
 class TaskPageOut(BaseModel):
@@ -98,7 +108,11 @@ class AttemptOut(BaseModel):
 
     @classmethod
     def of(cls, attempt: Attempt) -> AttemptOut:
-        return cls.model_validate(attempt, from_attributes=True)
+        shown = cls.model_validate(attempt, from_attributes=True)
+        shown.error = escaped(shown.error)
+        shown.traceback = escaped(shown.traceback)
+        shown.worker = escaped(shown.worker)
+        return shown
 
 
 class StatsOut(BaseModel):

@@ -89,7 +89,8 @@ async def get_task(
     service: Service,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0,
 ) -> TaskOut:
-    """Read a task; with `?wait=S`, answer once it is terminal or S seconds have passed."""
+    """Read a task; with `?wait=S`, answer once it is terminal or S seconds have passed
+    (or the server stops: the task as it stands)."""
 
     def read() -> TaskOut:
         with service.db.read() as conn:
@@ -100,7 +101,7 @@ async def get_task(
     while True:
         task = await run_in_threadpool(read)
         remaining = deadline - loop.time()
-        if task.status.terminal or remaining <= 0:
+        if task.status.terminal or remaining <= 0 or service.finished.stopping:
             return task
         await service.finished.wait(min(remaining, WAIT_POLL))
 

@@ -17,12 +17,11 @@ from typing import Annotated
 
 import sqlalchemy as sa
 import typer
-import uvicorn
 from alembic.util.exc import CommandError
 from pydantic import ValidationError
 from typer._click.exceptions import NoArgsIsHelpError
 
-from app import logs
+from app import logs, server
 from app.backstop import Backstop, import_task_modules
 from app.cli.database import describe, existing_service
 from app.cli.schedules import schedules
@@ -65,6 +64,8 @@ def _configure_logging(settings: Settings) -> None:
 
 
 DEFAULT_APP = "app.main:app"
+# uvicorn's exit code when the app or its lifespan fails to start.
+STARTUP_FAILURE = 3
 
 
 class AppNotFound(BackstopError):
@@ -167,15 +168,8 @@ def serve(
     # in place before it: a graceful stop then exits 0, as `backstop worker` does, rather
     # than dying of the signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
-        app,
-        factory=factory,
-        host=host,
-        port=port,
-        log_config=None,
-        # Long-polling `?wait=` requests must not hold a stop beyond a few seconds.
-        timeout_graceful_shutdown=5,
-    )
+    if not server.serve(settings, app, factory=factory, host=host, port=port):
+        sys.exit(STARTUP_FAILURE)
 
 
 def _exit_cleanly(_signum: int, _frame: FrameType | None) -> None:

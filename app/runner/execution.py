@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
-from app.errors import TaskSwitchedOff
+from app.errors import TaskSwitchedOff, UnreadableArguments
 from app.settings import Settings
 from app.tasks.context import Grant, TaskContext, TaskSettings
 from app.tasks.registry import Registry, TaskSpec
@@ -120,8 +120,9 @@ class Executor:
         now = now or utcnow()
         message, trace = _describe(error)
         run_at: datetime | None = None
-        # A task switched off here is not retried: another attempt would find it off again.
-        if not isinstance(error, TaskSwitchedOff):
+        # A task switched off here, or whose stored arguments are of the wrong shape, is not
+        # retried: another attempt would find the same.
+        if not isinstance(error, TaskSwitchedOff | UnreadableArguments):
             try:
                 run_at = next_run_at(
                     spec.policy if spec is not None else DEFAULT_POLICY,

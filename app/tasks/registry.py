@@ -16,7 +16,14 @@ from tenacity.retry import retry_base
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from app.errors import InvalidArguments, NotATask, TaskDefinitionError, TaskSwitchedOff, UnknownTask
+from app.errors import (
+    InvalidArguments,
+    NotATask,
+    TaskDefinitionError,
+    TaskSwitchedOff,
+    UnknownTask,
+    UnreadableArguments,
+)
 from app.tasks.context import Grant, TaskContext
 from app.tasks.recurrence import MAX_PERIODIC_NAME, Recurrence
 from app.tasks.retry import DEFAULT_POLICY, RetryPolicy
@@ -124,6 +131,12 @@ class TaskSpec:
 
     def load(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """The stored JSON arguments turned back into the types the function declares."""
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise UnreadableArguments(
+                self.name,
+                "the stored arguments are not a JSON array and an object"
+                f" ({type(args).__name__} and {type(kwargs).__name__})",
+            )
         return (
             [self._target(i).adapter.validate_python(value) for i, value in enumerate(args)],
             {key: self._target(key).adapter.validate_python(v) for key, v in kwargs.items()},

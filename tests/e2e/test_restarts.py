@@ -8,12 +8,13 @@ SQLite file is read directly through `store/`, as the next process would find it
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -39,9 +40,17 @@ NOISE = ("apscheduler.executors",)
 
 
 class Server:
-    """One `backstop serve` process; its stdout and stderr go to `log_path`."""
+    """One `backstop serve` process; its stdout and stderr go to `log_path`; `open_files`
+    caps its file descriptors (`ulimit -n`), and `extra_env` adds to its environment last."""
 
-    def __init__(self, data_dir: Path, log_path: Path, settings: dict[str, str]) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        settings: dict[str, str],
+        open_files: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.port = free_port()
@@ -54,6 +63,7 @@ class Server:
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
         )
         env.update({f"BACKSTOP_{key.upper()}": value for key, value in settings.items()})
+        env.update(extra_env or {})
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [str(BACKSTOP), "serve", "--port", str(self.port)],
@@ -61,6 +71,7 @@ class Server:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=None if open_files is None else _limit_files(open_files),
             )
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
 
@@ -130,6 +141,13 @@ class Server:
         return "\n".join(kept[-lines:])
 
 
+def _limit_files(count: int) -> Callable[[], None]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+    return limit
+
+
 class Servers:
     """Starts servers for one test and tears every one of them down."""
 
@@ -137,10 +155,17 @@ class Servers:
         self.tmp_path = tmp_path
         self.started: list[Server] = []
 
-    def start(self, data_dir: Path, **settings: str) -> Server:
-        """Start `backstop serve` on `data_dir` (settings as `BACKSTOP_*` names, lower case)."""
+    def start(
+        self,
+        data_dir: Path,
+        open_files: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        **settings: str,
+    ) -> Server:
+        """Start `backstop serve` on `data_dir` (settings as `BACKSTOP_*` names, lower case),
+        with at most `open_files` file descriptors and `extra_env` in its environment."""
         log_path = self.tmp_path / f"server-{len(self.started) + 1}.log"
-        server = Server(data_dir, log_path, settings)
+        server = Server(data_dir, log_path, settings, open_files, extra_env)
         self.started.append(server)
         server.wait_ready()
         return server

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from fastapi import FastAPI
@@ -175,7 +175,14 @@ def test_send_message_is_limited_too(limited: TestClient) -> None:
     assert count_tasks(limited) == 0
 
 
-def call_asgi(app: FastAPI, body_chunks: list[bytes]) -> tuple[int, dict[str, Any]]:
+class Answer(NamedTuple):
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+    unread: int  # the request's messages the app left unread
+
+
+def call_asgi(app: FastAPI, body_chunks: list[bytes]) -> Answer:
     """POST /tasks straight to the ASGI app, one `http.request` message per chunk and no
     Content-Length, the way a chunked upload reaches it from a real server."""
     incoming: list[Message] = [
@@ -215,27 +222,57 @@ def call_asgi(app: FastAPI, body_chunks: list[bytes]) -> tuple[int, dict[str, An
     asyncio.run(app(scope, receive, send))
     start = next(message for message in sent if message["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    parsed: dict[str, Any] = json.loads(body)
-    return start["status"], parsed
+    headers = {name.decode(): value.decode() for name, value in start["headers"]}
+    return Answer(start["status"], json.loads(body), headers, len(incoming))
 
 
 def test_a_chunked_body_is_counted_as_it_arrives(limited: TestClient) -> None:
     app = limited.app
     assert isinstance(app, FastAPI)
 
-    status, body = call_asgi(app, list(chunks(body_of_size(LIMIT + 200), size=64)))
+    status, body, headers, unread = call_asgi(app, list(chunks(body_of_size(LIMIT + 200), 64)))
 
     assert status == 413
     assert str(LIMIT) in body["detail"]
     assert count_tasks(limited) == 0
+    # Read to its end before the answer, so that a client still sending sees it; the
+    # connection can serve the next request.
+    assert unread == 0
+    assert "connection" not in headers
+
+
+def test_a_refused_body_past_the_discard_bound_is_left_and_the_connection_closed(
+    settings: Settings,
+) -> None:
+    bounded = settings.model_copy(update={"max_body_bytes": LIMIT, "max_discard_bytes": 2 * LIMIT})
+    app = create_app(bounded, run_worker=False)
+
+    with TestClient(app):
+        status, body, headers, unread = call_asgi(app, list(chunks(body_of_size(8 * LIMIT), 64)))
+
+    assert status == 413
+    assert str(LIMIT) in body["detail"]
+    assert headers["connection"] == "close"
+    assert unread > 0
 
 
 def test_a_chunked_body_under_the_limit_goes_through(limited: TestClient) -> None:
     app = limited.app
     assert isinstance(app, FastAPI)
 
-    status, body = call_asgi(app, list(chunks(body_of_size(LIMIT), size=64)))
+    status, body, _, _ = call_asgi(app, list(chunks(body_of_size(LIMIT), size=64)))
 
     assert status == 202
     assert body["status"] == "queued"
     assert count_tasks(limited) == 1
+
+
+def test_a_401_reads_the_body_first_too(guarded: TestClient) -> None:
+    app = guarded.app
+    assert isinstance(app, FastAPI)
+
+    status, body, _, unread = call_asgi(app, list(chunks(body_of_size(LIMIT), 64)))
+
+    assert status == 401
+    assert body["detail"] == "missing bearer token"
+    assert unread == 0

@@ -4,7 +4,9 @@ nothing; and rows that hold what JSON in UTF-8 cannot carry, read without failin
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -326,3 +328,78 @@ def cli_json_list(
         return json.loads(captured.out)
 
     return run
+
+
+def test_bytes_that_are_not_utf8_and_text_that_is_not_json_are_shown_escaped(
+    client: TestClient, cli_json_list: Callable[[], Any]
+) -> None:
+    good = post_raw(client, '{"name":"test.noop"}').json()["id"]
+    ids = [post_raw(client, '{"name":"test.noop","delay":3600}').json()["id"] for _ in range(5)]
+    # Written by another program, through SQLite's own driver: SQLite stores any bytes.
+    path = service(client).settings.data_dir / "backstop.db"
+    with contextlib.closing(sqlite3.connect(path)) as raw, raw:
+        for task_id, assignments in zip(
+            ids,
+            [
+                "args = CAST(X'5B22FF225D' AS TEXT), name = CAST(X'6E6FFF' AS TEXT)",
+                "kwargs = 'not json', last_error = CAST(X'41FF42' AS TEXT)",
+                "result = '{broken', queue = CAST(X'71FE' AS TEXT)",
+                "args = '{\"a\": 1}', kwargs = '[1, 2]'",
+                "result = CAST(X'FF' AS BLOB)",
+            ],
+            strict=True,
+        ):
+            raw.execute(f"UPDATE task SET {assignments} WHERE id = ?", (task_id,))
+        raw.execute(
+            "INSERT INTO attempt (task_id, task_created_at, number, started_at, outcome, error,"
+            " worker) SELECT id, created_at, 1, created_at, 'failed', CAST(X'45FF' AS TEXT),"
+            " CAST(X'77FF' AS TEXT) FROM task WHERE id = ?",
+            (ids[1],),
+        )
+
+    listed = client.get("/tasks")
+    assert listed.status_code == 200, listed.text
+    shown = {item["id"]: item for item in listed.json()["items"]}
+    assert set(shown) == {good, *ids}
+    first, second, third, fourth, fifth = (shown[task_id] for task_id in ids)
+    assert (first["args"], first["name"]) == (["\\udcff"], "no\\udcff")
+    assert (second["kwargs"], second["last_error"]) == ({"": "not json"}, "A\\udcffB")
+    assert (third["result"], third["queue"]) == ("{broken", "q\\udcfe")
+    assert (fourth["args"], fourth["kwargs"]) == ([{"a": 1}], {"": [1, 2]})
+    assert fifth["result"] == "\\udcff"
+    for task_id in ids:
+        one = client.get(f"/tasks/{task_id}")
+        assert one.status_code == 200, one.text
+        assert one.json() == shown[task_id]
+    attempts = client.get(f"/tasks/{ids[1]}/attempts")
+    assert attempts.status_code == 200, attempts.text
+    assert (attempts.json()[0]["error"], attempts.json()[0]["worker"]) == ("E\\udcff", "w\\udcff")
+    assert client.get("/tasks?status=queued").status_code == 200
+    assert {item["id"] for item in cli_json_list()["items"]} == {good, *ids}
+
+
+def test_a_runner_fails_stored_arguments_of_the_wrong_shape_at_once(client: TestClient) -> None:
+    ids = [post_raw(client, '{"name":"test.anything","args":[1]}').json()["id"] for _ in range(3)]
+    path = service(client).settings.data_dir / "backstop.db"
+    with contextlib.closing(sqlite3.connect(path)) as raw, raw:
+        for task_id, assignment in zip(
+            ids,
+            ["args = 'not json'", "kwargs = '[1]'", "args = CAST(X'5B22FF225D' AS TEXT)"],
+            strict=True,
+        ):
+            raw.execute(f"UPDATE task SET {assignment} WHERE id = ?", (task_id,))
+
+    drain(client)
+
+    shapes, keywords, stray = (client.get(f"/tasks/{task_id}").json() for task_id in ids)
+    assert (shapes["status"], shapes["attempts"]) == ("failed", 1)
+    assert shapes["last_error"] == (
+        "UnreadableArguments: bad arguments for task 'test.anything': the stored arguments"
+        " are not a JSON array and an object (str and dict)"
+    )
+    assert (keywords["status"], keywords["attempts"]) == ("failed", 1)
+    assert "(list and list)" in keywords["last_error"]
+    # Arguments of the right shape run, whatever bytes they hold; returned, the stray byte
+    # (a lone surrogate once read) is refused as any result JSON cannot carry.
+    assert stray["attempts"] == 1
+    assert stray["last_error"].startswith("ResultNotJSON: the result holds a lone surrogate")

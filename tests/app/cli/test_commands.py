@@ -145,6 +145,39 @@ def test_a_database_url_that_cannot_work_is_one_line(data_dir: Path) -> None:
     assert "SQLite file" in line
 
 
+UNREACHABLE = "postgresql+psycopg://backstop:hunter2@127.0.0.1:1/jobs"  # nothing listens
+
+
+@pytest.mark.parametrize(
+    ("command", "url"),
+    [
+        ("db upgrade", UNREACHABLE),
+        ("tasks list", UNREACHABLE),
+        ("worker", UNREACHABLE),
+        ("db upgrade", "postgresql+psycopg://backstop:hunter2@127.0.0.1:notaport/jobs"),
+        ("db upgrade", "mysql://backstop:hunter2@127.0.0.1/jobs"),
+    ],
+)
+def test_the_database_password_appears_in_no_error(data_dir: Path, command: str, url: str) -> None:
+    done = backstop(data_dir, *command.split(), BACKSTOP_DATABASE_URL=url)
+
+    assert_one_line_error(done)
+    assert "hunter2" not in done.stdout + done.stderr
+
+
+def test_settings_show_the_database_url_without_its_password() -> None:
+    url = "postgresql+psycopg://backstop:hunter2@db.internal:5432/jobs"
+    settings = Settings(database_url=url)
+
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(settings)
+    assert "postgresql+psycopg://backstop:***@db.internal:5432/jobs" in repr(settings)
+    # The value itself is the string it was given, for the code that connects.
+    assert settings.database_url == settings.url == url
+    assert settings.model_copy(update={"database_url": "sqlite:///x.db"}).url == "sqlite:///x.db"
+    assert "hunter2" not in repr(Settings(database_url=url.replace("5432", "x")))
+
+
 def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     occupied = tmp_path / "occupied"
     occupied.write_text("not a folder")
