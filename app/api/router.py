@@ -49,7 +49,7 @@ class BackstopRoute(APIRoute):
         limit = settings.max_body_bytes
         discard = settings.max_discard_bytes
 
-        async def refuse(answer: JSONResponse, body: Body) -> JSONResponse:
+        async def refuse(answer: Response, body: Body) -> Response:
             # A client still sending its body reads no answer before it has sent it all: the
             # body is read and dropped, up to a bound, so that it sees this answer and not a
             # connection reset. Past the bound the connection closes after the answer.
