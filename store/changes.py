@@ -4,7 +4,10 @@ SQLite's stand-in for it.
 On PostgreSQL every write that makes a task due, or asks a running one to stop, calls
 `notify` or `notify_cancel` inside its own transaction: PostgreSQL delivers the signal at
 commit (not at all on a rollback) to every connection that LISTENs, which is what a
-`Listener` does for a runner. On SQLite both calls do nothing.
+`Listener` does for a runner. Every write that changes what a client sees of a task (its
+state, its attempt, its progress) calls `notify_changed`, which a `Listener` on
+`TASK_CHANNEL` hears for whoever waits on the task (`app.watch`). On SQLite these calls do
+nothing.
 
 SQLite has no NOTIFY. `PRAGMA data_version` changes whenever another connection (of this
 process or any other) commits to the file. Reading it is a few microseconds and touches no
@@ -29,6 +32,8 @@ from store.engine import Database
 CHANNEL = "backstop"
 # Payload: the id of a running task that was asked to stop.
 CANCEL_CHANNEL = "backstop_cancel"
+# Payload: the id of a task whose state, attempt or progress changed.
+TASK_CHANNEL = "backstop_task"
 # How a listening connection names itself in pg_stat_activity, unless the URL names it.
 LISTENER_NAME = "backstop-listener"
 
@@ -49,6 +54,12 @@ def notify_cancel(conn: Connection, task_ids: Iterable[str]) -> None:
     """Tell listening runners, when this transaction commits, that these running tasks were
     asked to stop. Nothing on SQLite."""
     _send(conn, CANCEL_CHANNEL, task_ids)
+
+
+def notify_changed(conn: Connection, task_ids: Iterable[str]) -> None:
+    """Tell listening watchers, when this transaction commits, that these tasks changed.
+    Nothing on SQLite."""
+    _send(conn, TASK_CHANNEL, task_ids)
 
 
 def _send(conn: Connection, channel: str, payloads: Iterable[str]) -> None:
@@ -82,13 +93,20 @@ class Notice:
 
 
 class Listener:
-    """A PostgreSQL connection of its own, in autocommit, that LISTENs on Backstop's channels.
+    """A PostgreSQL connection of its own, in autocommit, that LISTENs on `channels` (the
+    runner's two by default).
 
     Not thread-safe: one thread connects, waits on `fileno()` and calls `receive`. Any
     method may raise the driver's error when the connection is lost; `connect` again then.
     """
 
-    def __init__(self, db: Database, *, connect_timeout: int = 5) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        connect_timeout: int = 5,
+        channels: tuple[str, ...] = (CHANNEL, CANCEL_CHANNEL),
+    ) -> None:
         if db.dialect != "postgresql":
             raise ValueError("LISTEN needs PostgreSQL")
         cargs, params = db.engine.dialect.create_connect_args(db.engine.url)
@@ -99,6 +117,7 @@ class Listener:
         params.update(keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
         self._cargs = cargs
         self._params = params
+        self._channels = channels
         self._conn: Any = None
 
     def connect(self) -> None:
@@ -108,8 +127,8 @@ class Listener:
         self.close()
         conn = psycopg.connect(*self._cargs, **self._params, autocommit=True)
         try:
-            conn.execute(f"LISTEN {CHANNEL}")
-            conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+            for channel in self._channels:
+                conn.execute(f"LISTEN {channel}")
         except BaseException:
             conn.close()
             raise
