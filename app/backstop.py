@@ -3,7 +3,6 @@ app takes it in: `lifespan` to start and stop it, `router` for its task API."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import importlib
@@ -20,7 +19,6 @@ from app.enqueue import TaskClient
 from app.errors import BackstopError, TaskModuleError
 from app.runner.checkpointer import Checkpointer
 from app.runner.periodic import Periodic
-from app.runner.pool import call_on
 from app.runner.pruner import Pruner
 from app.runner.runner import Runner
 from app.settings import BUILTIN_TASKS, Settings
@@ -99,32 +97,6 @@ class HeapFreeze:
 heap = HeapFreeze()
 
 
-class Pulse:
-    """Wakes every waiter when some task finishes (used by `GET /tasks/{id}?wait=`).
-
-    Waiters live on the app's loop; `fire` may come from any thread or loop.
-    """
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def fire(self) -> None:
-        call_on(self._loop, self._set)
-
-    def _set(self) -> None:
-        event, self._event = self._event, asyncio.Event()
-        event.set()
-
-    async def wait(self, seconds: float) -> None:
-        """Return when the next task finishes, or after `seconds`."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a new loop (the app started again): a new event too
-            self._loop, self._event = loop, asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), seconds)
-
-
 live: weakref.WeakSet[Backstop] = weakref.WeakSet()
 """Every Backstop instance alive in this process (the test kit finds an app's this way)."""
 
@@ -146,9 +118,10 @@ class Backstop:
         self.registry = (task_registry or registry).without(switched_off)
         import_task_modules(settings.task_modules)
         self.db = open_database(settings)
-        self.finished = Pulse()
-        self.runner = Runner(self.db, self.registry, settings, on_finished=self.finished.fire)
-        self.tasks = TaskClient(self.db, self.registry, wake=self.runner.notify)
+        self.runner = Runner(self.db, self.registry, settings)
+        self.tasks = TaskClient(
+            self.db, self.registry, wake=self.runner.notify, on_cancel=self.runner.cancel_local
+        )
         self.periodic = Periodic(self.registry, self.runner)
         # Every second (or at the claim's pace when that is faster): a tick's task is enqueued
         # within a second of it, and a check that finds nothing due is one lock-free read.

@@ -1,0 +1,204 @@
+"""Waiting on tasks without polling: one watcher per process tells every waiter of a change.
+
+`GET /tasks/{id}?wait=`, `GET /tasks/{id}/events` and `TaskClient.wait` each hold a
+`Changes` for the task they wait on. The watcher (`TaskWatch`) has one daemon thread,
+`backstop-watch`, started at the first wait and stopped when the Backstop closes; it hears
+that the database changed through the same wake-ups the runner uses (`app.runner.wakeup`):
+
+- SQLite: a `Doorbell` (inotify on the database's folder, then `PRAGMA data_version`): any
+  commit, by any process, rings it within a few milliseconds.
+- PostgreSQL: a `NotifyBell` listening on `TASK_CHANNEL`, on which the store names each task
+  whose state, attempt or progress a transaction changed (`store.changes.notify_changed`).
+
+At a ring the thread reads a small mark (state, attempt, lease, progress) of every watched
+task that may have changed, in one query, then the whole row of those whose mark moved, and
+hands it to their waiters, which wake on their own thread or event loop. Thousands of waiters
+cost one thread, one read per ring, and nothing per waiter until its task changes.
+
+A change quickly followed by another may be read only as the latter: a waiter sees each
+state its task is in when the thread reads it, not necessarily every one it passed through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from app.runner.wakeup import Doorbell, NotifyBell
+from store import tasks as store_tasks
+from store.changes import TASK_CHANNEL, Notice
+from store.engine import Database
+from store.models import Task
+
+log = logging.getLogger(__name__)
+
+# How often the thread re-reads the watched tasks where no wake-up can be had (a SQLite
+# database that is not a file).
+FALLBACK_INTERVAL = 0.1
+
+
+class Changes:
+    """A waiter's view of one task: `next` returns the task each time the watcher reads a
+    change of it (None once the task no longer exists). Coalescing: a waiter that was busy
+    gets the latest read, not every one in between."""
+
+    def __init__(self, task_id: str, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.task_id = task_id
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._latest: list[Task | None] = []
+        self._ready = threading.Event()
+        self._ready_async = asyncio.Event() if loop is not None else None
+
+    def deliver(self, task: Task | None) -> None:
+        """Hand over the task as just read (from the watcher's thread)."""
+        with self._lock:
+            self._latest[:] = [task]
+        if self._loop is None:
+            self._ready.set()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._set_async)
+
+    def _set_async(self) -> None:
+        assert self._ready_async is not None
+        self._ready_async.set()
+
+    def _take(self) -> list[Task | None]:
+        with self._lock:
+            taken, self._latest = self._latest, []
+        return taken
+
+    def next(self, timeout: float | None) -> list[Task | None]:
+        """Wait up to `timeout` seconds for a change: `[task]` (None: it was deleted), or
+        `[]` when none came in time."""
+        if not self._ready.wait(timeout):
+            return []
+        self._ready.clear()
+        return self._take()
+
+    async def next_async(self, seconds: float | None) -> list[Task | None]:
+        """`next` for a waiter on the event loop it was made for (`seconds`: its timeout)."""
+        assert self._ready_async is not None, "made for a thread: call next()"
+        try:
+            await asyncio.wait_for(self._ready_async.wait(), seconds)
+        except TimeoutError:
+            return []
+        self._ready_async.clear()
+        return self._take()
+
+
+class TaskWatch:
+    """The process's watcher of tasks somebody waits on (see the module docstring)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._lock = threading.Lock()
+        self._waiters: dict[str, set[Changes]] = {}
+        self._marks: dict[str, tuple[Any, ...] | None] = {}
+        self._bell: Doorbell | NotifyBell | None = None
+        self._fallback: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.reads = 0  # reads of the watched tasks' marks so far (tests count them)
+
+    @contextlib.contextmanager
+    def changes(self, task_id: str, *, on_loop: bool = False) -> Iterator[Changes]:
+        """Be told of every change of `task_id` while inside: on this thread, or (with
+        `on_loop`) on the running event loop. Enter before reading the task, so that no
+        change after the read goes unheard."""
+        loop = asyncio.get_running_loop() if on_loop else None
+        changes = Changes(task_id, loop)
+        with self._lock:
+            self._waiters.setdefault(task_id, set()).add(changes)
+            self._start()
+        try:
+            yield changes
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(task_id)
+                if waiting is not None:
+                    waiting.discard(changes)
+                    if not waiting:
+                        del self._waiters[task_id]
+                        self._marks.pop(task_id, None)
+
+    def close(self) -> None:
+        """Stop the thread (waiters still inside `changes` hear nothing more)."""
+        with self._lock:
+            bell, self._bell = self._bell, None
+            fallback, self._fallback = self._fallback, None
+            self._stop.set()
+        if bell is not None:
+            bell.stop()
+        if fallback is not None:
+            fallback.join(timeout=1)
+
+    def _start(self) -> None:
+        """Start the thread, the first time anybody waits (under `_lock`)."""
+        if self._bell is not None or self._fallback is not None or self._stop.is_set():
+            return
+        if self.db.dialect == "postgresql":
+            self._bell = _ChangeBell(self.db, self._changed)
+            self._bell.start()
+        elif self.db.engine.url.database not in (None, "", ":memory:"):
+            self._bell = Doorbell(self.db, self._changed, name="backstop-watch")
+            self._bell.start()
+        else:
+            self._fallback = threading.Thread(target=self._poll, name="backstop-watch", daemon=True)
+            self._fallback.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(FALLBACK_INTERVAL):
+            self._changed()
+
+    def _changed(self, task_ids: set[str] | None = None) -> None:
+        """The database changed (these tasks, or any when None): read what is watched and
+        hand each changed task to its waiters. On the watcher's thread."""
+        with self._lock:
+            known = self._waiters.keys()
+            watched = list(known) if task_ids is None else list(task_ids & known)
+        if not watched:
+            return
+        try:
+            with self.db.read() as conn:
+                self.reads += 1
+                marks = store_tasks.task_marks(conn, watched)
+                with self._lock:
+                    # () for a task not read before; None for one that no longer exists.
+                    moved = [i for i in watched if marks.get(i) != self._marks.get(i, ())]
+                    self._marks.update({i: marks.get(i) for i in moved if i in self._waiters})
+                tasks = {task.id: task for task in store_tasks.get_tasks(conn, moved)}
+        except Exception:
+            log.exception("watch: could not read the watched tasks")
+            return
+        with self._lock:
+            deliveries = [
+                (changes, tasks.get(task_id))
+                for task_id in moved
+                for changes in self._waiters.get(task_id, ())
+            ]
+        for changes, task in deliveries:
+            changes.deliver(task)
+
+
+class _ChangeBell(NotifyBell):
+    """A `NotifyBell` on `TASK_CHANNEL`: hands on the ids of the tasks that changed; at each
+    LISTEN that takes (and each loss), says that any task may have changed."""
+
+    def __init__(self, db: Database, changed: Callable[[set[str] | None], None]) -> None:
+        super().__init__(
+            db,
+            lambda: changed(None),
+            lambda _task_id: None,
+            channels=(TASK_CHANNEL,),
+            name="backstop-watch",
+        )
+        self._changed = changed
+
+    def _heard(self, notices: list[Notice]) -> bool:
+        self._changed({notice.payload for notice in notices})
+        return False
