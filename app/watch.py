@@ -49,7 +49,7 @@ class Changes:
     def __init__(self, task_id: str, loop: asyncio.AbstractEventLoop | None) -> None:
         self.task_id = task_id
         self._loop = loop
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._latest: list[Task | None] = []
         self._ready = threading.Event()
         self._ready_async = asyncio.Event() if loop is not None else None
@@ -58,9 +58,9 @@ class Changes:
         """Hand over the task as just read (from the watcher's thread)."""
         with self._lock:
             self._latest[:] = [task]
-        if self._loop is None:
-            self._ready.set()
-            return
+            if self._loop is None:
+                self._ready.set()
+                return
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
             self._loop.call_soon_threadsafe(self._set_async)
 
@@ -78,18 +78,25 @@ class Changes:
         `[]` when none came in time."""
         if not self._ready.wait(timeout):
             return []
-        self._ready.clear()
-        return self._take()
+        with self._lock:  # cleared with the take: a delivery in between is not lost
+            self._ready.clear()
+            return self._take()
 
     async def next_async(self, seconds: float | None) -> list[Task | None]:
         """`next` for a waiter on the event loop it was made for (`seconds`: its timeout)."""
         assert self._ready_async is not None, "made for a thread: call next()"
-        try:
-            await asyncio.wait_for(self._ready_async.wait(), seconds)
-        except TimeoutError:
-            return []
-        self._ready_async.clear()
-        return self._take()
+        loop = asyncio.get_running_loop()
+        deadline = None if seconds is None else loop.time() + seconds
+        while True:
+            remaining = None if deadline is None else deadline - loop.time()
+            try:
+                await asyncio.wait_for(self._ready_async.wait(), remaining)
+            except TimeoutError:
+                return []
+            self._ready_async.clear()
+            taken = self._take()
+            if taken:  # else a wake-up for what an earlier take already got
+                return taken
 
 
 class TaskWatch:
