@@ -36,10 +36,6 @@ from store.models import Task
 
 log = logging.getLogger(__name__)
 
-# How often the thread re-reads the watched tasks where no wake-up can be had (a SQLite
-# database that is not a file).
-FALLBACK_INTERVAL = 0.1
-
 
 class Changes:
     """A waiter's view of one task: `next` returns the task each time the watcher reads a
@@ -108,9 +104,7 @@ class TaskWatch:
         self._waiters: dict[str, set[Changes]] = {}
         self._marks: dict[str, tuple[Any, ...] | None] = {}
         self._bell: Doorbell | NotifyBell | None = None
-        self._fallback: threading.Thread | None = None
         self._stop = threading.Event()
-        self.reads = 0  # reads of the watched tasks' marks so far (tests count them)
 
     @contextlib.contextmanager
     def changes(self, task_id: str, *, on_loop: bool = False) -> Iterator[Changes]:
@@ -120,6 +114,8 @@ class TaskWatch:
         loop = asyncio.get_running_loop() if on_loop else None
         changes = Changes(task_id, loop)
         with self._lock:
+            if self._stop.is_set():
+                raise RuntimeError("this Backstop is closed: nothing watches its tasks any more")
             self._waiters.setdefault(task_id, set()).add(changes)
             self._start()
         try:
@@ -137,30 +133,19 @@ class TaskWatch:
         """Stop the thread (waiters still inside `changes` hear nothing more)."""
         with self._lock:
             bell, self._bell = self._bell, None
-            fallback, self._fallback = self._fallback, None
             self._stop.set()
         if bell is not None:
             bell.stop()
-        if fallback is not None:
-            fallback.join(timeout=1)
 
     def _start(self) -> None:
         """Start the thread, the first time anybody waits (under `_lock`)."""
-        if self._bell is not None or self._fallback is not None or self._stop.is_set():
+        if self._bell is not None or self._stop.is_set():
             return
         if self.db.dialect == "postgresql":
             self._bell = _ChangeBell(self.db, self._changed)
-            self._bell.start()
-        elif self.db.engine.url.database not in (None, "", ":memory:"):
+        else:  # a SQLite file (the store takes no other SQLite database)
             self._bell = Doorbell(self.db, self._changed, name="backstop-watch")
-            self._bell.start()
-        else:
-            self._fallback = threading.Thread(target=self._poll, name="backstop-watch", daemon=True)
-            self._fallback.start()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(FALLBACK_INTERVAL):
-            self._changed()
+        self._bell.start()
 
     def _changed(self, task_ids: set[str] | None = None) -> None:
         """The database changed (these tasks, or any when None): read what is watched and
@@ -172,7 +157,6 @@ class TaskWatch:
             return
         try:
             with self.db.read() as conn:
-                self.reads += 1
                 marks = store_tasks.task_marks(conn, watched)
                 with self._lock:
                     # () for a task not read before; None for one that no longer exists.

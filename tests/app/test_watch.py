@@ -10,12 +10,13 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from app.watch import Changes, TaskWatch
-from store import leases, outcomes
+from store import control, leases, outcomes
 from store import progress as store_progress
 from store import tasks as store_tasks
 from store.engine import Database, temporary_database
 from store.models import Task, TaskStatus
 from store.tasks import NewTask
+from store.timeutil import utcnow
 
 DEADLINE = 15.0
 
@@ -76,3 +77,37 @@ def _until(changes: Changes, holds: Callable[[Task], bool]) -> None:
         assert seen, "no change heard"
         if any(task is not None and holds(task) for task in seen):
             return
+
+
+def test_waiters_hear_the_operators_and_the_runners_other_writes(
+    dbs: tuple[Database, Database],
+) -> None:
+    mine, other = dbs
+    with other.write() as conn:
+        task = store_tasks.enqueue(conn, NewTask(name="t"))
+    watch = TaskWatch(mine)
+    try:
+        with watch.changes(task.id) as changes:
+            if mine.dialect == "postgresql":  # its first read follows the LISTEN: from here
+                # on, each change below is heard through its own NOTIFY
+                _until(changes, lambda t: t.status == TaskStatus.QUEUED)
+            with other.write() as conn:
+                control.cancel_task(conn, task.id)
+            _until(changes, lambda t: t.status == TaskStatus.CANCELLED)
+            with other.write() as conn:
+                control.retry_task(conn, task.id)
+            _until(changes, lambda t: t.status == TaskStatus.QUEUED)
+            with other.write() as conn:
+                [claim] = leases.claim_due(conn, "elsewhere", 1, lease_seconds=30)
+            _until(changes, lambda t: (t.status, t.attempts) == (TaskStatus.RUNNING, 1))
+            with other.write() as conn:
+                leases.release(conn, [claim.lease])
+            _until(changes, lambda t: (t.status, t.attempts) == (TaskStatus.QUEUED, 0))
+            with other.write() as conn:
+                [claim] = leases.claim_due(conn, "elsewhere", 1, lease_seconds=30)
+            _until(changes, lambda t: t.status == TaskStatus.RUNNING)
+            with other.write() as conn:  # a runner's batch of successes
+                outcomes.record(conn, [outcomes.Outcome(claim.lease, 1, utcnow(), result=7)])
+            _until(changes, lambda t: (t.status, t.result) == (TaskStatus.SUCCEEDED, 7))
+    finally:
+        watch.close()
