@@ -30,7 +30,7 @@ from typing import Any
 
 from app.runner.wakeup import Doorbell, NotifyBell
 from store import tasks as store_tasks
-from store.changes import TASK_CHANNEL, Notice
+from store.changes import TASK_CHANNEL, Notice, changed_ids
 from store.engine import Database
 from store.models import Task
 
@@ -191,5 +191,5 @@ class _ChangeBell(NotifyBell):
         self._changed = changed
 
     def _heard(self, notices: list[Notice]) -> bool:
-        self._changed({notice.payload for notice in notices})
+        self._changed({task_id for notice in notices for task_id in changed_ids(notice.payload)})
         return False

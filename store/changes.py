@@ -32,8 +32,10 @@ from store.engine import Database
 CHANNEL = "backstop"
 # Payload: the id of a running task that was asked to stop.
 CANCEL_CHANNEL = "backstop_cancel"
-# Payload: the id of a task whose state, attempt or progress changed.
+# Payload: the ids of tasks whose state, attempt or progress changed, joined by commas.
 TASK_CHANNEL = "backstop_task"
+# Bytes a payload may hold (PostgreSQL's limit is 8000).
+MAX_PAYLOAD = 7900
 # How a listening connection names itself in pg_stat_activity, unless the URL names it.
 LISTENER_NAME = "backstop-listener"
 
@@ -57,9 +59,27 @@ def notify_cancel(conn: Connection, task_ids: Iterable[str]) -> None:
 
 
 def notify_changed(conn: Connection, task_ids: Iterable[str]) -> None:
-    """Tell listening watchers, when this transaction commits, that these tasks changed.
+    """Tell listening watchers, when this transaction commits, that these tasks changed
+    (their ids joined by commas, as few signals as fit PostgreSQL's 8000-byte payload: one
+    signal per task cost a claim of 100 tasks several times what the claim itself took).
     Nothing on SQLite."""
-    _send(conn, TASK_CHANNEL, task_ids)
+    if conn.dialect.name != "postgresql":
+        return
+    payloads: list[str] = []
+    size = MAX_PAYLOAD
+    for task_id in sorted(set(task_ids)):
+        if size + 1 + len(task_id) > MAX_PAYLOAD:
+            payloads.append(task_id)
+            size = len(task_id)
+        else:
+            payloads[-1] += "," + task_id
+            size += 1 + len(task_id)
+    _send(conn, TASK_CHANNEL, payloads)
+
+
+def changed_ids(payload: str) -> list[str]:
+    """The task ids of one `TASK_CHANNEL` signal."""
+    return payload.split(",")
 
 
 def _send(conn: Connection, channel: str, payloads: Iterable[str]) -> None:
