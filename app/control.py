@@ -52,10 +52,11 @@ class TaskControl:
         when it was cancelled, `WaitTimeout` (a `TimeoutError`) when it is still unfinished
         after `timeout` seconds (None: no limit), `TaskNotFound` when there is no such task.
         """
-        return result_of(self.finished(task_id, timeout), timeout)
+        return self._answer(self.finished(task_id, timeout), timeout)
 
     def finished(self, task_id: str, timeout: float | None = None) -> Task:
-        """The task once it is terminal, or as it is when `timeout` seconds have passed.
+        """The task once it is terminal, or as it is when `timeout` seconds have passed (or
+        when this client closes).
 
         Answers the moment it ends: the process's watcher (`app.watch`) hears it."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -66,6 +67,8 @@ class TaskControl:
                 if remaining is not None and remaining <= 0:
                     break
                 task = _latest(task, changes.next(remaining))
+                if changes.closed:
+                    break
         return task
 
     def cancel(self, task_id: str) -> Task:
@@ -94,7 +97,7 @@ class TaskControl:
     # TimeoutError, without the task that `WaitTimeout` carries.
     async def wait_async(self, task_id: str, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         """`wait` for callers on an event loop: the loop runs on while it waits."""
-        return result_of(await self.finished_async(task_id, timeout), timeout)
+        return self._answer(await self.finished_async(task_id, timeout), timeout)
 
     async def finished_async(self, task_id: str, seconds: float | None = None) -> Task:
         """`finished` for callers on an event loop (`seconds`: its `timeout`)."""
@@ -107,6 +110,8 @@ class TaskControl:
                 if remaining is not None and remaining <= 0:
                     break
                 task = _latest(task, await changes.next_async(remaining))
+                if changes.closed:
+                    break
         return task
 
     async def cancel_async(self, task_id: str) -> Task:
@@ -117,8 +122,13 @@ class TaskControl:
         """`retry` for callers on an event loop."""
         return await asyncio.to_thread(self.retry, task_id)
 
+    def _answer(self, task: Task, timeout: float | None) -> Any:
+        if not task.status.terminal and self.watch.closed:
+            raise RuntimeError(f"the task client closed while waiting on task {task.id}")
+        return result_of(task, timeout)
+
     def close(self) -> None:
-        """Stop the watcher's thread."""
+        """Stop the watcher's thread; a `wait` still waiting raises RuntimeError."""
         self.watch.close()
 
 

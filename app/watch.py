@@ -48,7 +48,8 @@ READ_SHARE = 4.0
 class Changes:
     """A waiter's view of one task: `next` returns the task each time the watcher reads a
     change of it (None once the task no longer exists). Coalescing: a waiter that was busy
-    gets the latest read, not every one in between."""
+    gets the latest read, not every one in between. Once the watcher closes, `closed` is
+    true and `next` returns `[]` at once."""
 
     def __init__(self, task_id: str, loop: asyncio.AbstractEventLoop | None) -> None:
         self.task_id = task_id
@@ -57,6 +58,7 @@ class Changes:
         self._latest: list[Task | None] = []
         self._ready = threading.Event()
         self._ready_async = asyncio.Event() if loop is not None else None
+        self.closed = False
 
     def deliver(self, task: Task | None) -> None:
         """Hand over the task as just read (from the watcher's thread)."""
@@ -66,6 +68,16 @@ class Changes:
                 self._ready.set()
                 return
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._set_async)
+
+    def close(self) -> None:
+        """The watcher stopped: wake the waiter for good (from any thread)."""
+        with self._lock:
+            self.closed = True
+            if self._loop is None:
+                self._ready.set()
+                return
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._set_async)
 
     def _set_async(self) -> None:
@@ -83,7 +95,8 @@ class Changes:
         if not self._ready.wait(timeout):
             return []
         with self._lock:  # cleared with the take: a delivery in between is not lost
-            self._ready.clear()
+            if not self.closed:
+                self._ready.clear()
             return self._take()
 
     async def next_async(self, seconds: float | None) -> list[Task | None]:
@@ -97,9 +110,10 @@ class Changes:
                 await asyncio.wait_for(self._ready_async.wait(), remaining)
             except TimeoutError:
                 return []
-            self._ready_async.clear()
+            if not self.closed:
+                self._ready_async.clear()
             taken = self._take()
-            if taken:  # else a wake-up for what an earlier take already got
+            if taken or self.closed:  # else a wake-up for what an earlier take already got
                 return taken
 
 
@@ -138,11 +152,24 @@ class TaskWatch:
                         del self._waiters[task_id]
                         self._marks.pop(task_id, None)
 
+    def waiting(self, task_id: str) -> bool:
+        """Whether anybody in this process waits on `task_id` now."""
+        with self._lock:
+            return task_id in self._waiters
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called."""
+        return self._stop.is_set()
+
     def close(self) -> None:
-        """Stop the thread (waiters still inside `changes` hear nothing more)."""
+        """Stop the thread; the waiters still inside `changes` are woken (`Changes.closed`)."""
         with self._lock:
             bell, self._bell = self._bell, None
             self._stop.set()
+            waiting = [changes for each in self._waiters.values() for changes in each]
+        for changes in waiting:
+            changes.close()
         if bell is not None:
             bell.stop()
 

@@ -81,5 +81,7 @@ async def _stream(tasks: TaskClient, task_id: str) -> AsyncIterator[str]:
                 if task.status.terminal:
                     return
             seen = await changes.next_async(HEARTBEAT)
+            if changes.closed:
+                return  # the service is stopping: the client reconnects to another
             if not seen:
                 yield ": heartbeat\n\n"

@@ -4,6 +4,7 @@ wait on tasks that another process runs)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -13,6 +14,9 @@ from app.errors import TaskCancelled, TaskFailed, WaitTimeout
 from store import leases
 from store.errors import InvalidTransition, TaskNotFound
 from store.models import TaskStatus
+from tests.support.waiting import wait_until
+
+DEADLINE = 15.0
 
 
 def test_the_async_twins_read_cancel_retry_and_wait(backstop: Backstop) -> None:
@@ -58,3 +62,22 @@ def test_the_errors_are_the_stores(backstop: Backstop) -> None:
         tasks.cancel("no-such-task")
     with pytest.raises(InvalidTransition):
         tasks.retry(tasks.add_task("test.noop"))
+
+
+def test_closing_the_client_ends_a_wait_without_a_limit(backstop: Backstop) -> None:
+    task_id = backstop.tasks.add_task("test.noop")  # no runner: it never ends
+    raised: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            backstop.tasks.wait(task_id)
+        except BaseException as error:
+            raised.append(error)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    wait_until(lambda: backstop.tasks.watch.waiting(task_id), what="the wait to begin")
+    backstop.tasks.close()
+    waiter.join(DEADLINE)
+    assert not waiter.is_alive()
+    assert [type(error) for error in raised] == [RuntimeError]
