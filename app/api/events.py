@@ -58,6 +58,12 @@ def kind_of(before: Task | None, after: Task) -> str | None:
     return None
 
 
+def _data(task: Task) -> str:
+    """The task as `GET /tasks/{id}` shows it, on one line (on a worker thread: a row nested
+    deep takes a deep stack)."""
+    return TaskOut.of(task).model_dump_json()
+
+
 async def _stream(tasks: TaskClient, task_id: str) -> AsyncIterator[str]:
     # Inside the generator, so that the watch is left however the stream ends (a client
     # that goes away closes it); entered before the read, so no change after it is missed.
@@ -77,7 +83,8 @@ async def _stream(tasks: TaskClient, task_id: str) -> AsyncIterator[str]:
                     continue
                 number += 1
                 shown = task
-                yield f"id: {number}\nevent: {kind}\ndata: {TaskOut.of(task).model_dump_json()}\n\n"
+                data = await run_in_threadpool(_data, task)
+                yield f"id: {number}\nevent: {kind}\ndata: {data}\n\n"
                 if task.status.terminal:
                     return
             seen = await changes.next_async(HEARTBEAT)

@@ -87,10 +87,11 @@ async def get_task(
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0,
 ) -> TaskOut:
     """Read a task; with `?wait=S`, answer once it is terminal or S seconds have passed."""
+    # (Shown on a worker thread, as every read is: a row nested deep takes a deep stack.)
     if wait == 0:
-        return TaskOut.of(await run_in_threadpool(tasks.get, task_id))
+        return await run_in_threadpool(lambda: TaskOut.of(tasks.get(task_id)))
     # Answers the moment the task ends, in whichever process: the watcher hears it.
-    return TaskOut.of(await tasks.finished_async(task_id, wait))
+    return await run_in_threadpool(TaskOut.of, await tasks.finished_async(task_id, wait))
 
 
 def cancel_task(task_id: str, tasks: DurableTasks) -> TaskOut:
