@@ -52,24 +52,26 @@ class TaskControl:
         when it was cancelled, `WaitTimeout` (a `TimeoutError`) when it is still unfinished
         after `timeout` seconds (None: no limit), `TaskNotFound` when there is no such task.
         """
-        return self._answer(self.finished(task_id, timeout), timeout)
+        return _answer(*self._finished(task_id, timeout), timeout)
 
     def finished(self, task_id: str, timeout: float | None = None) -> Task:
         """The task once it is terminal, or as it is when `timeout` seconds have passed (or
         when this client closes).
 
         Answers the moment it ends: the process's watcher (`app.watch`) hears it."""
+        return self._finished(task_id, timeout)[0]
+
+    def _finished(self, task_id: str, timeout: float | None) -> tuple[Task, bool]:
+        """`finished`, and whether the client closed meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.watch.changes(task_id) as changes:
             task = self.get(task_id)
-            while not task.status.terminal:
+            while not task.status.terminal and not changes.closed:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 task = _latest(task, changes.next(remaining))
-                if changes.closed:
-                    break
-        return task
+        return task, changes.closed
 
     def cancel(self, task_id: str) -> Task:
         """Cancel a task: queued or retrying, at once; running, when its runner stops the
@@ -97,22 +99,23 @@ class TaskControl:
     # TimeoutError, without the task that `WaitTimeout` carries.
     async def wait_async(self, task_id: str, timeout: float | None = None) -> Any:  # noqa: ASYNC109
         """`wait` for callers on an event loop: the loop runs on while it waits."""
-        return self._answer(await self.finished_async(task_id, timeout), timeout)
+        return _answer(*await self._finished_async(task_id, timeout), timeout)
 
     async def finished_async(self, task_id: str, seconds: float | None = None) -> Task:
         """`finished` for callers on an event loop (`seconds`: its `timeout`)."""
+        return (await self._finished_async(task_id, seconds))[0]
+
+    async def _finished_async(self, task_id: str, seconds: float | None) -> tuple[Task, bool]:
         loop = asyncio.get_running_loop()
         deadline = None if seconds is None else loop.time() + seconds
         with self.watch.changes(task_id, on_loop=True) as changes:
             task = await self.get_async(task_id)
-            while not task.status.terminal:
+            while not task.status.terminal and not changes.closed:
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     break
                 task = _latest(task, await changes.next_async(remaining))
-                if changes.closed:
-                    break
-        return task
+        return task, changes.closed
 
     async def cancel_async(self, task_id: str) -> Task:
         """`cancel` for callers on an event loop."""
@@ -121,11 +124,6 @@ class TaskControl:
     async def retry_async(self, task_id: str) -> Task:
         """`retry` for callers on an event loop."""
         return await asyncio.to_thread(self.retry, task_id)
-
-    def _answer(self, task: Task, timeout: float | None) -> Any:
-        if not task.status.terminal and self.watch.closed:
-            raise RuntimeError(f"the task client closed while waiting on task {task.id}")
-        return result_of(task, timeout)
 
     def close(self) -> None:
         """Stop the watcher's thread; a `wait` still waiting raises RuntimeError."""
@@ -140,6 +138,13 @@ def _latest(task: Task, seen: list[Task | None]) -> Task:
             raise TaskNotFound(task.id)
         task = changed
     return task
+
+
+def _answer(task: Task, closed: bool, timeout: float | None) -> Any:
+    """What `wait` answers: `result_of`, unless the client closed before the task ended."""
+    if closed and not task.status.terminal:
+        raise RuntimeError(f"the task client closed while waiting on task {task.id}")
+    return result_of(task, timeout)
 
 
 def result_of(task: Task, timeout: float | None) -> Any:

@@ -137,8 +137,6 @@ class TaskWatch:
         loop = asyncio.get_running_loop() if on_loop else None
         changes = Changes(task_id, loop)
         with self._lock:
-            if self._stop.is_set():
-                raise RuntimeError("this Backstop is closed: nothing watches its tasks any more")
             self._waiters.setdefault(task_id, set()).add(changes)
             self._start()
         try:
@@ -157,13 +155,9 @@ class TaskWatch:
         with self._lock:
             return task_id in self._waiters
 
-    @property
-    def closed(self) -> bool:
-        """Whether `close` was called."""
-        return self._stop.is_set()
-
     def close(self) -> None:
-        """Stop the thread; the waiters still inside `changes` are woken (`Changes.closed`)."""
+        """Stop the thread; the waiters still inside `changes` are woken (`Changes.closed`).
+        A later wait starts it again (an app's lifespan may run again)."""
         with self._lock:
             bell, self._bell = self._bell, None
             self._stop.set()
@@ -175,8 +169,9 @@ class TaskWatch:
 
     def _start(self) -> None:
         """Start the thread, the first time anybody waits (under `_lock`)."""
-        if self._bell is not None or self._stop.is_set():
+        if self._bell is not None:
             return
+        self._stop.clear()
         if self.db.dialect == "postgresql":
             self._bell = _ChangeBell(self.db, self._changed)
         else:  # a SQLite file (the store takes no other SQLite database)

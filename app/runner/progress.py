@@ -40,16 +40,21 @@ class ProgressKeeper:
         self._lock = threading.Lock()
         self._pending: dict[str, Report] = {}
         self._scheduled = False
+        self._due = 0.0  # when the flush arranged last is due (monotonic)
         self._last = -math.inf
 
     def report(self, lease: Lease, value: dict[str, Any]) -> None:
         """Hold `value` as the task's latest progress; arrange a write if none is."""
+        now = time.monotonic()
         with self._lock:
             self._pending[lease.task_id] = (lease, value)
-            if self._scheduled or self.flush_later is None:
+            # A flush is due within INTERVAL: one arranged long before never came (the loop
+            # it was arranged on stopped), so arrange another.
+            if self.flush_later is None or (self._scheduled and now < self._due + INTERVAL):
                 return
             self._scheduled = True
-            delay = max(0.0, self._last + INTERVAL - time.monotonic())
+            self._due = max(now, self._last + INTERVAL)
+            delay = self._due - now
         self.flush_later(delay)
 
     def take(self) -> list[Report]:
