@@ -3,7 +3,6 @@ app takes it in: `lifespan` to start and stop it, `router` for its task API."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import importlib
@@ -20,7 +19,6 @@ from app.enqueue import TaskClient
 from app.errors import BackstopError, TaskModuleError
 from app.runner.checkpointer import Checkpointer
 from app.runner.periodic import Periodic
-from app.runner.pool import call_on
 from app.runner.pruner import Pruner
 from app.runner.runner import Runner
 from app.settings import BUILTIN_TASKS, Settings
@@ -100,46 +98,6 @@ class HeapFreeze:
 heap = HeapFreeze()
 
 
-class Pulse:
-    """Wakes every waiter when some task finishes (used by `GET /tasks/{id}?wait=`), and
-    all of them for good once the server stops (`stop`), so that they answer before the
-    server's grace period runs out.
-
-    Waiters live on the app's loop; `fire` may come from any thread or loop.
-    """
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.stopping = False
-
-    def stop(self) -> None:
-        """Wake every waiter now, and have `wait` return at once from now on."""
-        self.stopping = True
-        self.fire()
-
-    def resume(self) -> None:
-        """Wait again (the app starts serving again)."""
-        self.stopping = False
-
-    def fire(self) -> None:
-        call_on(self._loop, self._set)
-
-    def _set(self) -> None:
-        event, self._event = self._event, asyncio.Event()
-        event.set()
-
-    async def wait(self, seconds: float) -> None:
-        """Return when the next task finishes, or after `seconds`."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a new loop (the app started again): a new event too
-            self._loop, self._event = loop, asyncio.Event()
-        if self.stopping:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), seconds)
-
-
 live: weakref.WeakSet[Backstop] = weakref.WeakSet()
 """Every Backstop instance alive in this process (the test kit finds an app's this way)."""
 
@@ -161,9 +119,10 @@ class Backstop:
         self.registry = (task_registry or registry).without(switched_off)
         import_task_modules(settings.task_modules)
         self.db = open_database(settings)
-        self.finished = Pulse()
-        self.runner = Runner(self.db, self.registry, settings, on_finished=self.finished.fire)
-        self.tasks = TaskClient(self.db, self.registry, wake=self.runner.notify)
+        self.runner = Runner(self.db, self.registry, settings)
+        self.tasks = TaskClient(
+            self.db, self.registry, wake=self.runner.notify, on_cancel=self.runner.cancel_local
+        )
         self.periodic = Periodic(self.registry, self.runner)
         # Every second (or at the claim's pace when that is faster): a tick's task is enqueued
         # within a second of it, and a check that finds nothing due is one lock-free read.
@@ -210,7 +169,6 @@ class Backstop:
         if getattr(app.state, "backstop", None) is None:
             app.state.backstop = self
         await run_in_threadpool(self.prepare)
-        self.finished.resume()
         with_runner = self.settings.run_worker
         if with_runner:
             await self.runner.start()

@@ -15,6 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
 
+from app.control import TaskControl
 from app.errors import InvalidArguments, InvalidSchedule, SessionOnAnotherDatabase
 from app.tasks.registry import Registry
 from store import jsonvalues
@@ -42,14 +43,21 @@ _FLUSH_HINT = (
 )
 
 
-class TaskClient:
+class TaskClient(TaskControl):
     """Enqueues tasks durably: the row is committed before `add_task` returns (or, inside the
-    caller's session, together with the caller's own data)."""
+    caller's session, together with the caller's own data); and reads, awaits, cancels and
+    retries them (`TaskControl`)."""
 
-    def __init__(self, db: Database, registry: Registry, wake: Callable[[], None] | None = None):
-        self.db = db
+    def __init__(
+        self,
+        db: Database,
+        registry: Registry,
+        wake: Callable[[], None] | None = None,
+        *,
+        on_cancel: Callable[[str], None] | None = None,
+    ):
+        super().__init__(db, wake, on_cancel=on_cancel)
         self.registry = registry
-        self._wake = wake or (lambda: None)
         self._commits = GroupEnqueue(db)
 
     def add_task(
@@ -306,8 +314,10 @@ class TaskClient:
         return new, now
 
     def close(self) -> None:
-        """Stop the enqueue writer thread (after what it was given to commit)."""
+        """Stop the enqueue writer thread (after what it was given to commit) and the
+        watcher's."""
         self._commits.close()
+        super().close()
 
     def _insert(self, conn: Connection, new: NewTask, now: datetime) -> Task | None:
         """Store `new` on the caller's connection (in their transaction)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from store.models import Task
+
 
 class BackstopError(Exception):
     """Base class of every error a caller can cause with bad input."""
@@ -74,3 +76,36 @@ class TaskDefinitionError(BackstopError):
 
 class TaskModuleError(BackstopError):
     """A module named in BACKSTOP_TASK_MODULES that cannot be imported."""
+
+
+class TaskFailed(Exception):
+    """`TaskClient.wait`: the task ended without a result (failed, or cancelled: see
+    `TaskCancelled`); `task` is the task as it ended, `last_error` its last error.
+
+    Not a `BackstopError`: the caller's input was fine, the task's own work failed."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.task_id: str = task.id
+        self.status: str = str(task.status)
+        self.last_error: str | None = task.last_error
+        reason = f": {self.last_error}" if self.last_error else ""
+        super().__init__(f"task {self.task_id} ({task.name}) {self.status}{reason}")
+
+
+class TaskCancelled(TaskFailed):
+    """`TaskClient.wait`: the task was cancelled."""
+
+
+class WaitTimeout(TimeoutError):
+    """`TaskClient.wait`: the task did not finish within the time given; `task` is the task
+    as it was then."""
+
+    def __init__(self, task: Task, timeout: float) -> None:
+        self.task = task
+        self.task_id: str = task.id
+        self.status: str = str(task.status)
+        self.timeout = timeout
+        super().__init__(
+            f"task {self.task_id} ({task.name}) is still {self.status} after {timeout:g}s"
+        )

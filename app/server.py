@@ -208,7 +208,7 @@ class Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for backstop in list(live):
-            backstop.finished.stop()
+            backstop.tasks.watch.close()  # every ?wait= and event stream answers now
         await super().shutdown(sockets)
 
 

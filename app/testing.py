@@ -227,7 +227,6 @@ class Drain:
             backstop.settings,
             queues={},
             worker_id="backstop-drain",
-            on_finished=backstop.finished.fire,  # wakes `GET /tasks/{id}?wait=` answers
             inline=True,
         )
         span = advance or timedelta(0)

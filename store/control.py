@@ -7,7 +7,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from store.changes import notify, notify_cancel
+from store.changes import notify, notify_cancel, notify_changed
 from store.errors import InvalidTransition
 from store.models import CLAIMABLE, Task, TaskStatus, task_table
 from store.tasks import get_task, to_task
@@ -33,6 +33,7 @@ def cancel_task(conn: Connection, task_id: str, *, now: datetime | None = None) 
         .returning(*t.c)
     ).first()
     if waiting is not None:
+        notify_changed(conn, [task_id])
         return to_task(waiting)
     running = conn.execute(
         sa.update(t)
@@ -64,12 +65,14 @@ def retry_task(conn: Connection, task_id: str, *, now: datetime | None = None) -
             finished_at=None,
             result=None,
             cancel_requested_at=None,
+            progress=None,
         )
         .returning(*t.c)
     ).first()
     if row is not None:
         task = to_task(row)
         notify(conn, [task.queue])
+        notify_changed(conn, [task.id])
         return task
     task = get_task(conn, task_id)
     raise InvalidTransition(task.id, task.status, "retried", "failed or cancelled")

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from store.attempts import of_task
-from store.changes import notify
+from store.changes import notify, notify_changed
 from store.driver import Driver
 from store.models import (
     CLAIMABLE_WHERE,
@@ -61,7 +61,7 @@ def claim_statement(dialect: str, *, by_queue: bool) -> str:
     key = "id" if dialect == "postgresql" else "rowid"
     return (
         "UPDATE task SET status = 'running', lease_owner = ?, lease_expires_at = ?,"
-        " lease_token = lease_token + 1, attempts = attempts + 1, started_at = ?"
+        " lease_token = lease_token + 1, attempts = attempts + 1, started_at = ?, progress = NULL"
         f" WHERE {key} IN (SELECT {key} FROM task WHERE {CLAIMABLE_WHERE}"
         f" AND scheduled_at <= ?{queue}"
         f" ORDER BY priority DESC, scheduled_at LIMIT ?{lock})"
@@ -149,6 +149,7 @@ def claim_due(
             for c, (*_, created, _scheduled, _row) in zip(claimed, rows, strict=True)
         ],
     )
+    notify_changed(conn, [c.id for c in claimed])  # whoever watches them sees them start
     claimed.sort(key=lambda task: (-task.priority, task.scheduled_at))
     return claimed
 
@@ -272,6 +273,7 @@ def release(conn: Connection, leases: Sequence[Lease], *, now: datetime | None =
             number, outcome = back.attempts + 1, AttemptOutcome.RELEASED
             notify(conn, [back.queue])  # a runner still running takes it at once
         released += 1
+        notify_changed(conn, [lease.task_id])
         conn.execute(
             sa.update(a)
             .where(*of_task(lease.task_id), a.c.number == number, a.c.finished_at.is_(None))

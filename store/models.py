@@ -179,6 +179,9 @@ class Task(StoreModel, table=True):  # type: ignore[no-redef]
     # A fingerprint of the request that created the task under `idempotency_key`, so the
     # same key with a different request is told apart from a retried one.
     request_hash: str | None = Field(default=None, sa_type=String(64))
+    # How far the running attempt got, as its function last reported it (`store.progress`):
+    # {"done": n, "total": n or null, "message": text or null}; null until it reports.
+    progress: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
 
 
 class Attempt(StoreModel, table=True):

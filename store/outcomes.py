@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from store.attempts import of_task
-from store.changes import notify
+from store.changes import notify, notify_changed
 from store.driver import Driver
 from store.models import AttemptOutcome, Lease, Task, TaskStatus, attempt_table, task_table
 from store.tasks import to_task
@@ -117,6 +117,7 @@ def _close(
             return None
         attempt = {**attempt, "outcome": AttemptOutcome.CANCELLED}
     task = to_task(row)
+    notify_changed(conn, [task.id])
     fields = tuple(sorted(attempt))
     conn.execute(
         _attempt_statement(fields),
@@ -232,6 +233,7 @@ def _mark_many_succeeded(conn: Connection, done: Sequence[Outcome]) -> Iterator[
     )
     if updated == len(done):
         driver.execute("RELEASE SAVEPOINT backstop_successes")
+        notify_changed(conn, [o.lease.task_id for o in done])
         driver.execute_many(
             attempt_statement,
             [

@@ -10,7 +10,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 from store.jsonvalues import escaped
 from store.models import Attempt, AttemptOutcome, Task, TaskStatus
@@ -32,6 +40,16 @@ class TaskIn(BaseModel):
     delay: float | None = Field(default=None, ge=0, le=10 * 365 * 86_400, allow_inf_nan=False)
     run_at: AwareDatetime | None = None
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
+
+
+class ProgressOut(BaseModel):
+    """How far the running (or last) attempt got, as its function last reported it."""
+
+    __qualname__ = "BackstopProgressOut"  # its schema's name: see the module docstring
+
+    done: int | float = Field(description="The work done so far, in the task's own unit")
+    total: int | float | None = Field(description="The whole of the work, when the task knows it")
+    message: str | None = Field(description="What the task says it is doing")
 
 
 # The pydantic mypy plugin reads the field named `kwargs` as a redefinition of `**kwargs`.
@@ -56,6 +74,18 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
     result: Any
     last_error: str | None
     idempotency_key: str | None
+    progress: ProgressOut | None = Field(
+        default=None, description="Set by `ctx.progress()`; null until the attempt reports"
+    )
+
+    @field_validator("progress", mode="wrap")
+    @classmethod
+    def _progress_or_none(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # Written by hand in some other shape: no stored row may make a read fail.
+        try:
+            return handler(value)
+        except ValidationError:
+            return None
 
     @classmethod
     def of(cls, task: Task) -> TaskOut:

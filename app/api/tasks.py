@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 from enum import Enum
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import DurableTasks, Service
+from app.api.events import STREAM_ANSWER, task_events
 from app.api.schemas import AttemptOut, StatsOut, TaskIn, TaskOut, TaskPageOut, answers
 from store import attempts as store_attempts
-from store import control
 from store import stats as store_stats
 from store import tasks as store_tasks
 from store.models import TaskStatus
 
 MAX_WAIT = 60.0
-# How often a waiting request re-reads a task that another process may finish; tasks this
-# process finishes wake it at once.
-WAIT_POLL = 0.25
 
 
 async def create_task(
@@ -86,43 +83,27 @@ def list_tasks(
 
 async def get_task(
     task_id: str,
-    service: Service,
+    tasks: DurableTasks,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT)] = 0,
 ) -> TaskOut:
-    """Read a task; with `?wait=S`, answer once it is terminal or S seconds have passed
-    (or the server stops: the task as it stands)."""
-
-    def read() -> TaskOut:
-        with service.db.read() as conn:
-            return TaskOut.of(store_tasks.get_task(conn, task_id))
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    while True:
-        task = await run_in_threadpool(read)
-        remaining = deadline - loop.time()
-        if task.status.terminal or remaining <= 0 or service.finished.stopping:
-            return task
-        await service.finished.wait(min(remaining, WAIT_POLL))
+    """Read a task; with `?wait=S`, answer once it is terminal or S seconds have passed."""
+    # (Shown on a worker thread, as every read is: a row nested deep takes a deep stack.)
+    if wait == 0:
+        return await run_in_threadpool(lambda: TaskOut.of(tasks.get(task_id)))
+    # Answers the moment the task ends, in whichever process: the watcher hears it.
+    return await run_in_threadpool(TaskOut.of, await tasks.finished_async(task_id, wait))
 
 
-def cancel_task(task_id: str, service: Service) -> TaskOut:
+def cancel_task(task_id: str, tasks: DurableTasks) -> TaskOut:
     """Cancel a task: queued or retrying at once; running when its function stops; 409 if
     it already finished."""
-    with service.db.write() as conn:
-        task = control.cancel_task(conn, task_id)
-    if task.status == TaskStatus.RUNNING:
-        service.runner.cancel_local(task.id)
-    return TaskOut.of(task)
+    return TaskOut.of(tasks.cancel(task_id))
 
 
-def retry_task(task_id: str, service: Service) -> TaskOut:
+def retry_task(task_id: str, tasks: DurableTasks) -> TaskOut:
     """Queue a failed or cancelled task again with a fresh attempt budget (history kept);
     409 in any other state."""
-    with service.db.write() as conn:
-        task = control.retry_task(conn, task_id)
-    service.runner.notify()
-    return TaskOut.of(task)
+    return TaskOut.of(tasks.retry(task_id))
 
 
 def list_attempts(task_id: str, service: Service) -> list[AttemptOut]:
@@ -161,6 +142,14 @@ def add_routes(router: APIRouter) -> None:
             responses=answers(404, 409, 422),
             tags=tags,
         )
+    router.add_api_route(
+        "/tasks/{task_id}/events",
+        task_events,
+        methods=["GET"],
+        response_class=StreamingResponse,
+        responses={**STREAM_ANSWER, **answers(404, 422)},
+        tags=tags,
+    )
     router.add_api_route(
         "/tasks/{task_id}/attempts",
         list_attempts,

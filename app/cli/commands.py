@@ -27,7 +27,7 @@ from app.cli.database import describe, existing_service
 from app.cli.schedules import schedules
 from app.cli.tasks import tasks_cli
 from app.cli.top import top
-from app.errors import BackstopError
+from app.errors import BackstopError, TaskFailed
 from app.settings import Settings, parse_queues
 from store import copy as store_copy
 from store.engine import Database
@@ -79,6 +79,7 @@ class MigrationFailed(BackstopError):
 # The failures whose message says enough on its own; main prints them as one line.
 _EXPECTED = (
     BackstopError,
+    TaskFailed,  # `tasks wait`; its WaitTimeout is a TimeoutError, an OSError
     StoreError,
     ValidationError,
     ValueError,

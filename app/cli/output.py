@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from app.api.schemas import AttemptOut, StatsOut, TaskOut
+from app.api.schemas import AttemptOut, ProgressOut, StatsOut, TaskOut
 from store.models import TaskStatus
 
 ERROR_WIDTH = 40
@@ -97,11 +97,26 @@ def task_grid(task: TaskOut) -> Table:
         ("args", json.dumps(task.args, ensure_ascii=False)),
         ("kwargs", json.dumps(task.kwargs, ensure_ascii=False)),
         ("result", json.dumps(task.result, ensure_ascii=False)),
+        ("progress", progress_text(task.progress)),
         ("last error", task.last_error or "-"),
     ]
     for label, value in rows:
         grid.add_row(label, value if isinstance(value, Text) else Text(value))
     return grid
+
+
+def progress_text(progress: ProgressOut | None) -> str:
+    """`3/10 (30%) copying rows`, `3`, or `-` when the task never reported."""
+    if progress is None:
+        return "-"
+    text = f"{progress.done:g}"
+    if progress.total is not None:
+        text += f"/{progress.total:g}"
+        if progress.total > 0:
+            text += f" ({100 * progress.done / progress.total:.0f}%)"
+    if progress.message:
+        text += f" {progress.message}"
+    return text
 
 
 def _utc_or_dash(value: datetime | None) -> str:

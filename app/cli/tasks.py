@@ -20,8 +20,8 @@ from rich.text import Text
 from app.api.schemas import AttemptOut, StatsOut, TaskIn, TaskOut, TaskPageOut
 from app.cli import output
 from app.cli.database import existing_service
+from app.control import result_of
 from store import attempts as store_attempts
-from store import control
 from store import stats as store_stats
 from store import tasks as store_tasks
 from store.models import TaskStatus
@@ -142,8 +142,8 @@ def show_task(
 @tasks_cli.command("retry")
 def retry_task(task_id: TaskId, as_json: JsonFlag = False) -> None:
     """Queue a failed or cancelled task again with a fresh attempt budget (history kept)."""
-    with existing_service() as backstop, backstop.db.write() as conn:
-        task = TaskOut.of(control.retry_task(conn, task_id))
+    with existing_service() as backstop:
+        task = TaskOut.of(backstop.tasks.retry(task_id))
     if as_json:
         output.print_json(task)
         return
@@ -158,8 +158,8 @@ def retry_task(task_id: TaskId, as_json: JsonFlag = False) -> None:
 @tasks_cli.command("cancel")
 def cancel_task(task_id: TaskId, as_json: JsonFlag = False) -> None:
     """Cancel a task: queued or retrying at once; running when its runner next polls."""
-    with existing_service() as backstop, backstop.db.write() as conn:
-        task = TaskOut.of(control.cancel_task(conn, task_id))
+    with existing_service() as backstop:
+        task = TaskOut.of(backstop.tasks.cancel(task_id))
     if as_json:
         output.print_json(task)
         return
@@ -172,6 +172,29 @@ def cancel_task(task_id: TaskId, as_json: JsonFlag = False) -> None:
     else:
         message = f"task {task.id} ({task.name}) is cancelled"
     output.console().print(Text(message))
+
+
+@tasks_cli.command("wait")
+def wait_task(
+    task_id: TaskId,
+    timeout: Annotated[
+        float | None,
+        typer.Option(min=0, help="Give up after this many seconds (default: no limit)."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Wait until a task ends, whichever process runs it, and print its result as JSON.
+
+    A task that failed or was cancelled, or is still unfinished after --timeout, is a
+    one-line message and exit status 1 (with --json, after the task's JSON)."""
+    with existing_service() as backstop:
+        task = backstop.tasks.finished(task_id, timeout)
+    shown = TaskOut.of(task)
+    if as_json:  # the task however it ended; the exit status says how
+        output.print_json(shown)
+    result_of(task, timeout)  # raises for a task that did not succeed in time
+    if not as_json:
+        output.print_json(shown.model_dump(mode="json")["result"])
 
 
 @tasks_cli.command("enqueue")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,14 +51,20 @@ class Executor:
         self._task_settings = TaskSettings.of(settings)
         self._grants: dict[type[Grant], Grant] = {}
 
-    def context(self, claim: Claim) -> TaskContext:
+    def context(
+        self, claim: Claim, reporter: Callable[[dict[str, Any]], None] | None = None
+    ) -> TaskContext:
         """The context a claimed task's function receives: the settings every task may
-        read, and the grants its own `@task` asked for (no other task sees those)."""
+        read, the grants its own `@task` asked for (no other task sees those), and where
+        its `ctx.progress` reports go."""
         spec = self.spec_of(claim)
         grants = {kind: self._grant(kind) for kind in spec.grants} if spec is not None else {}
-        return TaskContext(
+        ctx = TaskContext(
             task_id=claim.id, attempt=claim.attempts, settings=self._task_settings, grants=grants
         )
+        if reporter is not None:
+            ctx.reporter = reporter
+        return ctx
 
     def _grant(self, kind: type[Grant]) -> Grant:
         # Built once per process (a race builds it twice, harmlessly).

@@ -11,6 +11,7 @@ or has a timeout, and the write lock is held for the statements alone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -25,11 +26,12 @@ from app.runner.backoff import Backoff
 from app.runner.dbthread import DatabaseThread
 from app.runner.execution import Executor, TaskTimeout, attempt_of, report
 from app.runner.pool import DaemonPool, call_on
+from app.runner.progress import ProgressKeeper, record_with_progress
 from app.tasks.context import TaskContext
 from store import leases
-from store import outcomes as store_outcomes
 from store.models import Claim, TaskStatus
 from store.outcomes import Outcome
+from store.progress import record_progress
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ class Pipeline:
         # After a cycle failed, claims wait out this back-off (outcomes keep their own
         # retries, `RECORD_RETRIES`); a timer wakes the first cycle past it.
         self._backoff = Backoff(f"runner {owner}: claim")
+        # Inline (the test kit's drain), reports wait for their attempt's outcome.
+        self.progress = ProgressKeeper(None if database.inline else self._flush_later)
 
     # -- from any thread -------------------------------------------------------------------
 
@@ -139,6 +143,21 @@ class Pipeline:
         """The tasks held right now, by id."""
         with self._lock:
             return dict(self.running)
+
+    def context(self, claim: Claim) -> TaskContext:
+        """The context of a claimed task, its progress reports going to `progress`."""
+        return self.executor.context(claim, functools.partial(self.progress.report, claim.lease))
+
+    def _flush_later(self, delay: float) -> None:
+        """Write the progress reports held in `delay` seconds (from any thread)."""
+        if self.loop is None or self.loop.is_closed():
+            self._submit_progress()
+        else:
+            call_on(self.loop, self.loop.call_later, delay, self._submit_progress)
+
+    def _submit_progress(self) -> None:
+        if not self.database.submit(self._write_progress):
+            self.progress.take()  # stopped: the tasks were released, their reports with them
 
     def finish(self, entry: Running, outcome: Outcome) -> None:
         """Hand in an attempt's outcome; the next cycle writes it and frees the slot."""
@@ -170,7 +189,7 @@ class Pipeline:
 
     def start(self, claims: list[Claim], now: datetime | None = None) -> list[Running]:
         """Hold the claimed tasks and start their functions."""
-        entries = [Running(claim, self.executor.context(claim), now) for claim in claims]
+        entries = [Running(claim, self.context(claim), now) for claim in claims]
         with self._lock:
             for entry in entries:
                 self.running[entry.claim.id] = entry
@@ -267,7 +286,11 @@ class Pipeline:
             return
         try:
             with self.database.transaction() as conn:
-                states = store_outcomes.record(conn, [outcome for _, outcome in batch])
+                states = record_with_progress(
+                    conn,
+                    self.progress.take_for([entry.claim.id for entry, _ in batch]),
+                    [outcome for _, outcome in batch],
+                )
                 claimed = claim_queues(
                     conn, self.owner, free, lease_seconds=self.lease_seconds, now=None
                 )
@@ -294,6 +317,16 @@ class Pipeline:
         except Exception:
             log.exception("runner %s: after a cycle's commit", self.owner)
 
+    def _write_progress(self) -> None:
+        reports = self.progress.take()
+        if not reports:
+            return
+        try:
+            with self.database.transaction() as conn:
+                record_progress(conn, reports)
+        except Exception:
+            log.exception("runner %s: writing %d progress reports failed", self.owner, len(reports))
+
     def flush(self) -> None:
         """Write the outcomes handed in so far, now (on the database thread)."""
         self._cycle()
@@ -310,7 +343,9 @@ class Pipeline:
     def _write_alone(self, entry: Running, outcome: Outcome) -> None:
         try:
             with self.database.transaction() as conn:
-                states = store_outcomes.record(conn, [outcome])
+                states = record_with_progress(
+                    conn, self.progress.take_for([entry.claim.id]), [outcome]
+                )
         except Exception:
             log.exception("%s: writing the outcome failed", attempt_of(entry.claim))
             self._retry_later([(entry, outcome)])

@@ -29,12 +29,12 @@ from app.runner.dbthread import DatabaseThread
 from app.runner.execution import Executor, attempt_of, report, report_expired
 from app.runner.pipeline import ALL_QUEUES, Pipeline, claim_queues
 from app.runner.pool import DaemonPool, call_on
+from app.runner.progress import record_with_progress
 from app.runner.wakeup import Doorbell, NotifyBell
 from app.settings import Settings
 from app.tasks.registry import Registry
 from app.tasks.retry import DEFAULT_POLICY, after_lapsed_lease
 from store import control, leases
-from store import outcomes as store_outcomes
 from store import tasks as store_tasks
 from store.engine import Database
 from store.models import Task
@@ -282,9 +282,11 @@ class Runner:
             return []
         if self.inline:
             for claim in batch:
-                ctx = self.executor.context(claim)
+                ctx = self.pipeline.context(claim)
                 outcome = await self.executor.call_async(claim, ctx, now=now)
-                [state] = await self.write(store_outcomes.record, [outcome])
+                [state] = await self.write(
+                    record_with_progress, self.pipeline.progress.take_for([claim.id]), [outcome]
+                )
                 report(claim, outcome, state)
                 self._finished()
         else:

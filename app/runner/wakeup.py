@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from store.changes import CANCEL_CHANNEL, ChangeFeed, Listener, Notice
+from store.changes import CANCEL_CHANNEL, CHANNEL, ChangeFeed, Listener, Notice
 from store.engine import Database
 
 log = logging.getLogger(__name__)
@@ -81,15 +81,17 @@ class NotifyBell:
         serves: Callable[[str], bool] = lambda queue: True,
         *,
         poll_interval: float = 0.5,
+        channels: tuple[str, ...] = (CHANNEL, CANCEL_CHANNEL),
+        name: str = "backstop-listener",
     ) -> None:
-        self._listener = Listener(db)
+        self._listener = Listener(db, channels=channels)
         self._poll_interval = poll_interval
         self._ring = ring
         self._cancel = cancel
         self._serves = serves
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._listen, name="backstop-listener", daemon=True)
+        self._thread = threading.Thread(target=self._listen, name=name, daemon=True)
 
     def start(self) -> None:
         """Start listening (the connection opens on the thread)."""
@@ -151,8 +153,12 @@ class NotifyBell:
             ready = {fd for fd, _ in poll.poll()}
             if self._wake_r in ready:
                 return
-            if hand_on(self._listener.receive(), self._serves, self._cancel):
+            if self._heard(self._listener.receive()):
                 self._ring()
+
+    def _heard(self, notices: list[Notice]) -> bool:
+        """Hand on what arrived; whether to ring."""
+        return hand_on(notices, self._serves, self._cancel)
 
     def _pause(self, seconds: float) -> None:
         """Sleep `seconds`, or less if the bell stops."""
@@ -177,6 +183,7 @@ class Doorbell:
         interval: float = WATCH_INTERVAL,
         *,
         notified: bool = True,
+        name: str = "backstop-doorbell",
     ):
         self._feed = ChangeFeed(db)
         self._ring = ring
@@ -189,7 +196,7 @@ class Doorbell:
         self._poll.register(self._wake_r, select.POLLIN)
         if self._writes is not None:
             self._poll.register(self._writes.fileno(), select.POLLIN)
-        self._thread = threading.Thread(target=self._watch, name="backstop-doorbell", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
 
     @property
     def notified(self) -> bool:

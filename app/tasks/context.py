@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,9 @@ from typing import Any, Protocol, Self, TypeVar
 from app.settings import Settings
 
 G = TypeVar("G")
+
+# A progress message longer than this is cut: progress is a status line, not a log.
+MAX_MESSAGE = 500
 
 
 class Grant(Protocol):
@@ -79,6 +83,23 @@ class StopRequest:
             self._callbacks.remove(callback)
 
 
+def progress_value(done: float, total: float | None, message: str | None) -> dict[str, Any]:
+    """The stored form of a report, checked: finite numbers, a message of text."""
+    for name, number in (("done", done), ("total", total)):
+        if number is None and name == "total":
+            continue
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise TypeError(f"progress {name} must be a number, not {type(number).__name__}")
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError(f"progress {name} must be finite, not {number}")
+    if message is not None:
+        if not isinstance(message, str):
+            raise TypeError(f"progress message must be text, not {type(message).__name__}")
+        # What UTF-8 cannot carry (a lone surrogate) is replaced, not refused.
+        message = message[:MAX_MESSAGE].encode("utf-8", "replace").decode("utf-8")
+    return {"done": done, "total": total, "message": message}
+
+
 @dataclass
 class TaskContext:
     """Filled in by the runner for a parameter annotated `TaskContext`; never passed by callers.
@@ -94,6 +115,16 @@ class TaskContext:
     stop: StopRequest = field(default_factory=StopRequest, repr=False)
     # What the task's `@task(grants=...)` asked for, by type; nothing for other tasks.
     grants: Mapping[type[Any], Any] = field(default_factory=dict, repr=False)
+    # Where `progress` hands its checked value: the runner's `ProgressKeeper`.
+    reporter: Callable[[dict[str, Any]], None] = field(default=lambda value: None, repr=False)
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """Record how far this attempt got: `done` of `total` (in the task's own unit),
+        and what it is doing. Call it as often as suits the function: the runner writes
+        the latest value at most a few times a second, and always the last one (at the
+        latest with the attempt's outcome). Clients see it in `GET /tasks/{id}`, the event
+        stream and `backstop tasks show`; the next attempt starts without it."""
+        self.reporter(progress_value(done, total, message))
 
     @property
     def cancelled(self) -> bool:

@@ -205,3 +205,30 @@ async def async_swallow() -> str:
 def nap(seconds: float) -> None:
     """Sleeps `seconds`: work that takes a while and leaves nothing behind but its outcome."""
     time.sleep(seconds)
+
+
+@task(name="test.progress_storm")
+def progress_storm(count: int, ctx: TaskContext) -> int:
+    """Reports its progress `count` times, as fast as it can."""
+    for done in range(1, count + 1):
+        ctx.progress(done, count, "storming")
+    return count
+
+
+@task(
+    name="test.gated_retry",
+    max_attempts=3,
+    retry=retry_if_exception_type(Flaky),
+    wait=wait_fixed(0.2),
+)
+def gated_retry(gates: str, ctx: TaskContext) -> int:
+    """Reports progress, then waits for the file `gates`/<attempt> (the test opens each gate
+    once it has seen the attempt run); the first attempt then fails, the second succeeds."""
+    ctx.progress(1, 2, f"attempt {ctx.attempt} at its gate")
+    gate = Path(gates) / str(ctx.attempt)
+    deadline = time.monotonic() + 30
+    while not gate.exists() and not ctx.cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if ctx.attempt == 1:
+        raise Flaky("the first attempt fails")
+    return ctx.attempt

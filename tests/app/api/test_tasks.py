@@ -41,6 +41,7 @@ TASK_KEYS = {
     "result",
     "last_error",
     "idempotency_key",
+    "progress",
 }
 ATTEMPT_KEYS = {"number", "started_at", "finished_at", "outcome", "error", "traceback", "worker"}
 TASK_TIMES = ("created_at", "scheduled_at", "started_at", "finished_at")

@@ -367,6 +367,49 @@ def test_show_json_is_the_task_and_its_attempts_as_the_api_gives_them(
 # -- retry and cancel --------------------------------------------------------------------------
 
 
+def test_show_prints_the_progress_the_task_reported(cli: Run, client: TestClient) -> None:
+    body = enqueue(cli, "test.progress_storm", "--args", "[40]")
+    drain(client)
+
+    done = cli("tasks", "show", body["id"])
+
+    assert ["progress", "40/40", "(100%)", "storming"] in [
+        line.split() for line in done.out.splitlines()
+    ]
+    shown = cli("tasks", "show", body["id"], "--json").json()["task"]
+    assert shown["progress"] == {"done": 40, "total": 40, "message": "storming"}
+
+
+# -- wait ----------------------------------------------------------------------------------
+
+
+def test_wait_prints_the_result_of_a_finished_task(cli: Run, client: TestClient) -> None:
+    body = enqueue(cli, "test.echo", "--args", "[3]")
+    drain(client)
+
+    assert cli("tasks", "wait", body["id"]).json() == {"value": 3, "attempt": 1}
+    assert cli("tasks", "wait", body["id"], "--json").json()["status"] == "succeeded"
+
+
+def test_wait_of_a_failed_task_is_one_line_with_its_error(cli: Run, client: TestClient) -> None:
+    body = enqueue(cli, "test.fatal")
+    drain(client)
+
+    done = cli("tasks", "wait", body["id"])
+
+    assert done.error_line() == (
+        f"backstop: task {body['id']} (test.fatal) failed: Fatal: not worth retrying"
+    )
+
+
+def test_wait_past_its_timeout_is_one_line(cli: Run) -> None:
+    body = enqueue(cli, "test.noop")
+
+    done = cli("tasks", "wait", body["id"], "--timeout", "0")
+
+    assert done.error_line() == f"backstop: task {body['id']} (test.noop) is still queued after 0s"
+
+
 def test_retry_queues_a_failed_task_again(cli: Run, client: TestClient) -> None:
     body = enqueue(cli, "test.fatal")
     drain(client)
@@ -475,7 +518,7 @@ def test_stats_json_gives_the_age_of_the_oldest_due_task(cli: Run, client: TestC
 # -- errors: one line, non-zero exit, nothing changed ------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["show", "retry", "cancel"])
+@pytest.mark.parametrize("command", ["show", "retry", "cancel", "wait"])
 def test_an_unknown_task_id_is_the_apis_404_detail(
     cli: Run, client: TestClient, command: str
 ) -> None:
@@ -620,7 +663,7 @@ def test_a_cursor_the_store_did_not_hand_out_is_the_apis_422_detail(
     assert done.error_line() == detail(client.get("/tasks", params={"cursor": cursor}))
 
 
-@pytest.mark.parametrize("command", ["show", "retry", "cancel", "enqueue"])
+@pytest.mark.parametrize("command", ["show", "retry", "cancel", "wait", "enqueue"])
 def test_a_missing_argument_is_one_line(cli: Run, command: str) -> None:
     assert "Missing argument" in cli("tasks", command).error_line()
 
