@@ -20,7 +20,6 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from app.api import tasks as task_api
 from app.api.deps import Service
 from app.backstop import Backstop
 from app.cli.output import duration
@@ -243,16 +242,16 @@ def task_page(request: Request, service: Service, task_id: str) -> HTMLResponse:
 
 
 async def _act(
-    request: Request, service: Backstop, task_id: str, act: Callable[[str, Backstop], object]
+    request: Request, service: Backstop, task_id: str, act: Callable[[str], object]
 ) -> Response:
-    """Do what the task API's `act` does (cancel, retry), then show the task again; a task
-    whose state does not allow it shows why (409)."""
+    """Do `act` (the task client's cancel or retry, as the task API does), then show the
+    task again; a task whose state does not allow it shows why (409)."""
     try:
         await read_form(request)
     except Refused as error:
         return _refused(request, service, error)
     try:
-        await run_in_threadpool(act, task_id, service)
+        await run_in_threadpool(act, task_id)
     except TaskNotFound:
         return _not_found(request, service, task_id)
     except InvalidTransition as error:
@@ -264,12 +263,12 @@ async def _act(
 
 async def cancel(request: Request, service: Service, task_id: str) -> Response:
     """Cancel the task, then show it again."""
-    return await _act(request, service, task_id, task_api.cancel_task)
+    return await _act(request, service, task_id, service.tasks.cancel)
 
 
 async def retry(request: Request, service: Service, task_id: str) -> Response:
     """Queue the failed or cancelled task again, then show it again."""
-    return await _act(request, service, task_id, task_api.retry_task)
+    return await _act(request, service, task_id, service.tasks.retry)
 
 
 def schedules(request: Request, service: Service) -> HTMLResponse:
