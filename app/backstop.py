@@ -148,7 +148,9 @@ class Backstop:
         self.db = open_database(settings)
         self.finished = Pulse()
         self.runner = Runner(self.db, self.registry, settings, on_finished=self.finished.fire)
-        self.tasks = TaskClient(self.db, self.registry, wake=self.runner.notify)
+        self.tasks = TaskClient(
+            self.db, self.registry, wake=self.runner.notify, timeout=settings.enqueue_timeout
+        )
         self.periodic = Periodic(self.registry, self.runner)
         # Every second (or at the claim's pace when that is faster): a tick's task is enqueued
         # within a second of it, and a check that finds nothing due is one lock-free read.

@@ -46,11 +46,19 @@ class TaskClient:
     """Enqueues tasks durably: the row is committed before `add_task` returns (or, inside the
     caller's session, together with the caller's own data)."""
 
-    def __init__(self, db: Database, registry: Registry, wake: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        db: Database,
+        registry: Registry,
+        wake: Callable[[], None] | None = None,
+        *,
+        timeout: float | None = None,
+    ):
         self.db = db
         self.registry = registry
         self._wake = wake or (lambda: None)
-        self._commits = GroupEnqueue(db)
+        # Past `timeout` seconds an enqueue raises `WriteTimeout`, its task never committed.
+        self._commits = GroupEnqueue(db, timeout=timeout)
 
     def add_task(
         self,

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     database_url: str = ""
     sqlite_synchronous: Synchronous = "NORMAL"
     sqlite_busy_timeout_ms: int = Field(default=10_000, ge=0)
+    # How long a write asked for by a request (an enqueue, a cancel, a retry) may wait for the
+    # database before it is withdrawn and answered 503.
+    enqueue_timeout: float = Field(default=5.0, gt=0)
     run_worker: bool = True
     concurrency: int = Field(default=8, ge=1)
     poll_interval: float = Field(default=0.5, gt=0)

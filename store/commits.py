@@ -11,6 +11,13 @@ core that caller still holds the CPU when it finds the writer's seat free, so it
 alone before any other request thread has run, and groups stay at one or two tasks (1.8 on
 average for a sync endpoint at 16 connections, against 4 with the writer thread). A caller
 that hands its task over and blocks lets the other requests run and queue behind it.
+
+A caller waits at most `timeout` seconds. Past it, its task is withdrawn: under the lock
+that guards each job's state, the writer marks a group's jobs as committing just before the
+COMMIT and leaves out (rolling back and starting again) any job withdrawn before that mark.
+So a caller told that its write timed out can rely on its task never being committed; one
+whose task is already being committed waits for that commit's outcome, which is quick (the
+transaction has its lock and has run its statements).
 """
 
 from __future__ import annotations
@@ -25,15 +32,25 @@ from datetime import datetime
 from sqlalchemy.engine import Connection
 
 from store.engine import Database, KeptConnection
+from store.errors import WriteTimeout
+from store.health import as_unavailable
 from store.models import Task
 from store.tasks import NewTask, enqueue_batch, enqueue_once
+
+# A job's states. It moves from WAITING to TAKEN (the writer answers for it: committing it,
+# or failed to) or to WITHDRAWN (its caller gave up), never back, under `_states`.
+WAITING, TAKEN, WITHDRAWN = "waiting", "taken", "withdrawn"
+
+
+class _Withdrawn(Exception):
+    """Rolls back a group in which a job was withdrawn before the commit."""
 
 
 class _Job:
     """One task to store, and how its caller hears of the outcome: `done` is released for a
     caller on a thread, `future` is set (on its loop) for a caller on an event loop."""
 
-    __slots__ = ("done", "error", "existing", "future", "new", "now")
+    __slots__ = ("done", "error", "existing", "future", "new", "now", "state")
 
     def __init__(
         self, new: NewTask, now: datetime, future: asyncio.Future[Task | None] | None = None
@@ -43,6 +60,7 @@ class _Job:
         self.future = future
         self.existing: Task | None = None
         self.error: BaseException | None = None
+        self.state = WAITING
         self.done: threading.Lock | None = None
         if future is None:
             self.done = threading.Lock()
@@ -59,13 +77,18 @@ class GroupEnqueue:
 
     Keyless tasks of a group go in one multi-row INSERT; keyed ones (idempotency) one by one
     in the same transaction. A group that fails is retried one task at a time, so a bad
-    task fails alone.
+    task fails alone; unless the database cannot take writes (locked, full, gone), when each
+    would only wait out the same failure again. A caller waits at most `timeout` seconds
+    (None: until its task is committed), then gets `WriteTimeout` and its task is never
+    committed.
     """
 
-    def __init__(self, db: Database, *, max_group: int = 512) -> None:
+    def __init__(self, db: Database, *, max_group: int = 512, timeout: float | None = None) -> None:
         self.db = db
         self.max_group = max_group
+        self.timeout = timeout
         self._lock = threading.Lock()
+        self._states = threading.Lock()
         # The writer thread and its queue; None until the first enqueue, and after close().
         self._writer: tuple[threading.Thread, queue.SimpleQueue[list[_Job] | None]] | None = None
         # Each event loop's jobs of the current turn, handed to the writer together at the
@@ -81,7 +104,9 @@ class GroupEnqueue:
         job = _Job(new, now)
         self._submit([job])
         assert job.done is not None
-        job.done.acquire()
+        if not job.done.acquire(timeout=-1 if self.timeout is None else self.timeout):
+            self._give_up(job)
+            job.done.acquire()  # being committed: the outcome is the commit's
         return job.outcome()
 
     async def enqueue_async(self, new: NewTask, now: datetime) -> Task | None:
@@ -92,8 +117,37 @@ class GroupEnqueue:
         if gathering is None:
             gathering = self._gathering[loop] = []
             loop.call_soon(self._hand_over, loop)
-        gathering.append(_Job(new, now, future))
+        job = _Job(new, now, future)
+        gathering.append(job)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except TimeoutError:
+            self._give_up(job)
+        except asyncio.CancelledError:
+            # The caller gave up (its client went away): nothing of it is committed later,
+            # unless its commit is already under way.
+            self._withdraw(job)
+            raise
         return await future
+
+    def _withdraw(self, job: _Job) -> bool:
+        """Take `job` back unless the writer is committing it; whether it was taken back."""
+        with self._states:
+            if job.state != WAITING:
+                return False
+            job.state = WITHDRAWN
+        if job.future is not None:
+            job.future.cancel()  # nobody reads it: the writer then leaves it alone
+        return True
+
+    def _give_up(self, job: _Job) -> None:
+        """Raise `WriteTimeout` once `job` is withdrawn; return if it is being committed."""
+        if not self._withdraw(job):
+            return
+        assert self.timeout is not None
+        error = WriteTimeout(self.timeout, self.db.health.problem)
+        self.db.health.failed(error.reason)
+        raise error
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         self._submit(self._gathering.pop(loop))
@@ -142,31 +196,53 @@ class GroupEnqueue:
                         break
                 stopping = batch is None
                 try:
-                    _commit(connection, group)
+                    _commit(connection, group, self._states)
                 except BaseException as error:  # every caller hears of it; none waits forever
-                    for job in group:
-                        job.error = job.error or error
+                    _fail(group, error, self._states)
                 _settle(group)
         finally:
             connection.close()
 
 
-def _commit(connection: KeptConnection, group: list[_Job]) -> None:
-    """Store the group in one transaction; if that fails, each task in one of its own."""
-    if not group:
-        return
-    try:
-        with connection.write() as conn:
-            existing = _insert(conn, group)
-    except Exception as error:
-        if len(group) == 1:
-            group[0].error = error
+def _commit(
+    connection: KeptConnection, group: list[_Job], states: threading.Lock, *, alone: bool = False
+) -> None:
+    """Store the group's jobs that are not withdrawn in one transaction; if that fails for
+    one of them, each in one of its own."""
+    while True:
+        live = [job for job in group if job.state != WITHDRAWN]
+        if not live:
             return
-        for job in group:
-            _commit(connection, [job])
+        try:
+            with connection.write() as conn:
+                existing = _insert(conn, live)
+                # The last moment a caller can withdraw: from here the COMMIT decides.
+                with states:
+                    if any(job.state == WITHDRAWN for job in live):
+                        raise _Withdrawn
+                    for job in live:
+                        job.state = TAKEN
+        except _Withdrawn:
+            continue  # rolled back: again without the withdrawn
+        except Exception as error:
+            if alone or len(live) == 1 or as_unavailable(error) is not None:
+                _fail(live, error, states)
+                return
+            for job in live:
+                _commit(connection, [job], states, alone=True)
+            return
+        for job, task in zip(live, existing, strict=True):
+            job.existing = task
         return
-    for job, task in zip(group, existing, strict=True):
-        job.existing = task
+
+
+def _fail(jobs: list[_Job], error: BaseException, states: threading.Lock) -> None:
+    """Tell these jobs' callers the error; a job waiting may no longer be withdrawn."""
+    with states:
+        for job in jobs:
+            if job.state == WAITING:
+                job.state = TAKEN
+            job.error = job.error or error
 
 
 def _insert(conn: Connection, group: list[_Job]) -> list[Task | None]:
@@ -202,7 +278,7 @@ def _settle(group: list[_Job]) -> None:
 def _resolve(jobs: list[_Job]) -> None:
     for job in jobs:
         assert job.future is not None
-        if job.future.done():  # the caller was cancelled; its task is stored all the same
+        if job.future.done():  # withdrawn, or its caller was cancelled while it committed
             continue
         if job.error is not None:
             job.future.set_exception(job.error)

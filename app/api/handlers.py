@@ -7,8 +7,10 @@ the whole app, for the routes a team adds to it.
 
 from __future__ import annotations
 
+import math
 import sys
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -16,7 +18,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from app.errors import BackstopError
-from store.errors import IdempotencyConflict, InvalidCursor, InvalidTransition, TaskNotFound
+from store.errors import (
+    DatabaseUnavailable,
+    IdempotencyConflict,
+    InvalidCursor,
+    InvalidTransition,
+    TaskNotFound,
+)
+from store.health import as_unavailable
 from store.jsonvalues import MAX_DEPTH, escaped, escaped_text
 
 STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
@@ -25,6 +34,14 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (IdempotencyConflict, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (TaskNotFound, status.HTTP_404_NOT_FOUND),
     (InvalidTransition, status.HTTP_409_CONFLICT),
+)
+
+# What the database raises when it cannot take a write: answered 503 (see `unavailable`).
+# A driver error of another kind (a broken constraint: a bug) stays a server error.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    DatabaseUnavailable,
+    sa.exc.DBAPIError,
+    sa.exc.TimeoutError,
 )
 
 
@@ -42,7 +59,20 @@ def error_response(exc: Exception) -> JSONResponse | None:
     for kind, code in STATUS_OF:
         if isinstance(exc, kind):
             return JSONResponse({"detail": escaped_text(str(exc))}, status_code=code)
-    return None
+    return unavailable(exc)
+
+
+def unavailable(exc: BaseException) -> JSONResponse | None:
+    """503 with `Retry-After` when `exc` says the database cannot take the write now (a
+    write that timed out was withdrawn: the client may send it again); else None."""
+    problem = as_unavailable(exc)
+    if problem is None:
+        return None
+    return JSONResponse(
+        {"detail": escaped_text(problem.reason)},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(max(1, math.ceil(problem.retry_after)))},
+    )
 
 
 def _unparsed(cause: BaseException | None) -> str | None:
@@ -63,8 +93,9 @@ def install(app: FastAPI) -> None:
 
     async def handler(_request: Request, exc: Exception) -> JSONResponse:
         answer = error_response(exc)
-        assert answer is not None  # registered for these kinds only
+        if answer is None:  # a driver error that is not about the database's health
+            raise exc
         return answer
 
-    for kind, _code in STATUS_OF:
+    for kind in (*(kind for kind, _code in STATUS_OF), *UNAVAILABLE):
         app.add_exception_handler(kind, handler)

@@ -108,7 +108,7 @@ async def get_task(
 def cancel_task(task_id: str, service: Service) -> TaskOut:
     """Cancel a task: queued or retrying at once; running when its function stops; 409 if
     it already finished."""
-    with service.db.write() as conn:
+    with service.db.write(wait=service.settings.enqueue_timeout) as conn:
         task = control.cancel_task(conn, task_id)
     if task.status == TaskStatus.RUNNING:
         service.runner.cancel_local(task.id)
@@ -118,7 +118,7 @@ def cancel_task(task_id: str, service: Service) -> TaskOut:
 def retry_task(task_id: str, service: Service) -> TaskOut:
     """Queue a failed or cancelled task again with a fresh attempt budget (history kept);
     409 in any other state."""
-    with service.db.write() as conn:
+    with service.db.write(wait=service.settings.enqueue_timeout) as conn:
         task = control.retry_task(conn, task_id)
     service.runner.notify()
     return TaskOut.of(task)
@@ -143,7 +143,7 @@ def add_routes(router: APIRouter) -> None:
         response_model=TaskOut,
         responses={
             200: {"model": TaskOut, "description": "Same Idempotency-Key and body again"},
-            **answers(422),
+            **answers(422, 503),
         },
         tags=tags,
     )
@@ -157,7 +157,7 @@ def add_routes(router: APIRouter) -> None:
             f"/tasks/{{task_id}}/{path}",
             endpoint,
             methods=["POST"],
-            responses=answers(404, 409, 422),
+            responses=answers(404, 409, 422, 503),
             tags=tags,
         )
     router.add_api_route(

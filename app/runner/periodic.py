@@ -28,6 +28,7 @@ from app.tasks.registry import Registry, TaskSpec
 from store import schedules as store_schedules
 from store import tasks as store_tasks
 from store.errors import IdempotencyConflict
+from store.health import as_unavailable
 from store.models import Schedule, Task
 from store.tasks import NewTask
 from store.timeutil import utcnow
@@ -186,5 +187,6 @@ class Periodic:
         """`tick` as the runner's interval job: a failure is logged and retried next time."""
         try:
             await self.tick()
-        except Exception:
-            log.exception("periodic tasks: enqueue failed; trying again at the next check")
+        except Exception as error:
+            if as_unavailable(error) is None:  # else the store logged it, once
+                log.exception("periodic tasks: enqueue failed; trying again at the next check")

@@ -27,6 +27,8 @@ from app.runner.pool import DaemonPool, call_on
 from app.tasks.context import TaskContext
 from store import leases
 from store import outcomes as store_outcomes
+from store.errors import DatabaseFileGone
+from store.health import as_unavailable
 from store.models import Claim, TaskStatus
 from store.outcomes import Outcome
 
@@ -34,11 +36,13 @@ log = logging.getLogger(__name__)
 
 ALL_QUEUES: None = None
 
-# Pauses before writing outcomes again after their transaction failed (the database locked
-# or gone for a moment). Meanwhile the tasks stay this runner's and the heartbeat renews
-# their leases; after the last pause an outcome is dropped, its lease lapses, and the task
-# is reclaimed as after a crash.
-RECORD_RETRIES: tuple[float, ...] = (0.1, 0.5, 2.0, 5.0, 10.0)
+# Pauses before writing outcomes again after their transaction failed (the database locked,
+# full, or gone for a while), the last one repeated for as long as the runner runs. An
+# outcome is never given up: its task stays this runner's. Its lease may lapse meanwhile,
+# but the write is fenced by the lease as it stood when the function returned, and this
+# runner reclaims nothing while an outcome of its own waits (`Runner.reclaim`), so a
+# finished function is not run again because the database could not hear of it in time.
+RECORD_RETRIES: tuple[float, ...] = (0.1, 0.5, 2.0, 5.0)
 
 # While claims keep finding the queue nearly empty, cycles start at most this often (seconds).
 GATHER = 0.005
@@ -108,7 +112,8 @@ class Pipeline:
         self._pending: list[tuple[Running, Outcome]] = []
         self._scheduled = False
         self._waiters: list[tuple[set[str], asyncio.Future[None]]] = []
-        self._timers: set[threading.Timer] = set()
+        # Outcomes waiting out a pause before their next try, by the timer that hands them in.
+        self._timers: dict[threading.Timer, list[tuple[Running, Outcome]]] = {}
         self._last_cycle = 0.0
         self._ran_dry = True  # nothing claimed yet: waiting for work
 
@@ -267,10 +272,14 @@ class Pipeline:
                     conn, self.owner, free, lease_seconds=self.lease_seconds, now=None
                 )
         except Exception as error:
-            log.exception("runner %s: a cycle's transaction failed", self.owner)
+            unavailable = as_unavailable(error)
+            if unavailable is None:
+                log.exception("runner %s: a cycle's transaction failed", self.owner)
+            if isinstance(unavailable, DatabaseFileGone):
+                self.claiming = False  # this process takes no more work (the store said why)
             # Its claim did not happen: the doorbell (or a slot freed below) must ask again.
             self._ran_dry = True
-            if len(batch) > 1 and not isinstance(error, OperationalError):
+            if len(batch) > 1 and unavailable is None and not isinstance(error, OperationalError):
                 # One bad outcome must not hold up the others. (Not when the database is
                 # locked or unreachable: each would wait out the same timeout in turn.)
                 for item in batch:
@@ -291,6 +300,25 @@ class Pipeline:
         """Write the outcomes handed in so far, now (on the database thread)."""
         self._cycle()
 
+    def unwritten(self) -> bool:
+        """Whether an outcome whose write failed is still waiting to be written."""
+        with self._lock:
+            return bool(self._timers) or any(entry.failures for entry, _ in self._pending)
+
+    def flush_unwritten(self) -> bool:
+        """Write now, not after their pause, the outcomes whose write failed (on the database
+        thread); whether every outcome handed in is written."""
+        with self._lock:
+            timers, self._timers = self._timers, {}
+            for timer, batch in timers.items():
+                timer.cancel()
+                self._pending.extend(
+                    item for item in batch if self.running.get(item[0].claim.id) is item[0]
+                )
+        self._cycle()
+        with self._lock:
+            return not self._timers and not self._pending
+
     def _written(
         self, batch: list[tuple[Running, Outcome]], states: list[TaskStatus | None]
     ) -> None:
@@ -304,8 +332,9 @@ class Pipeline:
         try:
             with self.database.transaction() as conn:
                 states = store_outcomes.record(conn, [outcome])
-        except Exception:
-            log.exception("%s: writing the outcome failed", attempt_of(entry.claim))
+        except Exception as error:
+            if as_unavailable(error) is None:
+                log.exception("%s: writing the outcome failed", attempt_of(entry.claim))
             self._retry_later([(entry, outcome)])
             return
         self._written([(entry, outcome)], states)
@@ -327,32 +356,30 @@ class Pipeline:
         }
 
     def _retry_later(self, batch: list[tuple[Running, Outcome]]) -> None:
-        """Hand the outcomes in again after their next pause; give up on those past the last
-        (their tasks are forgotten: the leases lapse and a reclaim retries them)."""
-        again: list[tuple[Running, Outcome]] = []
-        given_up: list[Running] = []
-        for entry, outcome in batch:
-            if entry.failures >= len(RECORD_RETRIES):
-                log.error("%s: outcome not recorded; its lease will lapse", attempt_of(entry.claim))
-                given_up.append(entry)
-                continue
-            entry.failures += 1
-            again.append((entry, outcome))
-        if given_up:
-            self._release(given_up)
-            self.wake()  # their slots are free, and no claim took them
-        if not again:
+        """Hand the outcomes in again after their next pause (the last pause repeats while
+        the runner runs: an outcome is never given up)."""
+        if not batch:
             return
-        delay = RECORD_RETRIES[max(entry.failures for entry, _ in again) - 1]
-        timer = threading.Timer(delay, lambda: self._retry(timer, again))
+        for entry, _ in batch:
+            entry.failures += 1
+            if entry.failures == 1:
+                log.warning(
+                    "%s: its outcome is not written yet; trying again, the task kept",
+                    attempt_of(entry.claim),
+                )
+        tries = max(entry.failures for entry, _ in batch)
+        delay = RECORD_RETRIES[min(tries, len(RECORD_RETRIES)) - 1]
+        timer = threading.Timer(delay, lambda: self._retry(timer))
         timer.daemon = True
         with self._lock:
-            self._timers.add(timer)
+            self._timers[timer] = batch
         timer.start()
 
-    def _retry(self, timer: threading.Timer, batch: list[tuple[Running, Outcome]]) -> None:
+    def _retry(self, timer: threading.Timer) -> None:
         with self._lock:
-            self._timers.discard(timer)
+            batch = self._timers.pop(timer, None)
+            if batch is None:
+                return  # handed in already (`flush_unwritten`) or cancelled (`close`)
             self._pending.extend(
                 (entry, outcome)
                 for entry, outcome in batch
@@ -363,7 +390,7 @@ class Pipeline:
     def close(self) -> None:
         """Cancel the pending retries of outcomes (a stopping runner releases their tasks)."""
         with self._lock:
-            timers, self._timers = self._timers, set()
+            timers, self._timers = self._timers, {}
         for timer in timers:
             timer.cancel()
 

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from app.settings import Settings
+from store.health import as_unavailable
 from store.models import TaskStatus
 from store.retention import prune_finished
 from store.timeutil import utcnow
@@ -90,5 +91,6 @@ class Pruner:
             # swallows the error anyway): committed batches stay deleted, the rest is for the
             # next start.
             log.info("pruning interrupted by shutdown")
-        except Exception:
-            log.exception("pruning failed; trying again in the next interval")
+        except Exception as error:
+            if as_unavailable(error) is None:  # else the store logged it, once
+                log.exception("pruning failed; trying again in the next interval")

@@ -36,6 +36,7 @@ from store import control, leases
 from store import outcomes as store_outcomes
 from store import tasks as store_tasks
 from store.engine import Database
+from store.health import as_unavailable
 from store.models import Task
 from store.timeutil import utcnow
 
@@ -156,6 +157,8 @@ class Runner:
         beat quietly instead of making APScheduler log a warning at every interval."""
 
         async def start() -> None:
+            if self.db.health.gone is not None:
+                return  # the database file is gone: no more work here (the store said so)
             previous = self._in_flight.get(job_id)
             if previous is None or previous.done():
                 self._in_flight[job_id] = asyncio.ensure_future(func())
@@ -323,8 +326,9 @@ class Runner:
                 list(held_before),
                 lease_seconds=self.settings.lease_seconds,
             )
-        except Exception:
-            log.exception("runner %s: heartbeat failed", self.worker_id)
+        except Exception as error:
+            if as_unavailable(error) is None:  # else the store logged it, once
+                log.exception("runner %s: heartbeat failed", self.worker_id)
             return
         for task_id, entry in held_before.items():
             if task_id not in held and self.pipeline.running.get(task_id) is entry:
@@ -334,6 +338,12 @@ class Runner:
     async def reclaim(self, *, now: datetime | None = None) -> list[Task]:
         """Fail the attempts whose leases lapsed (their runners died); the reclaimed tasks."""
         now = now or utcnow()
+        # An outcome of ours that could not be written may sit on a lapsed lease: it goes
+        # first, and while it cannot, nothing is reclaimed (our own finished task among it).
+        if self.pipeline.unwritten() and not await self.database.call(
+            self.pipeline.flush_unwritten
+        ):
+            return []
 
         def decide(task: Task) -> datetime | None:
             spec = self.registry.get(task.name) if task.name in self.registry else None
@@ -349,8 +359,9 @@ class Runner:
                 max_expirations=self.settings.max_lease_expiries,
                 now=now,
             )
-        except Exception:
-            log.exception("runner %s: reclaim failed", self.worker_id)
+        except Exception as error:
+            if as_unavailable(error) is None:  # else the store logged it, once
+                log.exception("runner %s: reclaim failed", self.worker_id)
             return []
         for task in reclaimed:
             report_expired(task, now)
