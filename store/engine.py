@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from store.errors import WriteTimeout
+from store.errors import DatabaseFileGone, WriteTimeout
 from store.health import WriteHealth, as_unavailable
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -221,7 +221,8 @@ class Database:
                         self._after_commit(own)
         except BaseException as error:
             unavailable = as_unavailable(error)
-            if unavailable is not None:
+            # A file gone is a problem of its own, said once (`store.health.FileIdentity`).
+            if unavailable is not None and not isinstance(unavailable, DatabaseFileGone):
                 self.health.failed(unavailable.reason)
             raise
         self.health.succeeded()

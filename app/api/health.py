@@ -29,7 +29,8 @@ async def readyz(service: Service) -> dict[str, str] | JSONResponse:
     """200 when the database answers, takes writes, and its schema is current; else 503."""
     try:
         problem = await run_in_threadpool(_write_problem, service)
-        current = await run_in_threadpool(migrate.is_current, service.db)
+        # Not read when writes fail: a new connection to a deleted file would create another.
+        current = problem is None and await run_in_threadpool(migrate.is_current, service.db)
     except Exception as exc:
         return JSONResponse(
             {"detail": f"database unavailable: {type(exc).__name__}: {exc}"}, status_code=503

@@ -38,10 +38,11 @@ ALL_QUEUES: None = None
 
 # Pauses before writing outcomes again after their transaction failed (the database locked,
 # full, or gone for a while), the last one repeated for as long as the runner runs. An
-# outcome is never given up: its task stays this runner's. Its lease may lapse meanwhile,
-# but the write is fenced by the lease as it stood when the function returned, and this
-# runner reclaims nothing while an outcome of its own waits (`Runner.reclaim`), so a
-# finished function is not run again because the database could not hear of it in time.
+# outcome is never given up: its task stays this runner's. Its lease may lapse meanwhile
+# (the heartbeat cannot write either): the transaction that writes the outcome at last
+# renews it first (`leases.renew_held`), and this runner reclaims nothing until its
+# heartbeat gets through again (`Runner.reclaim`), so a finished function is not run again
+# because the database could not hear of it in time.
 RECORD_RETRIES: tuple[float, ...] = (0.1, 0.5, 2.0, 5.0)
 
 # While claims keep finding the queue nearly empty, cycles start at most this often (seconds).
@@ -106,6 +107,8 @@ class Pipeline:
         self.lease_seconds = lease_seconds
         self.on_finished = on_finished
         self.claiming = False  # cycles claim only while the runner accepts work
+        # Set while the heartbeat fails: the leases held may have lapsed unseen.
+        self.leases_in_doubt = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.running: dict[str, Running] = {}
         self._lock = threading.Lock()
@@ -267,6 +270,7 @@ class Pipeline:
             return
         try:
             with self.database.transaction() as conn:
+                self._keep_leases(conn, batch)
                 states = store_outcomes.record(conn, [outcome for _, outcome in batch])
                 claimed = claim_queues(
                     conn, self.owner, free, lease_seconds=self.lease_seconds, now=None
@@ -300,24 +304,14 @@ class Pipeline:
         """Write the outcomes handed in so far, now (on the database thread)."""
         self._cycle()
 
-    def unwritten(self) -> bool:
-        """Whether an outcome whose write failed is still waiting to be written."""
-        with self._lock:
-            return bool(self._timers) or any(entry.failures for entry, _ in self._pending)
-
-    def flush_unwritten(self) -> bool:
-        """Write now, not after their pause, the outcomes whose write failed (on the database
-        thread); whether every outcome handed in is written."""
-        with self._lock:
-            timers, self._timers = self._timers, {}
-            for timer, batch in timers.items():
-                timer.cancel()
-                self._pending.extend(
-                    item for item in batch if self.running.get(item[0].claim.id) is item[0]
-                )
-        self._cycle()
-        with self._lock:
-            return not self._timers and not self._pending
+    def _keep_leases(self, conn: Connection, batch: list[tuple[Running, Outcome]]) -> None:
+        """Renew the leases that may have lapsed while the database could not take writes
+        (an outcome whose write failed before, or any while the heartbeat fails): the write
+        is fenced by the lease."""
+        doubt = self.leases_in_doubt
+        late = [entry.claim.lease for entry, _ in batch if doubt or entry.failures]
+        if late:
+            leases.renew_held(conn, late, lease_seconds=self.lease_seconds)
 
     def _written(
         self, batch: list[tuple[Running, Outcome]], states: list[TaskStatus | None]
@@ -331,6 +325,7 @@ class Pipeline:
     def _write_alone(self, entry: Running, outcome: Outcome) -> None:
         try:
             with self.database.transaction() as conn:
+                self._keep_leases(conn, [(entry, outcome)])
                 states = store_outcomes.record(conn, [outcome])
         except Exception as error:
             if as_unavailable(error) is None:
@@ -379,7 +374,7 @@ class Pipeline:
         with self._lock:
             batch = self._timers.pop(timer, None)
             if batch is None:
-                return  # handed in already (`flush_unwritten`) or cancelled (`close`)
+                return  # cancelled by `close`
             self._pending.extend(
                 (entry, outcome)
                 for entry, outcome in batch

@@ -318,18 +318,25 @@ class Runner:
     async def _heartbeat(self) -> None:
         held_before = self.pipeline.snapshot()
         if not held_before:
+            self.pipeline.leases_in_doubt = False  # nothing held, nothing to doubt
             return
+        lease = self.settings.lease_seconds
         try:
-            held = await self.write(
-                leases.extend_leases,
-                self.worker_id,
-                list(held_before),
-                lease_seconds=self.settings.lease_seconds,
-            )
+            if self.pipeline.leases_in_doubt:
+                # The last heartbeats failed: the leases may have lapsed while this runner
+                # held on. Ours still, unless a reclaim took them: keep them.
+                mine = [entry.claim.lease for entry in held_before.values()]
+                held = await self.write(leases.renew_held, mine, lease_seconds=lease)
+            else:
+                held = await self.write(
+                    leases.extend_leases, self.worker_id, list(held_before), lease_seconds=lease
+                )
         except Exception as error:
+            self.pipeline.leases_in_doubt = True
             if as_unavailable(error) is None:  # else the store logged it, once
                 log.exception("runner %s: heartbeat failed", self.worker_id)
             return
+        self.pipeline.leases_in_doubt = False
         for task_id, entry in held_before.items():
             if task_id not in held and self.pipeline.running.get(task_id) is entry:
                 log.warning("%s lost its lease; asking it to stop", attempt_of(entry.claim))
@@ -338,11 +345,10 @@ class Runner:
     async def reclaim(self, *, now: datetime | None = None) -> list[Task]:
         """Fail the attempts whose leases lapsed (their runners died); the reclaimed tasks."""
         now = now or utcnow()
-        # An outcome of ours that could not be written may sit on a lapsed lease: it goes
-        # first, and while it cannot, nothing is reclaimed (our own finished task among it).
-        if self.pipeline.unwritten() and not await self.database.call(
-            self.pipeline.flush_unwritten
-        ):
+        # After writes failed, our own tasks may sit on lapsed leases (functions running, or
+        # finished with their outcomes waiting): until the heartbeat has renewed them,
+        # nothing is reclaimed, or they would be among it and run again.
+        if self.pipeline.leases_in_doubt:
             return []
 
         def decide(task: Task) -> datetime | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -445,14 +445,15 @@ def test_outcomes_whose_transaction_fails_are_written_again_each_on_its_own(
 
 
 def test_an_outcome_that_cannot_be_written_is_kept_past_its_lease_and_written_once_it_can(
-    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch
+    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """The database refuses the outcome for longer than the lease: the runner keeps the task
-    (no reclaim takes it, though the lease lapsed), and writes the outcome once it can. The
-    function ran once."""
+    """The database takes no heartbeat, so the lease lapses while the function runs, then
+    refuses its outcome: the runner keeps the task (no reclaim takes it) and, once writes
+    work again, renews the lease and writes the outcome. The function ran once."""
     backstop = make_backstop(concurrency=1, lease_seconds=1)
     monkeypatch.setattr(pipeline, "RECORD_RETRIES", (0.01, 0.05))
-    doomed = backstop.tasks.add_task("test.echo", 13)
+    gate = tmp_path / "gate"
+    held = backstop.tasks.add_task("test.gate", str(gate))
     refused: list[int] = []
     healed = threading.Event()
     real_record = store_outcomes.record
@@ -463,35 +464,43 @@ def test_an_outcome_that_cannot_be_written_is_kept_past_its_lease_and_written_on
             raise OperationalError("UPDATE task", None, Exception("database or disk is full"))
         return real_record(conn, outcomes)
 
-    def no_heartbeat(*_args: Any, **_kwargs: Any) -> Any:
-        if not healed.is_set():
-            raise OperationalError("UPDATE task", None, Exception("database or disk is full"))
-        return set()
-
     monkeypatch.setattr(store_outcomes, "record", refuse_until_healed)
-    monkeypatch.setattr(leases, "extend_leases", no_heartbeat)
+    monkeypatch.setattr(backstop.runner, "_heartbeat", _failing_heartbeat(backstop))
 
     def lapsed() -> bool:
-        expires = _task(backstop, doomed).lease_expires_at
-        return expires is not None and expires < utcnow()
+        task = _task(backstop, held)
+        expires = task.lease_expires_at
+        return task.status == TaskStatus.RUNNING and expires is not None and expires < utcnow()
 
     async def scenario() -> None:
         await backstop.runner.start()
         try:
-            await _until(lambda: len(refused) >= 3 and lapsed(), "the lease to lapse")
-            await backstop.runner.reclaim()  # what a reclaim would do now: nothing
-            assert _task(backstop, doomed).status == TaskStatus.RUNNING
+            await _until(lapsed, "the lease to lapse while the function runs")
+            gate.touch()
+            await _until(lambda: bool(refused), "the outcome to be refused")
+            assert await backstop.runner.reclaim() == []
+            assert _task(backstop, held).status == TaskStatus.RUNNING
             healed.set()
-            await _until(_status_is(backstop, doomed, TaskStatus.SUCCEEDED), "the outcome")
+            await _until(_status_is(backstop, held, TaskStatus.SUCCEEDED), "the outcome")
         finally:
             await backstop.runner.stop()
 
     asyncio.run(scenario())
 
-    assert [attempt.outcome for attempt in _attempts(backstop, doomed)] == [
-        AttemptOutcome.SUCCEEDED
+    assert [attempt.outcome for attempt in _attempts(backstop, held)] == [AttemptOutcome.SUCCEEDED]
+    assert (tmp_path / "data" / "runs" / f"{held}.txt").read_text().split("\n")[:2] == [
+        "start 1",
+        "done 1",
     ]
-    assert backstop.runner.pipeline.running == {}
+
+
+def _failing_heartbeat(backstop: Backstop) -> Callable[[], Awaitable[None]]:
+    """A heartbeat that never gets through, as on a full disk: its leases are in doubt."""
+
+    async def heartbeat() -> None:
+        backstop.runner.pipeline.leases_in_doubt = True
+
+    return heartbeat
 
 
 @pytest.mark.parametrize("name", ["test.async_escape", "test.escape", "test.unprintable"])
