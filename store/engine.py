@@ -195,7 +195,8 @@ class Database:
         connection of its own, or on `conn` (which stays open afterwards).
 
         With `wait` (seconds, on a connection of its own), the wait for the write lock is
-        bounded by it rather than by the busy timeout. Each write tells `health` how it went;
+        bounded by it rather than by the busy timeout (on PostgreSQL: every lock the
+        transaction waits for, `lock_timeout`). Each write tells `health` how it went;
         on SQLite, one that would land in a file deleted or replaced since it was opened is
         rolled back (`DatabaseFileGone`).
         """
@@ -215,6 +216,10 @@ class Database:
                         if wait is not None:
                             own.execution_options(**{_BUSY_TIMEOUT: int(wait * 1000)})
                         with own.begin():
+                            if wait is not None and self.dialect == "postgresql":
+                                # PostgreSQL's counterpart of the busy timeout: a row or
+                                # table lock waited for longer fails the statement.
+                                own.exec_driver_sql(f"SET LOCAL lock_timeout = {int(wait * 1000)}")
                             yield own
                             if file is not None:
                                 file.check()

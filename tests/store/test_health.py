@@ -14,10 +14,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from store.engine import Database
+from store.engine import Database, temporary_database
 from store.errors import DatabaseFileGone, DatabaseUnavailable, WriteTimeout
 from store.health import as_unavailable
-from store.migrate import touch_version
+from store.migrate import touch_version, upgrade
 from store.tasks import NewTask, enqueue
 
 
@@ -128,3 +128,29 @@ def test_a_file_replaced_under_the_process_is_seen_before_the_commit(db: Databas
     assert db.health.gone is not None
     with pytest.raises(DatabaseFileGone):
         _write_a_task(db)
+
+
+def test_a_bounded_write_on_postgresql_gives_up_on_a_row_lock(server: str) -> None:
+    """Another transaction holds the task's row: the write fails within its bound, and says
+    so, instead of waiting for as long as that transaction lasts."""
+    with temporary_database(server) as url:
+        db = Database.from_url(url)
+        other = sa.create_engine(url)
+        try:
+            upgrade(db)
+            new = NewTask(name="t")
+            with db.write() as conn:
+                enqueue(conn, new)
+            with other.connect() as holder, holder.begin():
+                holder.execute(sa.text("SELECT id FROM task FOR UPDATE"))
+                with pytest.raises(OperationalError, match="lock timeout"):
+                    _raise_priority(db, new.id, wait=0.1)
+                assert db.health.problem is not None
+        finally:
+            other.dispose()
+            db.dispose()
+
+
+def _raise_priority(db: Database, task_id: str, *, wait: float) -> None:
+    with db.write(wait=wait) as conn:
+        conn.execute(sa.text("UPDATE task SET priority = 1 WHERE id = :id"), {"id": task_id})
