@@ -202,8 +202,8 @@ class Database:
         """
         file = self.health.file
         try:
-            if file is not None:
-                file.check()
+            if file is not None and file.gone is not None:
+                file.check()  # gone before: no need to begin
             with self._turn(wait):
                 if conn is not None:
                     with conn.begin():
