@@ -119,35 +119,44 @@ class GroupEnqueue:
             loop.call_soon(self._hand_over, loop)
         job = _Job(new, now, future)
         gathering.append(job)
+        # A timer rather than `asyncio.wait_for`, which would wrap every enqueue in a task.
+        timer = None if self.timeout is None else loop.call_later(self.timeout, self._expire, job)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-        except TimeoutError:
-            self._give_up(job)
+            return await future
         except asyncio.CancelledError:
-            # The caller gave up (its client went away): nothing of it is committed later,
+            # The caller gave up (a cancelled request): nothing of it is committed later,
             # unless its commit is already under way.
             self._withdraw(job)
             raise
-        return await future
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _withdraw(self, job: _Job) -> bool:
-        """Take `job` back unless the writer is committing it; whether it was taken back."""
+        """Take `job` back unless the writer is committing it; whether it was taken back.
+        The writer then leaves it out, and does not tell its caller anything."""
         with self._states:
             if job.state != WAITING:
                 return False
             job.state = WITHDRAWN
-        if job.future is not None:
-            job.future.cancel()  # nobody reads it: the writer then leaves it alone
-        return True
+            return True
 
-    def _give_up(self, job: _Job) -> None:
-        """Raise `WriteTimeout` once `job` is withdrawn; return if it is being committed."""
-        if not self._withdraw(job):
-            return
+    def _timed_out(self) -> WriteTimeout:
         assert self.timeout is not None
         error = WriteTimeout(self.timeout, self.db.health.problem)
         self.db.health.failed(error.reason)
-        raise error
+        return error
+
+    def _give_up(self, job: _Job) -> None:
+        """Raise `WriteTimeout` once `job` is withdrawn; return if it is being committed."""
+        if self._withdraw(job):
+            raise self._timed_out()
+
+    def _expire(self, job: _Job) -> None:
+        """`_give_up` for a caller on an event loop (on that loop): its future fails."""
+        assert job.future is not None
+        if not job.future.done() and self._withdraw(job):
+            job.future.set_exception(self._timed_out())
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         self._submit(self._gathering.pop(loop))
@@ -267,7 +276,7 @@ def _settle(group: list[_Job]) -> None:
         if job.future is None:
             assert job.done is not None
             job.done.release()
-        else:
+        elif job.state != WITHDRAWN:  # a withdrawn caller has had its answer
             waiting.setdefault(job.future.get_loop(), []).append(job)
     for loop, jobs in waiting.items():
         # A closed loop raises RuntimeError: nobody is waiting there any more.
@@ -278,7 +287,7 @@ def _settle(group: list[_Job]) -> None:
 def _resolve(jobs: list[_Job]) -> None:
     for job in jobs:
         assert job.future is not None
-        if job.future.done():  # withdrawn, or its caller was cancelled while it committed
+        if job.future.done():  # its caller was cancelled; its task is stored all the same
             continue
         if job.error is not None:
             job.future.set_exception(job.error)
