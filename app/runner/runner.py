@@ -220,9 +220,21 @@ class Runner:
         # too (the release is fenced by the lease, so nothing written is undone).
         try:
             count = await self.write(leases.release, [entry.claim.lease for entry in leftover])
+        except Exception as error:
+            unavailable = as_unavailable(error)
+            if unavailable is None:
+                raise
+            # The stop goes on: these tasks are reclaimed once their leases lapse.
+            log.warning(
+                "runner %s could not release %d unfinished tasks; their leases will lapse: %s",
+                self.worker_id,
+                len(leftover),
+                unavailable.reason,
+            )
+        else:
+            log.warning("runner %s released %d unfinished tasks", self.worker_id, count)
         finally:
             self.pipeline.forget(leftover)
-        log.warning("runner %s released %d unfinished tasks", self.worker_id, count)
         jobs = [entry.job for entry in leftover if entry.job is not None]
         if jobs:
             await asyncio.wait(jobs)

@@ -583,6 +583,40 @@ def test_a_stopped_runner_releases_tasks_whose_outcome_waits_for_a_retry_and_wri
     assert backstop.runner.database.submit(lambda: None) is False
 
 
+def test_a_runner_that_cannot_release_its_tasks_still_stops(
+    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database takes neither the outcome nor the release: the stop says so in a line
+    and ends; the task is left to its lease, for a reclaim to take."""
+    backstop = make_backstop()
+    monkeypatch.setattr(pipeline, "RECORD_RETRIES", (60.0,))
+
+    def full(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("UPDATE task", None, Exception("database or disk is full"))
+
+    def refuse(conn: Any, outcomes: list[Any]) -> Any:
+        if outcomes:
+            full()
+        return []
+
+    monkeypatch.setattr(store_outcomes, "record", refuse)
+    monkeypatch.setattr(leases, "release", full)
+    task_id = backstop.tasks.add_task("test.echo", 1)
+
+    async def scenario() -> None:
+        await backstop.runner.start()
+        try:
+            await _until(lambda: bool(backstop.runner.pipeline._timers), "a retry to wait")
+        finally:
+            await backstop.runner.stop()
+
+    asyncio.run(scenario())
+
+    assert _task(backstop, task_id).status == TaskStatus.RUNNING
+    assert backstop.runner.pipeline.running == {}
+    assert any("could not release 1 unfinished tasks" in r.getMessage() for r in caplog.records)
+
+
 def test_an_inline_runner_cannot_be_started(backstop: Backstop) -> None:
     runner = Runner(backstop.db, backstop.registry, backstop.settings, inline=True)
     with pytest.raises(RuntimeError, match="inline"):
