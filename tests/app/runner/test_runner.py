@@ -558,6 +558,35 @@ def test_a_stopped_runner_releases_tasks_whose_outcome_waits_for_a_retry_and_wri
     """The outcome could not be written before the stop: the task goes back to the queue,
     and no retry of the write outlives the runner."""
     backstop = make_backstop()
+    task_id = _stop_while_an_outcome_waits(backstop, monkeypatch)
+
+    released = _task(backstop, task_id)
+    assert (released.status, released.attempts) == (TaskStatus.QUEUED, 0)
+    assert not backstop.runner.pipeline._timers
+    assert backstop.runner.database.submit(lambda: None) is False
+
+
+def test_a_runner_that_cannot_release_its_tasks_still_stops(
+    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database takes neither the outcome nor the release: the stop says so in a line
+    and ends; the task is left to its lease, for a reclaim to take."""
+    backstop = make_backstop()
+
+    def full(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("UPDATE task", None, Exception("database or disk is full"))
+
+    monkeypatch.setattr(leases, "release", full)
+    task_id = _stop_while_an_outcome_waits(backstop, monkeypatch)
+
+    assert _task(backstop, task_id).status == TaskStatus.RUNNING
+    assert backstop.runner.pipeline.running == {}
+    assert any("could not release 1 unfinished tasks" in r.getMessage() for r in caplog.records)
+
+
+def _stop_while_an_outcome_waits(backstop: Backstop, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a task whose outcome the database refuses, and stop the runner while the write
+    waits for its retry; the task's id."""
     monkeypatch.setattr(pipeline, "RECORD_RETRIES", (60.0,))
 
     def refuse(conn: Any, outcomes: list[Any]) -> Any:
@@ -576,45 +605,7 @@ def test_a_stopped_runner_releases_tasks_whose_outcome_waits_for_a_retry_and_wri
             await backstop.runner.stop()
 
     asyncio.run(scenario())
-
-    released = _task(backstop, task_id)
-    assert (released.status, released.attempts) == (TaskStatus.QUEUED, 0)
-    assert not backstop.runner.pipeline._timers
-    assert backstop.runner.database.submit(lambda: None) is False
-
-
-def test_a_runner_that_cannot_release_its_tasks_still_stops(
-    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The database takes neither the outcome nor the release: the stop says so in a line
-    and ends; the task is left to its lease, for a reclaim to take."""
-    backstop = make_backstop()
-    monkeypatch.setattr(pipeline, "RECORD_RETRIES", (60.0,))
-
-    def full(*_args: Any, **_kwargs: Any) -> Any:
-        raise OperationalError("UPDATE task", None, Exception("database or disk is full"))
-
-    def refuse(conn: Any, outcomes: list[Any]) -> Any:
-        if outcomes:
-            full()
-        return []
-
-    monkeypatch.setattr(store_outcomes, "record", refuse)
-    monkeypatch.setattr(leases, "release", full)
-    task_id = backstop.tasks.add_task("test.echo", 1)
-
-    async def scenario() -> None:
-        await backstop.runner.start()
-        try:
-            await _until(lambda: bool(backstop.runner.pipeline._timers), "a retry to wait")
-        finally:
-            await backstop.runner.stop()
-
-    asyncio.run(scenario())
-
-    assert _task(backstop, task_id).status == TaskStatus.RUNNING
-    assert backstop.runner.pipeline.running == {}
-    assert any("could not release 1 unfinished tasks" in r.getMessage() for r in caplog.records)
+    return task_id
 
 
 def test_an_inline_runner_cannot_be_started(backstop: Backstop) -> None:
