@@ -121,7 +121,11 @@ class Backstop:
         self.db = open_database(settings)
         self.runner = Runner(self.db, self.registry, settings)
         self.tasks = TaskClient(
-            self.db, self.registry, wake=self.runner.notify, on_cancel=self.runner.cancel_local
+            self.db,
+            self.registry,
+            wake=self.runner.notify,
+            on_cancel=self.runner.cancel_local,
+            timeout=settings.enqueue_timeout,
         )
         self.periodic = Periodic(self.registry, self.runner)
         # Every second (or at the claim's pace when that is faster): a tick's task is enqueued

@@ -32,8 +32,12 @@ class TaskControl:
         wake: Callable[[], None] | None = None,
         *,
         on_cancel: Callable[[str], None] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.db = db
+        # How long a cancel or retry waits for the write (`BACKSTOP_ENQUEUE_TIMEOUT`) before
+        # it raises `DatabaseUnavailable`, nothing written; None: the database's own wait.
+        self._timeout = timeout
         # Claims now in this process's runner (a retried task is due at once).
         self._wake = wake or (lambda: None)
         # Stops a task this process's runner is running, once its cancel is stored.
@@ -77,7 +81,7 @@ class TaskControl:
         """Cancel a task: queued or retrying, at once; running, when its runner stops the
         function (async functions are cancelled, sync ones see `ctx.cancelled`). Raises
         `InvalidTransition` when it already ended, `TaskNotFound` when there is none."""
-        with self.db.write() as conn:
+        with self.db.write(wait=self._timeout) as conn:
             task = control.cancel_task(conn, task_id)
         if task.status == TaskStatus.RUNNING:
             self._on_cancel(task.id)
@@ -86,7 +90,7 @@ class TaskControl:
     def retry(self, task_id: str) -> Task:
         """Queue a failed or cancelled task again, due now, with a fresh attempt budget (its
         attempt history kept); `InvalidTransition` in any other state."""
-        with self.db.write() as conn:
+        with self.db.write(wait=self._timeout) as conn:
             task = control.retry_task(conn, task_id)
         self._wake()
         return task

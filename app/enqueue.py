@@ -55,10 +55,12 @@ class TaskClient(TaskControl):
         wake: Callable[[], None] | None = None,
         *,
         on_cancel: Callable[[str], None] | None = None,
+        timeout: float | None = None,
     ):
-        super().__init__(db, wake, on_cancel=on_cancel)
+        super().__init__(db, wake, on_cancel=on_cancel, timeout=timeout)
         self.registry = registry
-        self._commits = GroupEnqueue(db)
+        # Past `timeout` seconds an enqueue raises `WriteTimeout`, its task never committed.
+        self._commits = GroupEnqueue(db, timeout=timeout)
 
     def add_task(
         self,

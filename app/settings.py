@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     pg_statement_timeout: float = Field(default=0, ge=0)
     pg_connect_timeout: int = Field(default=5, ge=1)
     pg_prepared_statements: bool = True
+    # How long a write asked for by a request (an enqueue, a cancel, a retry) may wait for the
+    # database before it is withdrawn and answered 503.
+    enqueue_timeout: float = Field(default=5.0, gt=0)
     run_worker: bool = True
     concurrency: int = Field(default=8, ge=1)
     poll_interval: float = Field(default=0.5, gt=0)

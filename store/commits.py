@@ -11,6 +11,13 @@ core that caller still holds the CPU when it finds the writer's seat free, so it
 alone before any other request thread has run, and groups stay at one or two tasks (1.8 on
 average for a sync endpoint at 16 connections, against 4 with the writer thread). A caller
 that hands its task over and blocks lets the other requests run and queue behind it.
+
+A caller waits at most `timeout` seconds. Past it, its task is withdrawn: under the lock
+that guards each job's state, the writer marks a group's jobs as committing just before the
+COMMIT and leaves out (rolling back and starting again) any job withdrawn before that mark.
+So a caller told that its write timed out can rely on its task never being committed; one
+whose task is already being committed waits for that commit's outcome, which is quick (the
+transaction has its lock and has run its statements).
 """
 
 from __future__ import annotations
@@ -23,18 +30,28 @@ import weakref
 from datetime import datetime
 
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from store.engine import Database, KeptConnection
+from store.errors import WriteTimeout
+from store.health import as_unavailable
 from store.models import Task
 from store.tasks import NewTask, enqueue_batch, enqueue_once
+
+# A job's states. It moves from WAITING to TAKEN (the writer answers for it: committing it,
+# or failed to) or to WITHDRAWN (its caller gave up), never back, under `_states`.
+WAITING, TAKEN, WITHDRAWN = "waiting", "taken", "withdrawn"
+
+
+class _Withdrawn(Exception):
+    """Rolls back a group in which a job was withdrawn before the commit."""
 
 
 class _Job:
     """One task to store, and how its caller hears of the outcome: `done` is released for a
     caller on a thread, `future` is set (on its loop) for a caller on an event loop."""
 
-    __slots__ = ("done", "error", "existing", "future", "new", "now")
+    __slots__ = ("done", "error", "existing", "future", "new", "now", "state")
 
     def __init__(
         self, new: NewTask, now: datetime, future: asyncio.Future[Task | None] | None = None
@@ -44,6 +61,7 @@ class _Job:
         self.future = future
         self.existing: Task | None = None
         self.error: BaseException | None = None
+        self.state = WAITING
         self.done: threading.Lock | None = None
         if future is None:
             self.done = threading.Lock()
@@ -60,13 +78,18 @@ class GroupEnqueue:
 
     Keyless tasks of a group go in one multi-row INSERT; keyed ones (idempotency) one by one
     in the same transaction. A group that fails is retried one task at a time, so a bad
-    task fails alone.
+    task fails alone; unless the database cannot take writes (locked, full, gone), when each
+    would only wait out the same failure again. A caller waits at most `timeout` seconds
+    (None: until its task is committed), then gets `WriteTimeout` and its task is never
+    committed.
     """
 
-    def __init__(self, db: Database, *, max_group: int = 512) -> None:
+    def __init__(self, db: Database, *, max_group: int = 512, timeout: float | None = None) -> None:
         self.db = db
         self.max_group = max_group
+        self.timeout = timeout
         self._lock = threading.Lock()
+        self._states = threading.Lock()
         # The writer thread and its queue; None until the first enqueue, and after close().
         self._writer: tuple[threading.Thread, queue.SimpleQueue[list[_Job] | None]] | None = None
         # Each event loop's jobs of the current turn, handed to the writer together at the
@@ -82,7 +105,9 @@ class GroupEnqueue:
         job = _Job(new, now)
         self._submit([job])
         assert job.done is not None
-        job.done.acquire()
+        if not job.done.acquire(timeout=-1 if self.timeout is None else self.timeout):
+            self._give_up(job)
+            job.done.acquire()  # being committed: the outcome is the commit's
         return job.outcome()
 
     async def enqueue_async(self, new: NewTask, now: datetime) -> Task | None:
@@ -93,8 +118,46 @@ class GroupEnqueue:
         if gathering is None:
             gathering = self._gathering[loop] = []
             loop.call_soon(self._hand_over, loop)
-        gathering.append(_Job(new, now, future))
-        return await future
+        job = _Job(new, now, future)
+        gathering.append(job)
+        # A timer rather than `asyncio.wait_for`, which would wrap every enqueue in a task.
+        timer = None if self.timeout is None else loop.call_later(self.timeout, self._expire, job)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller gave up (a cancelled request): nothing of it is committed later,
+            # unless its commit is already under way.
+            self._withdraw(job)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _withdraw(self, job: _Job) -> bool:
+        """Take `job` back unless the writer is committing it; whether it was taken back.
+        The writer then leaves it out, and does not tell its caller anything."""
+        with self._states:
+            if job.state != WAITING:
+                return False
+            job.state = WITHDRAWN
+            return True
+
+    def _timed_out(self) -> WriteTimeout:
+        assert self.timeout is not None
+        error = WriteTimeout(self.timeout, self.db.health.problem)
+        self.db.health.failed(error.reason)
+        return error
+
+    def _give_up(self, job: _Job) -> None:
+        """Raise `WriteTimeout` once `job` is withdrawn; return if it is being committed."""
+        if self._withdraw(job):
+            raise self._timed_out()
+
+    def _expire(self, job: _Job) -> None:
+        """`_give_up` for a caller on an event loop (on that loop): its future fails."""
+        assert job.future is not None
+        if not job.future.done() and self._withdraw(job):
+            job.future.set_exception(self._timed_out())
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         self._submit(self._gathering.pop(loop))
@@ -143,40 +206,64 @@ class GroupEnqueue:
                         break
                 stopping = batch is None
                 try:
-                    _commit(connection, group)
+                    _commit(connection, group, self._states)
                 except BaseException as error:  # every caller hears of it; none waits forever
-                    for job in group:
-                        job.error = job.error or error
+                    _fail(group, error, self._states)
                 _settle(group)
         finally:
             connection.close()
 
 
-def _commit(connection: KeptConnection, group: list[_Job], *, again: bool = True) -> None:
-    """Store the group in one transaction; if that fails, each task in one of its own
-    (unless the database could not be reached: then every task fails at once)."""
-    if not group:
-        return
-    try:
-        with connection.write() as conn:
-            existing = _insert(conn, group)
-    except Exception as error:
-        if again and isinstance(error, DBAPIError) and error.connection_invalidated:
-            # The kept connection died under the group (the server restarted, or an
-            # administrator ended it): once more, on a new connection.
-            _commit(connection, group, again=False)
+def _commit(
+    connection: KeptConnection,
+    group: list[_Job],
+    states: threading.Lock,
+    *,
+    alone: bool = False,
+    again: bool = True,
+) -> None:
+    """Store the group's jobs that are not withdrawn in one transaction; if that fails for
+    one of them, each in one of its own (unless the database cannot take writes now: then
+    every job fails at once, rather than each waiting out the same timeout in turn)."""
+    while True:
+        live = [job for job in group if job.state != WITHDRAWN]
+        if not live:
             return
-        if len(group) == 1 or isinstance(error, OperationalError):
-            # A database out of reach (or locked) fails every task the same way: one by
-            # one, each would wait out the connect timeout in turn, and their callers too.
-            for job in group:
-                job.error = error
+        try:
+            with connection.write() as conn:
+                existing = _insert(conn, live)
+                # The last moment a caller can withdraw: from here the COMMIT decides.
+                with states:
+                    if any(job.state == WITHDRAWN for job in live):
+                        raise _Withdrawn
+                    for job in live:
+                        job.state = TAKEN
+        except _Withdrawn:
+            continue  # rolled back: again without the withdrawn
+        except Exception as error:
+            if again and isinstance(error, DBAPIError) and error.connection_invalidated:
+                # The kept connection died under the group (the server restarted, or an
+                # administrator ended it): once more, on a new connection.
+                again = False
+                continue
+            if alone or len(live) == 1 or as_unavailable(error) is not None:
+                _fail(live, error, states)
+                return
+            for job in live:
+                _commit(connection, [job], states, alone=True, again=False)
             return
-        for job in group:
-            _commit(connection, [job], again=False)
+        for job, task in zip(live, existing, strict=True):
+            job.existing = task
         return
-    for job, task in zip(group, existing, strict=True):
-        job.existing = task
+
+
+def _fail(jobs: list[_Job], error: BaseException, states: threading.Lock) -> None:
+    """Tell these jobs' callers the error; a job waiting may no longer be withdrawn."""
+    with states:
+        for job in jobs:
+            if job.state == WAITING:
+                job.state = TAKEN
+            job.error = job.error or error
 
 
 def _insert(conn: Connection, group: list[_Job]) -> list[Task | None]:
@@ -201,7 +288,7 @@ def _settle(group: list[_Job]) -> None:
         if job.future is None:
             assert job.done is not None
             job.done.release()
-        else:
+        elif job.state != WITHDRAWN:  # a withdrawn caller has had its answer
             waiting.setdefault(job.future.get_loop(), []).append(job)
     for loop, jobs in waiting.items():
         # A closed loop raises RuntimeError: nobody is waiting there any more.
@@ -212,7 +299,7 @@ def _settle(group: list[_Job]) -> None:
 def _resolve(jobs: list[_Job]) -> None:
     for job in jobs:
         assert job.future is not None
-        if job.future.done():  # the caller was cancelled; its task is stored all the same
+        if job.future.done():  # its caller was cancelled; its task is stored all the same
             continue
         if job.error is not None:
             job.future.set_exception(job.error)

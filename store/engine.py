@@ -26,10 +26,15 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from store import jsonvalues
+from store.errors import DatabaseFileGone, WriteTimeout
+from store.health import WriteHealth, as_unavailable
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
+_RLOCK = type(threading.RLock())
 _BEGIN_MODE = "backstop_begin"
+# A write's own bound on the wait for SQLite's lock, in ms (else the engine's busy timeout).
+_BUSY_TIMEOUT = "backstop_busy_timeout_ms"
 
 
 def default_url(data_dir: str | Path) -> str:
@@ -226,13 +231,14 @@ def create_engine(
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        mode = conn.get_execution_options().get(_BEGIN_MODE, "IMMEDIATE")
+        options = conn.get_execution_options()
+        mode = options.get(_BEGIN_MODE, "IMMEDIATE")
         # Straight to the driver: through SQLAlchemy's execution path a BEGIN cost ten
         # times what SQLite takes to run it, on every transaction.
         raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
         try:
             if mode == "IMMEDIATE":
-                _begin_immediate(raw, busy_timeout_ms)
+                _begin_immediate(raw, options.get(_BUSY_TIMEOUT, busy_timeout_ms))
             else:
                 raw.execute(f"BEGIN {mode}")
         except sqlite3.Error as exc:  # as SQLAlchemy would have raised it
@@ -252,6 +258,14 @@ class Database:
         # and poll (1 ms, 2 ms, 5 ms, ...) and throughput would collapse under concurrency.
         self._write_lock = threading.RLock() if self.dialect == "sqlite" else nullcontext()
         self._copy_rest = False
+        path = engine.url.database if self.dialect == "sqlite" else None
+        self.health = WriteHealth(Path(path).resolve() if path else None)
+        if self.health.file is not None:
+            event.listen(engine, "connect", self._opened)
+
+    def _opened(self, _dbapi_connection: Any, _record: Any) -> None:
+        if self.health.file is not None:
+            self.health.file.opened()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Database:
@@ -259,19 +273,63 @@ class Database:
         return cls(create_engine(url, **options))
 
     @contextmanager
-    def write(self, conn: Connection | None = None) -> Iterator[Connection]:
+    def write(
+        self, conn: Connection | None = None, *, wait: float | None = None
+    ) -> Iterator[Connection]:
         """A write transaction (`BEGIN IMMEDIATE` on SQLite), committed on a clean exit; on a
-        connection of its own, or on `conn` (which stays open afterwards)."""
-        with self._write_lock:
-            if conn is not None:
-                with conn.begin():
-                    yield conn
-                self._after_commit(conn)
-                return
-            with self.engine.connect() as own:
-                with own.begin():
-                    yield own
-                self._after_commit(own)
+        connection of its own, or on `conn` (which stays open afterwards).
+
+        With `wait` (seconds, on a connection of its own), the wait for the write lock is
+        bounded by it rather than by the busy timeout (on PostgreSQL: every lock the
+        transaction waits for, `lock_timeout`). Each write tells `health` how it went;
+        on SQLite, one that would land in a file deleted or replaced since it was opened is
+        rolled back (`DatabaseFileGone`).
+        """
+        file = self.health.file
+        try:
+            if file is not None and file.gone is not None:
+                file.check()  # gone before: no need to begin
+            with self._turn(wait):
+                if conn is not None:
+                    with conn.begin():
+                        yield conn
+                        if file is not None:
+                            file.check()
+                    self._after_commit(conn)
+                else:
+                    with self.engine.connect() as own:
+                        if wait is not None:
+                            own.execution_options(**{_BUSY_TIMEOUT: int(wait * 1000)})
+                        with own.begin():
+                            if wait is not None and self.dialect == "postgresql":
+                                # PostgreSQL's counterpart of the busy timeout: a row or
+                                # table lock waited for longer fails the statement.
+                                own.exec_driver_sql(f"SET LOCAL lock_timeout = {int(wait * 1000)}")
+                            yield own
+                            if file is not None:
+                                file.check()
+                        self._after_commit(own)
+        except BaseException as error:
+            unavailable = as_unavailable(error)
+            # A file gone is a problem of its own, said once (`store.health.FileIdentity`).
+            if unavailable is not None and not isinstance(unavailable, DatabaseFileGone):
+                self.health.failed(unavailable.reason)
+            raise
+        self.health.succeeded()
+
+    @contextmanager
+    def _turn(self, wait: float | None) -> Iterator[None]:
+        """This process's turn to write (SQLite), waiting at most `wait` seconds for it."""
+        lock = self._write_lock
+        if not isinstance(lock, _RLOCK):
+            yield
+            return
+        if not lock.acquire(timeout=-1 if wait is None else wait):
+            raise WriteTimeout(wait or 0.0, "another write of this process holds the turn")
+        try:
+            yield
+        finally:
+            lock.release()
 
     def copy_rest_of_wal(self) -> None:
         """Have the next write of this process, once committed, copy what is left of the WAL

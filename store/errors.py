@@ -41,3 +41,27 @@ class IdempotencyConflict(StoreError):
         )
         self.key = key
         self.task_id = task_id
+
+
+class DatabaseUnavailable(StoreError):
+    """The database cannot take a write now (locked, full, unreachable, its file gone); the
+    caller may try again later."""
+
+    def __init__(self, reason: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class WriteTimeout(DatabaseUnavailable):
+    """A write not taken within its bound; it was withdrawn and will never be committed."""
+
+    def __init__(self, seconds: float, cause: str | None = None) -> None:
+        reason = f"the database did not take the write within {seconds:g}s"
+        super().__init__(reason + (f" ({cause})" if cause else ""), retry_after=seconds)
+        self.seconds = seconds
+
+
+class DatabaseFileGone(DatabaseUnavailable):
+    """The SQLite file this process opened was deleted or replaced: what it would write
+    would land where no other process, and no restart, finds it."""

@@ -183,6 +183,42 @@ def extend_leases(
     return set(conn.execute(stmt).scalars())
 
 
+def renew_held(
+    conn: Connection,
+    held: Sequence[Lease],
+    *,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> set[str]:
+    """Renew these leases, lapsed or not, as long as no reclaim took their tasks (still
+    running under the same token); returns the ids renewed.
+
+    Unlike `extend_leases` this revives a lapsed lease. For a runner that could not write
+    for a while (the database locked or full) and never stopped holding its tasks: their
+    functions ran on, or finished with their outcomes waiting to be written, and a reclaim
+    now would run them again. A reclaim and this renewal update the same row under the same
+    token, so whichever comes second finds nothing to do.
+    """
+    if not held:
+        return set()
+    now = now or utcnow()
+    renewed: set[str] = set()
+    for lease in held:
+        row = conn.execute(
+            sa.update(t)
+            .where(
+                t.c.id == lease.task_id,
+                t.c.lease_token == lease.token,
+                t.c.status == TaskStatus.RUNNING,
+            )
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .returning(t.c.id)
+        ).first()
+        if row is not None:
+            renewed.add(row.id)
+    return renewed
+
+
 def reclaim_expired(
     conn: Connection,
     decide: Callable[[Task], datetime | None],

@@ -31,6 +31,6 @@ def add_routes(router: APIRouter) -> None:
         send_message,
         methods=["POST"],
         status_code=status.HTTP_202_ACCEPTED,
-        responses=answers(422),
+        responses=answers(422, 503),
         tags=["examples"],
     )

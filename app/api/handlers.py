@@ -7,8 +7,10 @@ the whole app, for the routes a team adds to it.
 
 from __future__ import annotations
 
+import math
 import sys
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +19,14 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException
 
 from app.errors import BackstopError
-from store.errors import IdempotencyConflict, InvalidCursor, InvalidTransition, TaskNotFound
+from store.errors import (
+    DatabaseUnavailable,
+    IdempotencyConflict,
+    InvalidCursor,
+    InvalidTransition,
+    TaskNotFound,
+)
+from store.health import as_unavailable
 from store.jsonvalues import MAX_DEPTH, escaped, escaped_text
 
 STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
@@ -26,6 +35,14 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (IdempotencyConflict, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (TaskNotFound, status.HTTP_404_NOT_FOUND),
     (InvalidTransition, status.HTTP_409_CONFLICT),
+)
+
+# What the database raises when it cannot take a write: answered 503 (see `unavailable`).
+# A driver error of another kind (a broken constraint: a bug) stays a server error.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    DatabaseUnavailable,
+    sa.exc.DBAPIError,
+    sa.exc.TimeoutError,
 )
 
 
@@ -43,32 +60,19 @@ def error_response(exc: Exception) -> JSONResponse | None:
     for kind, code in STATUS_OF:
         if isinstance(exc, kind):
             return JSONResponse({"detail": escaped_text(str(exc))}, status_code=code)
-    return unreachable_response(exc)
+    return unavailable(exc)
 
 
-# -- the database out of reach ----------------------------------------------------------------
-# A server that is down, restarting or cut off, a connection ended under a request, or a pool
-# with no connection to give within its timeout: 503 with `Retry-After`, never a 500 or a
-# hang (connections open within `BACKSTOP_PG_CONNECT_TIMEOUT`). The request was not
-# committed, and nothing commits it later: the client sends it again.
-
-UNREACHABLE: tuple[type[Exception], ...] = (sa_exc.OperationalError, sa_exc.TimeoutError)
-RETRY_AFTER_SECONDS = 1
-
-
-def unreachable_response(exc: Exception) -> JSONResponse | None:
-    """503 when `exc` says the database cannot be reached now, else None."""
-    lost = isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
-    if not (isinstance(exc, UNREACHABLE) or lost):
+def unavailable(exc: BaseException) -> JSONResponse | None:
+    """503 with `Retry-After` when `exc` says the database cannot take the write now (a
+    write that timed out was withdrawn: the client may send it again); else None."""
+    problem = as_unavailable(exc)
+    if problem is None:
         return None
-    cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
     return JSONResponse(
-        {
-            "detail": f"the database cannot be reached right now ({type(cause).__name__});"
-            " try again shortly"
-        },
+        {"detail": escaped_text(problem.reason)},
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        headers={"Retry-After": str(max(1, math.ceil(problem.retry_after)))},
     )
 
 
@@ -90,9 +94,9 @@ def install(app: FastAPI) -> None:
 
     async def handler(_request: Request, exc: Exception) -> JSONResponse:
         answer = error_response(exc)
-        if answer is None:  # a database error that is not an outage: a bug, a 500
+        if answer is None:  # a driver error that is not about the database's health
             raise exc
         return answer
 
-    for kind in (*(kind for kind, _code in STATUS_OF), *UNREACHABLE, sa_exc.DBAPIError):
+    for kind in (*(kind for kind, _code in STATUS_OF), *UNAVAILABLE):
         app.add_exception_handler(kind, handler)

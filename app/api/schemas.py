@@ -208,7 +208,17 @@ ANSWERS: dict[int, dict[str, Any]] = {
     409: {"model": ErrorOut, "description": "The task's state does not allow this"},
     413: {"model": ErrorOut, "description": "The request body is over the limit"},
     422: {"model": ValidationErrorOut, "description": "The request is refused"},
-    503: {"model": ErrorOut, "description": "The database is unavailable or not current"},
+    503: {
+        "model": ErrorOut,
+        "description": "The database cannot take the write now (or, for /readyz, is not"
+        " current); nothing of the request is stored",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before sending the request again",
+                "schema": {"type": "integer"},
+            }
+        },
+    },
 }
 
 

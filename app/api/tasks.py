@@ -125,7 +125,7 @@ def add_routes(router: APIRouter) -> None:
         response_model=TaskOut,
         responses={
             200: {"model": TaskOut, "description": "Same Idempotency-Key and body again"},
-            **answers(422),
+            **answers(422, 503),
         },
         tags=tags,
     )
@@ -139,7 +139,7 @@ def add_routes(router: APIRouter) -> None:
             f"/tasks/{{task_id}}/{path}",
             endpoint,
             methods=["POST"],
-            responses=answers(404, 409, 422),
+            responses=answers(404, 409, 422, 503),
             tags=tags,
         )
     router.add_api_route(

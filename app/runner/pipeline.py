@@ -29,6 +29,8 @@ from app.runner.pool import DaemonPool, call_on
 from app.runner.progress import ProgressKeeper, record_with_progress
 from app.tasks.context import TaskContext
 from store import leases
+from store.errors import DatabaseFileGone
+from store.health import as_unavailable
 from store.models import Claim, TaskStatus
 from store.outcomes import Outcome
 from store.progress import record_progress
@@ -37,11 +39,14 @@ log = logging.getLogger(__name__)
 
 ALL_QUEUES: None = None
 
-# Pauses before writing outcomes again after their transaction failed (the database locked
-# or gone for a moment). Meanwhile the tasks stay this runner's and the heartbeat renews
-# their leases; after the last pause an outcome is dropped, its lease lapses, and the task
-# is reclaimed as after a crash.
-RECORD_RETRIES: tuple[float, ...] = (0.1, 0.5, 2.0, 5.0, 10.0)
+# Pauses before writing outcomes again after their transaction failed (the database locked,
+# full, or gone for a while), the last one repeated for as long as the runner runs. An
+# outcome is never given up: its task stays this runner's. Its lease may lapse meanwhile
+# (the heartbeat cannot write either): the transaction that writes the outcome at last
+# renews it first (`leases.renew_held`), and this runner reclaims nothing until its
+# heartbeat gets through again (`Runner.reclaim`), so a finished function is not run again
+# because the database could not hear of it in time.
+RECORD_RETRIES: tuple[float, ...] = (0.1, 0.5, 2.0, 5.0)
 
 # While claims keep finding the queue nearly empty, cycles start at most this often (seconds).
 GATHER = 0.005
@@ -105,13 +110,16 @@ class Pipeline:
         self.lease_seconds = lease_seconds
         self.on_finished = on_finished
         self.claiming = False  # cycles claim only while the runner accepts work
+        # Set while the heartbeat fails: the leases held may have lapsed unseen.
+        self.leases_in_doubt = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.running: dict[str, Running] = {}
         self._lock = threading.Lock()
         self._pending: list[tuple[Running, Outcome]] = []
         self._scheduled = False
         self._waiters: list[tuple[set[str], asyncio.Future[None]]] = []
-        self._timers: set[threading.Timer] = set()
+        # Outcomes waiting out a pause before their next try, by the timer that hands them in.
+        self._timers: dict[threading.Timer, list[tuple[Running, Outcome]]] = {}
         self._last_cycle = 0.0
         self._ran_dry = True  # nothing claimed yet: waiting for work
         # After a cycle failed, claims wait out this back-off (outcomes keep their own
@@ -286,6 +294,7 @@ class Pipeline:
             return
         try:
             with self.database.transaction() as conn:
+                self._keep_leases(conn, batch)
                 states = record_with_progress(
                     conn,
                     self.progress.take_for([entry.claim.id for entry, _ in batch]),
@@ -295,11 +304,14 @@ class Pipeline:
                     conn, self.owner, free, lease_seconds=self.lease_seconds, now=None
                 )
         except Exception as error:
+            unavailable = as_unavailable(error)
+            if isinstance(unavailable, DatabaseFileGone):
+                self.claiming = False  # this process takes no more work (the store said why)
             # Its claim did not happen: a timer asks again once the back-off is over, and
             # the doorbell (or a slot freed below) may ask sooner.
             self._ran_dry = True
             self._wake_in(self._backoff.failed(error))
-            if len(batch) > 1 and not isinstance(error, OperationalError):
+            if len(batch) > 1 and unavailable is None and not isinstance(error, OperationalError):
                 # One bad outcome must not hold up the others. (Not when the database is
                 # locked or unreachable: each would wait out the same timeout in turn.)
                 for item in batch:
@@ -331,6 +343,15 @@ class Pipeline:
         """Write the outcomes handed in so far, now (on the database thread)."""
         self._cycle()
 
+    def _keep_leases(self, conn: Connection, batch: list[tuple[Running, Outcome]]) -> None:
+        """Renew the leases that may have lapsed while the database could not take writes
+        (an outcome whose write failed before, or any while the heartbeat fails): the write
+        is fenced by the lease."""
+        doubt = self.leases_in_doubt
+        late = [entry.claim.lease for entry, _ in batch if doubt or entry.failures]
+        if late:
+            leases.renew_held(conn, late, lease_seconds=self.lease_seconds)
+
     def _written(
         self, batch: list[tuple[Running, Outcome]], states: list[TaskStatus | None]
     ) -> None:
@@ -343,11 +364,13 @@ class Pipeline:
     def _write_alone(self, entry: Running, outcome: Outcome) -> None:
         try:
             with self.database.transaction() as conn:
+                self._keep_leases(conn, [(entry, outcome)])
                 states = record_with_progress(
                     conn, self.progress.take_for([entry.claim.id]), [outcome]
                 )
-        except Exception:
-            log.exception("%s: writing the outcome failed", attempt_of(entry.claim))
+        except Exception as error:
+            if as_unavailable(error) is None:
+                log.exception("%s: writing the outcome failed", attempt_of(entry.claim))
             self._retry_later([(entry, outcome)])
             return
         self._written([(entry, outcome)], states)
@@ -369,27 +392,23 @@ class Pipeline:
         }
 
     def _retry_later(self, batch: list[tuple[Running, Outcome]]) -> None:
-        """Hand the outcomes in again after their next pause; give up on those past the last
-        (their tasks are forgotten: the leases lapse and a reclaim retries them)."""
-        again: list[tuple[Running, Outcome]] = []
-        given_up: list[Running] = []
-        for entry, outcome in batch:
-            if entry.failures >= len(RECORD_RETRIES):
-                log.error("%s: outcome not recorded; its lease will lapse", attempt_of(entry.claim))
-                given_up.append(entry)
-                continue
-            entry.failures += 1
-            again.append((entry, outcome))
-        if given_up:
-            self._release(given_up)
-            self.wake()  # their slots are free, and no claim took them
-        if not again:
+        """Hand the outcomes in again after their next pause (the last pause repeats while
+        the runner runs: an outcome is never given up)."""
+        if not batch:
             return
-        delay = RECORD_RETRIES[max(entry.failures for entry, _ in again) - 1]
-        timer = threading.Timer(delay, lambda: self._retry(timer, again))
+        for entry, _ in batch:
+            entry.failures += 1
+            if entry.failures == 1:
+                log.warning(
+                    "%s: its outcome is not written yet; trying again, the task kept",
+                    attempt_of(entry.claim),
+                )
+        tries = max(entry.failures for entry, _ in batch)
+        delay = RECORD_RETRIES[min(tries, len(RECORD_RETRIES)) - 1]
+        timer = threading.Timer(delay, lambda: self._retry(timer))
         timer.daemon = True
         with self._lock:
-            self._timers.add(timer)
+            self._timers[timer] = batch
         timer.start()
 
     def _wake_in(self, delay: float) -> None:
@@ -397,18 +416,20 @@ class Pipeline:
 
         def fire() -> None:
             with self._lock:
-                self._timers.discard(timer)
+                self._timers.pop(timer, None)
             self.wake()
 
         timer = threading.Timer(delay, fire)
         timer.daemon = True
         with self._lock:
-            self._timers.add(timer)
+            self._timers[timer] = []
         timer.start()
 
-    def _retry(self, timer: threading.Timer, batch: list[tuple[Running, Outcome]]) -> None:
+    def _retry(self, timer: threading.Timer) -> None:
         with self._lock:
-            self._timers.discard(timer)
+            batch = self._timers.pop(timer, None)
+            if batch is None:
+                return  # cancelled by `close`
             self._pending.extend(
                 (entry, outcome)
                 for entry, outcome in batch
@@ -419,7 +440,7 @@ class Pipeline:
     def close(self) -> None:
         """Cancel the pending retries of outcomes (a stopping runner releases their tasks)."""
         with self._lock:
-            timers, self._timers = self._timers, set()
+            timers, self._timers = self._timers, {}
         for timer in timers:
             timer.cancel()
 

@@ -37,6 +37,7 @@ from app.tasks.retry import DEFAULT_POLICY, after_lapsed_lease
 from store import control, leases
 from store import tasks as store_tasks
 from store.engine import Database
+from store.health import as_unavailable
 from store.models import Task
 from store.timeutil import utcnow
 
@@ -169,6 +170,8 @@ class Runner:
                 backoff.succeeded()
 
         async def start() -> None:
+            if self.db.health.gone is not None:
+                return  # the database file is gone: no more work here (the store said so)
             previous = self._in_flight.get(job_id)
             if (previous is None or previous.done()) and backoff.ready():
                 self._in_flight[job_id] = asyncio.ensure_future(run())
@@ -230,9 +233,21 @@ class Runner:
         # too (the release is fenced by the lease, so nothing written is undone).
         try:
             count = await self.write(leases.release, [entry.claim.lease for entry in leftover])
+        except Exception as error:
+            unavailable = as_unavailable(error)
+            if unavailable is None:
+                raise
+            # The stop goes on: these tasks are reclaimed once their leases lapse.
+            log.warning(
+                "runner %s could not release %d unfinished tasks; their leases will lapse: %s",
+                self.worker_id,
+                len(leftover),
+                unavailable.reason,
+            )
+        else:
+            log.warning("runner %s released %d unfinished tasks", self.worker_id, count)
         finally:
             self.pipeline.forget(leftover)
-        log.warning("runner %s released %d unfinished tasks", self.worker_id, count)
         jobs = [entry.job for entry in leftover if entry.job is not None]
         if jobs:
             await asyncio.wait(jobs)
@@ -326,13 +341,23 @@ class Runner:
     async def _heartbeat(self) -> None:
         held_before = self.pipeline.snapshot()
         if not held_before:
+            self.pipeline.leases_in_doubt = False  # nothing held, nothing to doubt
             return
-        held = await self.write(
-            leases.extend_leases,
-            self.worker_id,
-            list(held_before),
-            lease_seconds=self.settings.lease_seconds,
-        )
+        lease = self.settings.lease_seconds
+        try:
+            if self.pipeline.leases_in_doubt:
+                # The last heartbeats failed: the leases may have lapsed while this runner
+                # held on. Ours still, unless a reclaim took them: keep them.
+                mine = [entry.claim.lease for entry in held_before.values()]
+                held = await self.write(leases.renew_held, mine, lease_seconds=lease)
+            else:
+                held = await self.write(
+                    leases.extend_leases, self.worker_id, list(held_before), lease_seconds=lease
+                )
+        except Exception:
+            self.pipeline.leases_in_doubt = True
+            raise  # logged by the job's back-off (`_solo`)
+        self.pipeline.leases_in_doubt = False
         for task_id, entry in held_before.items():
             if task_id not in held and self.pipeline.running.get(task_id) is entry:
                 log.warning("%s lost its lease; asking it to stop", attempt_of(entry.claim))
@@ -342,6 +367,11 @@ class Runner:
         """Fail the attempts whose leases lapsed (their runners died); the reclaimed tasks.
         Raises the database's error when it cannot be reached."""
         now = now or utcnow()
+        # After writes failed, our own tasks may sit on lapsed leases (functions running, or
+        # finished with their outcomes waiting): until the heartbeat has renewed them,
+        # nothing is reclaimed, or they would be among it and run again.
+        if self.pipeline.leases_in_doubt:
+            return []
 
         def decide(task: Task) -> datetime | None:
             spec = self.registry.get(task.name) if task.name in self.registry else None

@@ -4,6 +4,7 @@ share transactions, and a bad task in a group fails alone."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -13,9 +14,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from store import commits as commits_module
 from store.commits import GroupEnqueue
-from store.engine import Database
-from store.errors import IdempotencyConflict, TaskNotFound
+from store.engine import Database, KeptConnection
+from store.errors import IdempotencyConflict, TaskNotFound, WriteTimeout
 from store.models import Task
 from store.tasks import NewTask, count_by_status, get_task, stored_task
 
@@ -189,3 +191,151 @@ def test_after_a_broken_connection_the_writer_opens_another(
 
     assert len(writers) == 2
     assert _count(db) == 2
+
+
+# -- a write that cannot be made in time -------------------------------------------------
+
+
+@pytest.fixture
+def quick_db(db: Database) -> Iterator[Database]:
+    """The test's database on an engine that waits 100 ms for SQLite's write lock."""
+    database = Database.from_url(db.engine.url.render_as_string(), busy_timeout_ms=100)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def held_lock(db: Database) -> Iterator[sqlite3.Connection]:
+    """Another connection, as another process would, holds the write lock until closed."""
+    holder = sqlite3.connect(str(db.engine.url.database), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    yield holder
+    holder.close()
+
+
+def test_a_write_past_its_timeout_is_withdrawn_and_never_committed(
+    db: Database, held_lock: sqlite3.Connection
+) -> None:
+    """The writer waits for the lock with the task in its group: the caller gives up, and
+    when the lock frees the writer leaves the task out."""
+    group = GroupEnqueue(db, timeout=0.1)
+    new = NewTask(name="t")
+    try:
+        with pytest.raises(WriteTimeout, match=r"within 0\.1s"):
+            group.enqueue(new, T)
+        held_lock.rollback()
+        assert group.enqueue(NewTask(name="t"), T) is None  # the writer got past it
+    finally:
+        group.close()
+
+    assert _stored(db, new.id) is None
+    assert _count(db) == 1
+
+
+def test_a_task_withdrawn_while_its_group_ran_its_statements_is_rolled_back(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller withdraws after the INSERT, before the COMMIT: the group is rolled back
+    and committed again without it; its neighbour is stored. (The race, staged: the
+    writer is held after its statements until the withdrawal is in.)"""
+    group = GroupEnqueue(db)
+    late = commits_module._Job(NewTask(name="t"), T)
+    neighbour = commits_module._Job(NewTask(name="t"), T)
+    inserted, withdrawn = threading.Event(), threading.Event()
+    real_insert = commits_module._insert
+
+    def held_insert(conn: Any, jobs: list[Any]) -> Any:
+        stored = real_insert(conn, jobs)
+        if late in jobs:
+            inserted.set()
+            assert withdrawn.wait(10)
+        return stored
+
+    monkeypatch.setattr(commits_module, "_insert", held_insert)
+    try:
+        group._submit([late, neighbour])
+        assert inserted.wait(10)
+        assert group._withdraw(late)
+        withdrawn.set()
+        assert neighbour.done is not None
+        assert neighbour.done.acquire(timeout=10)
+    finally:
+        group.close()
+
+    assert neighbour.outcome() is None
+    assert _stored(db, late.new.id) is None
+    assert _stored(db, neighbour.new.id) is not None
+
+
+def test_a_task_whose_commit_began_before_its_deadline_waits_for_it(db: Database) -> None:
+    """Past the mark the writer puts on a group just before COMMIT, the caller cannot
+    withdraw: it waits for the commit's outcome and hears the truth."""
+    group = GroupEnqueue(db, timeout=0.1)
+    new = NewTask(name="t")
+    release = threading.Event()
+
+    def slow_commit(_conn: object) -> None:
+        if threading.current_thread().name == "backstop-enqueue":
+            assert release.wait(10)
+
+    sa.event.listen(db.engine, "commit", slow_commit)
+    timer = threading.Timer(0.5, release.set)  # well past the caller's deadline
+    timer.start()
+    try:
+        assert group.enqueue(new, T) is None
+    finally:
+        sa.event.remove(db.engine, "commit", slow_commit)
+        timer.cancel()
+        group.close()
+
+    assert _stored(db, new.id) is not None
+
+
+def test_a_group_the_locked_database_refuses_fails_whole_not_one_task_at_a_time(
+    quick_db: Database, held_lock: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each task alone would only wait out the same lock again."""
+    group = GroupEnqueue(quick_db)
+    transactions: list[int] = []
+    real_write = KeptConnection.write
+
+    def counted(self: KeptConnection) -> Any:
+        transactions.append(1)
+        return real_write(self)
+
+    monkeypatch.setattr(KeptConnection, "write", counted)
+    news = [NewTask(name="t", args=[n]) for n in range(5)]
+
+    async def enqueue_all() -> list[Task | BaseException | None]:
+        return await asyncio.gather(
+            *(group.enqueue_async(new, T) for new in news), return_exceptions=True
+        )
+
+    try:
+        answers = asyncio.run(enqueue_all())
+    finally:
+        group.close()
+
+    assert all(isinstance(answer, sa.exc.OperationalError) for answer in answers), answers
+    assert len(transactions) == 1
+    assert quick_db.health.problem is not None
+    assert "locked" in quick_db.health.problem
+
+
+def test_a_cancelled_caller_withdraws_its_task(db: Database, held_lock: sqlite3.Connection) -> None:
+    """A request whose client went away is not committed later."""
+    group = GroupEnqueue(db)
+    new = NewTask(name="t")
+
+    async def give_up() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(group.enqueue_async(new, T), 0.1)
+
+    try:
+        asyncio.run(give_up())
+        held_lock.rollback()
+        assert group.enqueue(NewTask(name="t"), T) is None
+    finally:
+        group.close()
+
+    assert _stored(db, new.id) is None

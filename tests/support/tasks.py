@@ -114,6 +114,16 @@ def sleep(seconds: float, ctx: TaskContext) -> float:
     return seconds
 
 
+@task(name="test.gate", timeout=60)
+def gate(path: str, ctx: TaskContext) -> str:
+    """Waits until the file `path` exists (or a cancel), recording start and finish."""
+    _mark(ctx, "runs", f"start {ctx.attempt}")
+    while not os.path.exists(path) and not ctx.cancelled:
+        time.sleep(0.02)
+    _mark(ctx, "runs", f"done {ctx.attempt}")
+    return path
+
+
 @task(name="test.async_sleep", timeout=30)
 async def async_sleep(seconds: float, ctx: TaskContext) -> float:
     """The async twin of `test.sleep`."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from store import tasks as store_tasks
 from store.engine import Database
 from store.models import Attempt, AttemptOutcome, Claim, Task, TaskStatus
 from store.tasks import NewTask
+from store.timeutil import utcnow
 from tests.support.backstops import MakeBackstop
 from tests.support.tasks import flaky
 from tests.support.waiting import wait_until
@@ -442,65 +444,63 @@ def test_outcomes_whose_transaction_fails_are_written_again_each_on_its_own(
     assert [_task(backstop, i).result["value"] for i in ids] == list(range(5))
 
 
-def _never_record(monkeypatch: pytest.MonkeyPatch, doomed: str) -> None:
-    """Every write of `doomed`'s outcome fails as a broken disk would, and it is given up
-    after two quick retries."""
-    monkeypatch.setattr(pipeline, "RECORD_RETRIES", (0.01, 0.01))
+def test_an_outcome_that_cannot_be_written_is_kept_past_its_lease_and_written_once_it_can(
+    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The database takes no heartbeat, so the lease lapses while the function runs, then
+    refuses its outcome: the runner keeps the task (no reclaim takes it) and, once writes
+    work again, renews the lease and writes the outcome. The function ran once."""
+    backstop = make_backstop(concurrency=1, lease_seconds=1)
+    monkeypatch.setattr(pipeline, "RECORD_RETRIES", (0.01, 0.05))
+    gate = tmp_path / "gate"
+    held = backstop.tasks.add_task("test.gate", str(gate))
+    refused: list[int] = []
+    healed = threading.Event()
     real_record = store_outcomes.record
 
-    def refuse_doomed(conn: Any, outcomes: list[Any]) -> Any:
-        if any(outcome.lease.task_id == doomed for outcome in outcomes):
-            raise OperationalError("UPDATE task", None, Exception("disk I/O error"))
+    def refuse_until_healed(conn: Any, outcomes: list[Any]) -> Any:
+        if outcomes and not healed.is_set():
+            refused.append(len(outcomes))
+            raise OperationalError("UPDATE task", None, Exception("database or disk is full"))
         return real_record(conn, outcomes)
 
-    monkeypatch.setattr(store_outcomes, "record", refuse_doomed)
+    monkeypatch.setattr(store_outcomes, "record", refuse_until_healed)
+    monkeypatch.setattr(backstop.runner, "_heartbeat", _failing_heartbeat(backstop))
 
-
-def test_an_outcome_that_cannot_be_written_is_given_up_and_frees_its_slot(
-    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After the last retry the outcome is dropped: the lease will lapse and a reclaim
-    retries the task, as after a crash; meanwhile the runner goes on with other work."""
-    backstop = make_backstop(concurrency=1)
-    doomed = backstop.tasks.add_task("test.echo", 13)
-    _never_record(monkeypatch, doomed)
-
-    async def scenario() -> str:
-        await backstop.runner.start()
-        try:
-            await _until(lambda: _task(backstop, doomed).status == TaskStatus.RUNNING, "the claim")
-            later = backstop.tasks.add_task("test.echo", 14)
-            await _until(_status_is(backstop, later, TaskStatus.SUCCEEDED), "the next task")
-        finally:
-            await backstop.runner.stop()
-        return later
-
-    asyncio.run(scenario())
-
-    # Dropped, not released: the stop found no unfinished task of its own to give back.
-    assert _task(backstop, doomed).status == TaskStatus.RUNNING
-    assert backstop.runner.pipeline.running == {}
-
-
-def test_a_slot_freed_by_giving_up_an_outcome_is_claimed_at_once(
-    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """No claim follows a given-up outcome in its cycle: the runner must ask for one, not
-    leave the slot to the next poll (a minute away here) or to a doorbell with nothing new."""
-    backstop = make_backstop(concurrency=1, poll_interval=60)
-    doomed = backstop.tasks.add_task("test.echo", 13)
-    waiting = backstop.tasks.add_task("test.echo", 14)
-    _never_record(monkeypatch, doomed)
+    def lapsed() -> bool:
+        task = _task(backstop, held)
+        expires = task.lease_expires_at
+        return task.status == TaskStatus.RUNNING and expires is not None and expires < utcnow()
 
     async def scenario() -> None:
         await backstop.runner.start()
         try:
-            await _until(_status_is(backstop, waiting, TaskStatus.SUCCEEDED), "the next task", 10)
+            await _until(lapsed, "the lease to lapse while the function runs")
+            gate.touch()
+            await _until(lambda: bool(refused), "the outcome to be refused")
+            assert await backstop.runner.reclaim() == []
+            assert _task(backstop, held).status == TaskStatus.RUNNING
+            healed.set()
+            await _until(_status_is(backstop, held, TaskStatus.SUCCEEDED), "the outcome")
         finally:
             await backstop.runner.stop()
 
     asyncio.run(scenario())
-    assert _task(backstop, doomed).status == TaskStatus.RUNNING
+
+    assert [attempt.outcome for attempt in _attempts(backstop, held)] == [AttemptOutcome.SUCCEEDED]
+    assert (tmp_path / "data" / "runs" / f"{held}.txt").read_text().split("\n")[:2] == [
+        "start 1",
+        "done 1",
+    ]
+
+
+def _failing_heartbeat(backstop: Backstop) -> Callable[[], Awaitable[None]]:
+    """A heartbeat that never gets through, as on a full disk: its leases are in doubt."""
+
+    async def heartbeat() -> None:
+        backstop.runner.pipeline.leases_in_doubt = True
+
+    return heartbeat
 
 
 @pytest.mark.parametrize("name", ["test.async_escape", "test.escape", "test.unprintable"])
@@ -558,6 +558,35 @@ def test_a_stopped_runner_releases_tasks_whose_outcome_waits_for_a_retry_and_wri
     """The outcome could not be written before the stop: the task goes back to the queue,
     and no retry of the write outlives the runner."""
     backstop = make_backstop()
+    task_id = _stop_while_an_outcome_waits(backstop, monkeypatch)
+
+    released = _task(backstop, task_id)
+    assert (released.status, released.attempts) == (TaskStatus.QUEUED, 0)
+    assert not backstop.runner.pipeline._timers
+    assert backstop.runner.database.submit(lambda: None) is False
+
+
+def test_a_runner_that_cannot_release_its_tasks_still_stops(
+    make_backstop: MakeBackstop, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database takes neither the outcome nor the release: the stop says so in a line
+    and ends; the task is left to its lease, for a reclaim to take."""
+    backstop = make_backstop()
+
+    def full(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("UPDATE task", None, Exception("database or disk is full"))
+
+    monkeypatch.setattr(leases, "release", full)
+    task_id = _stop_while_an_outcome_waits(backstop, monkeypatch)
+
+    assert _task(backstop, task_id).status == TaskStatus.RUNNING
+    assert backstop.runner.pipeline.running == {}
+    assert any("could not release 1 unfinished tasks" in r.getMessage() for r in caplog.records)
+
+
+def _stop_while_an_outcome_waits(backstop: Backstop, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a task whose outcome the database refuses, and stop the runner while the write
+    waits for its retry; the task's id."""
     monkeypatch.setattr(pipeline, "RECORD_RETRIES", (60.0,))
 
     def refuse(conn: Any, outcomes: list[Any]) -> Any:
@@ -576,11 +605,7 @@ def test_a_stopped_runner_releases_tasks_whose_outcome_waits_for_a_retry_and_wri
             await backstop.runner.stop()
 
     asyncio.run(scenario())
-
-    released = _task(backstop, task_id)
-    assert (released.status, released.attempts) == (TaskStatus.QUEUED, 0)
-    assert backstop.runner.pipeline._timers == set()
-    assert backstop.runner.database.submit(lambda: None) is False
+    return task_id
 
 
 def test_an_inline_runner_cannot_be_started(backstop: Backstop) -> None:
