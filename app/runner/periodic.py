@@ -28,7 +28,6 @@ from app.tasks.registry import Registry, TaskSpec
 from store import schedules as store_schedules
 from store import tasks as store_tasks
 from store.errors import IdempotencyConflict
-from store.health import as_unavailable
 from store.models import Schedule, Task
 from store.tasks import NewTask
 from store.timeutil import utcnow

@@ -16,7 +16,6 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from app.settings import Settings
-from store.health import as_unavailable
 from store.models import TaskStatus
 from store.retention import prune_finished
 from store.timeutil import utcnow

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 # Short bounds, so that each case takes seconds. The busy timeout stays at its default of
 # 10 s: an answer within the client's timeout shows the enqueue bound, not SQLite's, at work.
-SICK = {"enqueue_timeout": "0.5"}
+ENQUEUE_TIMEOUT = "0.5"
 CLIENT_TIMEOUT = 5.0
 
 
@@ -59,7 +59,7 @@ def _ready(server: Server) -> int:
 def test_a_write_lock_held_elsewhere_gives_503s_and_nothing_refused_is_committed_later(
     servers: Servers, data_dir: Path
 ) -> None:
-    server = servers.start(data_dir, **SICK)
+    server = servers.start(data_dir, enqueue_timeout=ENQUEUE_TIMEOUT)
     assert _post(server, "before").status_code == 202
     delayed = _post(server, "delayed", delay=3600).json()["id"]
 
@@ -120,7 +120,11 @@ def test_a_full_disk_gives_503s_and_reruns_nothing_that_finished(
     servers: Servers, data_dir: Path, small_disk: Path, tmp_path: Path
 ) -> None:
     """The database on a small tmpfs, the tasks' records of their runs outside it."""
-    server = servers.start(data_dir, database_url=f"sqlite:///{small_disk / 'backstop.db'}", **SICK)
+    server = servers.start(
+        data_dir,
+        database_url=f"sqlite:///{small_disk / 'backstop.db'}",
+        enqueue_timeout=ENQUEUE_TIMEOUT,
+    )
     gate = tmp_path / "gate"
     held = [server.enqueue("test.gate", str(gate)) for _ in range(3)]
     wait_until(
@@ -183,7 +187,7 @@ GONE = "was deleted while this process had it open"
 def test_a_database_file_deleted_under_the_server_stops_it_taking_work(
     servers: Servers, data_dir: Path
 ) -> None:
-    server = servers.start(data_dir, **SICK)
+    server = servers.start(data_dir, enqueue_timeout=ENQUEUE_TIMEOUT)
     assert _post(server, "before").status_code == 202
 
     for name in ("backstop.db", "backstop.db-wal", "backstop.db-shm"):
