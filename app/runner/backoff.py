@@ -15,6 +15,9 @@ import time
 
 from sqlalchemy.exc import DBAPIError
 
+from store.errors import DatabaseFileGone
+from store.health import as_unavailable
+
 log = logging.getLogger(__name__)
 
 # The first pause after a failure, and the longest (seconds); each failure doubles it.
@@ -45,17 +48,18 @@ class Backoff:
 
     def failed(self, error: BaseException, now: float | None = None) -> float:
         """Count a failure; the pause before the next try. Logs the first of a row, with a
-        traceback only when the error is not the database's (a bug must be seen)."""
+        traceback only when the error is not the database's (a bug must be seen); not a
+        database file gone, which the store logged once for good."""
         pause: float = min(self.first * 2.0**self.failures, self.cap)
         self.failures += 1
         self._next_try = (time.monotonic() if now is None else now) + pause
-        if self.failures == 1:
+        if self.failures == 1 and not isinstance(error, DatabaseFileGone):  # the store said so
             log.warning(
                 "%s failed (%s); trying again with back-off, at most %gs apart",
                 self.what,
                 describe(error),
                 self.cap,
-                exc_info=None if isinstance(error, DBAPIError) else error,
+                exc_info=None if as_unavailable(error) is not None else error,
             )
         return pause
 

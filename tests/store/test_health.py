@@ -34,6 +34,9 @@ def held_lock(db: Database) -> Iterator[sqlite3.Connection]:
     holder.close()
 
 
+@pytest.mark.sqlite_only(
+    reason="another connection holds SQLite's write lock (PostgreSQL: a test of its own, below)"
+)
 def test_a_failed_write_is_the_problem_until_a_write_commits(
     db: Database, held_lock: sqlite3.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -56,6 +59,7 @@ def test_a_failed_write_is_the_problem_until_a_write_commits(
     ]
 
 
+@pytest.mark.sqlite_only(reason="a process takes turns at writing on SQLite only")
 def test_a_write_that_cannot_have_this_process_s_turn_in_time_gives_up(db: Database) -> None:
     """Another thread's write holds the process's turn: a bounded write does not wait it out."""
     inside, leave = threading.Event(), threading.Event()
@@ -92,6 +96,7 @@ def _write_a_task(db: Database) -> None:
         enqueue(conn, NewTask(name="t"))
 
 
+@pytest.mark.sqlite_only(reason="a SQLite file")
 def test_a_file_deleted_under_the_process_stops_its_writes_with_one_line(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -109,6 +114,7 @@ def test_a_file_deleted_under_the_process_stops_its_writes_with_one_line(
     assert [record.getMessage() for record in errors] == [db.health.gone]
 
 
+@pytest.mark.sqlite_only(reason="a SQLite file")
 def test_a_file_replaced_under_the_process_is_seen_before_the_commit(db: Database) -> None:
     """The write that finds another file at the path is rolled back: nothing lands in the
     file that was there before, which no other process sees any more."""
