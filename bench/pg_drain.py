@@ -1,7 +1,7 @@
 """Drain on PostgreSQL: no-op tasks per second from a full queue, Backstop against the queues
 built for PostgreSQL alone (PgQueuer, Procrastinate), all in the same run.
 
-    .venv/bin/python -m bench.pg_drain [--runs 3] [--tasks 10000] [--concurrency 8]
+    .venv/bin/python -m bench.pg_drain [--runs 3] [--tasks 10000] [--concurrency 8,64]
                                        [--postgres URL] [--json out.json]
 
 Each configuration drains `--tasks` no-op jobs queued beforehand in a new database of its
@@ -10,13 +10,15 @@ say they are ready, and only then are told to go. Each is done when its queue ho
 to run or running, polled every 5 ms from this process; the rate is the tasks over the time
 from the go to then.
 
-- Backstop: `backstop worker`'s runner at `--concurrency` (its default, 8): one process with
-  sync no-ops (`bench.noop`, on threads), one with async ones (`bench.async_noop`, on the
-  loop), and two processes with sync ones. Every task is checked to have succeeded.
+- Backstop: `backstop worker`'s runner at each `--concurrency` (8 is its default; a cycle
+  claims at most as many tasks as there are free slots, so the concurrency is its batch
+  size): one process with sync no-ops (`bench.noop`, on threads), one with async ones
+  (`bench.async_noop`, on the loop); and two processes with sync ones at the first
+  concurrency. Every task is checked to have succeeded.
 - PgQueuer: `PgQueuer.run()` with an async no-op entrypoint, at batch size 10 (its default)
   and 100. Done when its queue table is empty (it deletes a job once done, logging it).
 - Procrastinate: its worker (`run_worker_async`) with an async no-op task, at its default
-  concurrency (1) and at `--concurrency`. Done when no job is `todo` or `doing`.
+  concurrency (1) and at the first `--concurrency`. Done when no job is `todo` or `doing`.
 
 One worker process is pinned to CPU 0 (two: CPU 0 and 1); the server is not pinned and
 shares the machine's cores. The configurations run in a rotated order, `--runs` times;
@@ -75,13 +77,13 @@ class Drain:
         return f"backstop {self.kind} c={self.level}{procs}"
 
 
-def plan(concurrency: int) -> list[Drain]:
+def plan(concurrency: list[int]) -> list[Drain]:
+    first = concurrency[0]
     return [
-        Drain("backstop", concurrency, "sync"),
-        Drain("backstop", concurrency, "async"),
-        Drain("backstop", concurrency, "sync", processes=2),
+        *(Drain("backstop", level, kind) for level in concurrency for kind in ("sync", "async")),
+        Drain("backstop", first, "sync", processes=2),
         *(Drain("pgqueuer", batch) for batch in PGQUEUER_BATCHES),
-        *(Drain("procrastinate", level) for level in sorted({PROCRASTINATE_DEFAULT, concurrency})),
+        *(Drain("procrastinate", level) for level in sorted({PROCRASTINATE_DEFAULT, first})),
     ]
 
 
@@ -239,7 +241,7 @@ def best(rates: dict[Drain, list[float]], system: str, run: int) -> float:
 def main() -> None:
     parser = arguments(__doc__, runs=3)
     parser.add_argument("--tasks", type=int, default=10_000, help="tasks queued per run")
-    parser.add_argument("--concurrency", type=integers, default=[8])
+    parser.add_argument("--concurrency", type=integers, default=[8, 64])
     parser.add_argument("--postgres", default=LOCAL_POSTGRES, help="the server's URL")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--level", type=int, help=argparse.SUPPRESS)
@@ -249,13 +251,14 @@ def main() -> None:
         child = pgqueuer_child if system == "pgqueuer" else procrastinate_child
         return child(url, options.level)
     server, why_not = postgres_server(options.postgres)
-    concurrency = options.concurrency[0]
+    concurrency = options.concurrency
+    levels = "|".join(map(str, concurrency))
     settings: dict[str, Any] = {
         "runs": options.runs,
         "tasks": options.tasks,
-        "backstop": f"backstop worker's runner, concurrency {concurrency}",
+        "backstop": f"backstop worker's runner, concurrency {levels}",
         "pgqueuer": f"PgQueuer.run(batch_size={'|'.join(map(str, PGQUEUER_BATCHES))})",
-        "procrastinate": f"run_worker_async(concurrency={PROCRASTINATE_DEFAULT}|{concurrency})",
+        "procrastinate": f"run_worker_async(concurrency={PROCRASTINATE_DEFAULT}|{concurrency[0]})",
         "pinning": "a worker process on CPU 0 (two: CPU 0 and 1); the server unpinned",
     }
     header(
