@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -10,10 +11,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from store import migrate
 from store.attempts import list_attempts
 from store.control import cancel_task
 from store.driver import Driver
-from store.engine import Database
+from store.engine import Database, temporary_database
 from store.leases import claim_due
 from store.models import AttemptOutcome, Claim, Lease, TaskStatus
 from store.outcomes import Outcome, mark_succeeded, record
@@ -21,6 +23,23 @@ from store.tasks import NewTask, enqueue_many, get_task
 
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 RESULTS: list[Any] = [None, 0, 1.5, "é ✓", [1, {"a": None}], {"nested": {"list": [True, False]}}]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def both(request: pytest.FixtureRequest, db: Database) -> Iterator[Database]:
+    """The test's SQLite database, or a migrated one of its own on the PostgreSQL server
+    (whose hot path has statements of its own: arrays, and the claim's attempt rows)."""
+    if request.param == "sqlite":
+        yield db
+        return
+    server: str = request.getfixturevalue("server")
+    with temporary_database(server, "backstop_test") as url:
+        postgres = Database.from_url(url)
+        try:
+            migrate.upgrade(postgres)
+            yield postgres
+        finally:
+            postgres.dispose()
 
 
 def _claim_two(db: Database) -> tuple[Claim, Claim]:
@@ -32,15 +51,17 @@ def _claim_two(db: Database) -> tuple[Claim, Claim]:
 
 def _raw(db: Database, table: str, key: str, value: str) -> list[tuple[Any, ...]]:
     with db.read() as conn:
-        rows = conn.exec_driver_sql(f"SELECT * FROM {table} WHERE {key} = ?", (value,)).all()
+        query = sa.text(f"SELECT * FROM {table} WHERE {key} = :value")
+        rows = conn.execute(query, {"value": value}).all()
     return [tuple(row) for row in rows]
 
 
 @pytest.mark.parametrize("result", RESULTS)
 def test_a_success_is_stored_byte_for_byte_as_the_sqlalchemy_path_stores_it(
-    db: Database, result: Any
+    both: Database, result: Any
 ) -> None:
     """One task finished by `record` (driver statements), its twin by `mark_succeeded`."""
+    db = both
     fast, slow = _claim_two(db)
     done = T + timedelta(seconds=1, microseconds=0)  # no microseconds: still six digits stored
     with db.write() as conn:
@@ -58,7 +79,8 @@ def test_a_success_is_stored_byte_for_byte_as_the_sqlalchemy_path_stores_it(
         assert get_task(conn, fast.id).result == result
 
 
-def test_a_claim_reads_back_what_the_sqlalchemy_path_reads(db: Database) -> None:
+def test_a_claim_reads_back_what_the_sqlalchemy_path_reads(both: Database) -> None:
+    db = both
     with db.write() as conn:
         enqueue_many(conn, [NewTask(name="t", args=[1, "é"], kwargs={"k": [None, 2.5]})], now=T)
         (claim,) = claim_due(conn, "w", 1, lease_seconds=60, now=T + timedelta(microseconds=7))
@@ -72,10 +94,16 @@ def test_a_claim_reads_back_what_the_sqlalchemy_path_reads(db: Database) -> None
         stored.started_at,
         stored.lease_expires_at,
     )
+    with db.read() as conn:
+        (attempt,) = list_attempts(conn, claim.id)
+    assert (attempt.number, attempt.worker, attempt.started_at) == (1, "w", claim.started_at)
+    assert (attempt.finished_at, attempt.outcome) == (None, None)
 
 
-def test_a_batch_with_a_lost_lease_and_a_cancel_writes_each_as_alone(db: Database) -> None:
-    """The savepoint undoes the batch statement, and each success is written on its own."""
+def test_a_batch_with_a_lost_lease_and_a_cancel_writes_each_as_alone(both: Database) -> None:
+    """On SQLite the savepoint undoes the batch statement, and each success is written on
+    its own; on PostgreSQL the batch statement writes only the leases it matches."""
+    db = both
     with db.write() as conn:
         enqueue_many(conn, [NewTask(name="t") for _ in range(3)], now=T)
         held, lost, cancelled = claim_due(conn, "w", 3, lease_seconds=60, now=T)
