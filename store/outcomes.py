@@ -209,9 +209,9 @@ def record(conn: Connection, outcomes: Sequence[Outcome]) -> list[TaskStatus | N
 
 
 # PostgreSQL's form: every success of the batch in one statement, the values as arrays (the
-# tasks' ids, tokens, finish times, results, attempt numbers), each task under
-# the same fence as `SUCCEEDED_BY_ID`'s, and the attempt rows of the tasks it closed; the ids
-# of those tasks come back. One round trip however large the batch.
+# tasks' ids, tokens, finish times, results, attempt numbers), each task under the same fence
+# as `SUCCEEDED_BY_ID`'s, and the attempt rows of the tasks it closed; the ids of those tasks
+# come back. One round trip however large the batch.
 SUCCEEDED_ARRAYS = (
     "WITH v AS (SELECT * FROM unnest(?::varchar[], ?::int[], ?::timestamptz[], ?::json[],"
     " ?::int[]) AS v(id, token, finished_at, result, number)),"
@@ -242,7 +242,7 @@ def _mark_many_succeeded(conn: Connection, done: Sequence[Outcome]) -> Iterator[
     if not driver.sqlite:
         return _mark_many_succeeded_at_once(conn, driver, done)
     stamps = [driver.stamp(outcome.now) for outcome in done]
-    by_row = driver.sqlite and all(outcome.lease.row is not None for outcome in done)
+    by_row = all(outcome.lease.row is not None for outcome in done)
     task_statement, attempt_statement = SUCCEEDED_BY_ROW if by_row else SUCCEEDED_BY_ID
     keys = [(o.lease.row, o.lease.task_id) if by_row else (o.lease.task_id,) for o in done]
     driver.execute("SAVEPOINT backstop_successes")
