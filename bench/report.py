@@ -28,6 +28,7 @@ PACKAGES = (
     "huey",
     "psycopg",
     "pgqueuer",
+    "procrastinate",
 )
 
 

@@ -22,13 +22,14 @@ from typing import Any
 
 from bench.report import Figure, format_figure, machine, number, versions
 
-SCRIPTS = ("enqueue", "end_to_end", "drain", "latency", "pg_latency", "scale", "memory")
+SCRIPTS = ("enqueue", "end_to_end", "drain", "latency", "pg_latency", "pg_drain", "scale", "memory")
 QUICK = {
     "enqueue": ["--runs", "1", "--seconds", "1"],
     "end_to_end": ["--runs", "1", "--seconds", "1"],
     "drain": ["--runs", "1", "--tasks", "2000"],
     "latency": ["--samples", "15"],
     "pg_latency": ["--samples", "15"],
+    "pg_drain": ["--runs", "1", "--tasks", "2000"],
     "scale": ["--runs", "2", "--history", "10000,100000", "--tasks", "1000"],
     "memory": ["--tasks", "10000", "--warmup", "2000"],
 }
@@ -45,6 +46,9 @@ TARGETS = {
     "6": "Runner RSS grows <= 5% over 500,000 tasks",
     "7": "Targets 1 and 3 again with synchronous=FULL",
     "8": "Idle pickup on PostgreSQL from another process p50 <= 5 ms (PgQueuer beside it)",
+    "9": "Drain on PostgreSQL: one runner process >= 3x Procrastinate's worker (sync and async)",
+    "10": "Drain on PostgreSQL: one runner process >= 1.0x PgQueuer at its best batch size",
+    "11": "Drain on PostgreSQL: two runner processes >= 1.6x one",
 }
 
 

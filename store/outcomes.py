@@ -209,18 +209,41 @@ def record(conn: Connection, outcomes: Sequence[Outcome]) -> list[TaskStatus | N
     return states
 
 
+# PostgreSQL's form: every success of the batch in one statement, the values as arrays (the
+# tasks' ids, tokens, finish times, results, attempt numbers), each task under the same fence
+# as `SUCCEEDED_BY_ID`'s, and the attempt rows of the tasks it closed; the ids of those tasks
+# come back. One round trip however large the batch.
+SUCCEEDED_ARRAYS = (
+    "WITH v AS (SELECT * FROM unnest(?::varchar[], ?::int[], ?::timestamptz[], ?::json[],"
+    " ?::int[]) AS v(id, token, finished_at, result, number)),"
+    " closed AS (UPDATE task SET status = 'succeeded', lease_owner = NULL,"
+    " lease_expires_at = NULL, finished_at = v.finished_at, result = v.result"
+    " FROM v WHERE task.id = v.id AND task.lease_token = v.token AND task.status = 'running'"
+    " AND task.lease_expires_at > v.finished_at AND task.cancel_requested_at IS NULL"
+    " RETURNING task.id, task.created_at, v.finished_at, v.number),"
+    " attempts AS (UPDATE attempt SET finished_at = closed.finished_at, outcome = 'succeeded'"
+    " FROM closed WHERE attempt.task_created_at = closed.created_at"
+    " AND attempt.task_id = closed.id AND attempt.number = closed.number"
+    " AND attempt.finished_at IS NULL)"
+    " SELECT id FROM closed"
+)
+
+
 def _mark_many_succeeded(conn: Connection, done: Sequence[Outcome]) -> Iterator[TaskStatus | None]:
     """Each success's new state: `succeeded`, `cancelled` (it was asked to stop while it
     ran), or None when the lease is no longer held.
 
-    The common case, every lease held and nothing cancelled, costs two executemany calls;
-    when any row does not match, the batch is undone to a savepoint and written one by one.
+    The common case, every lease held and nothing cancelled, costs two executemany calls
+    (on PostgreSQL, one statement); when any row does not match, the batch is undone to a
+    savepoint and written one by one (on PostgreSQL, only the rows that did not match).
     """
     if not done:
         return iter(())
     driver = Driver(conn)
+    if not driver.sqlite:
+        return _mark_many_succeeded_at_once(conn, driver, done)
     stamps = [driver.stamp(outcome.now) for outcome in done]
-    by_row = driver.sqlite and all(outcome.lease.row is not None for outcome in done)
+    by_row = all(outcome.lease.row is not None for outcome in done)
     task_statement, attempt_statement = SUCCEEDED_BY_ROW if by_row else SUCCEEDED_BY_ID
     keys = [(o.lease.row, o.lease.task_id) if by_row else (o.lease.task_id,) for o in done]
     driver.execute("SAVEPOINT backstop_successes")
@@ -246,6 +269,34 @@ def _mark_many_succeeded(conn: Connection, done: Sequence[Outcome]) -> Iterator[
     driver.execute("RELEASE SAVEPOINT backstop_successes")
     answers: list[TaskStatus | None] = []
     for outcome in done:
+        task = mark_succeeded(conn, outcome.lease, outcome.result, now=outcome.now)
+        answers.append(None if task is None else task.status)
+    return iter(answers)
+
+
+def _mark_many_succeeded_at_once(
+    conn: Connection, driver: Driver, done: Sequence[Outcome]
+) -> Iterator[TaskStatus | None]:
+    """`_mark_many_succeeded` on PostgreSQL: one statement for the batch; a task it did not
+    close (lease lost, or asked to stop) has had nothing written, and goes the long way."""
+    closed = {
+        task_id
+        for (task_id,) in driver.execute(
+            SUCCEEDED_ARRAYS,
+            [
+                [o.lease.task_id for o in done],
+                [o.lease.token for o in done],
+                [driver.stamp(o.now) for o in done],
+                [driver.json(o.result) for o in done],
+                [o.number for o in done],
+            ],
+        )
+    }
+    answers: list[TaskStatus | None] = []
+    for outcome in done:
+        if outcome.lease.task_id in closed:
+            answers.append(TaskStatus.SUCCEEDED)
+            continue
         task = mark_succeeded(conn, outcome.lease, outcome.result, now=outcome.now)
         answers.append(None if task is None else task.status)
     return iter(answers)

@@ -73,10 +73,15 @@ def test_a_claim_reads_back_what_the_sqlalchemy_path_reads(db: Database) -> None
         stored.started_at,
         stored.lease_expires_at,
     )
+    with db.read() as conn:
+        (attempt,) = list_attempts(conn, claim.id)
+    assert (attempt.number, attempt.worker, attempt.started_at) == (1, "w", claim.started_at)
+    assert (attempt.finished_at, attempt.outcome) == (None, None)
 
 
 def test_a_batch_with_a_lost_lease_and_a_cancel_writes_each_as_alone(db: Database) -> None:
-    """The savepoint undoes the batch statement, and each success is written on its own."""
+    """On SQLite the savepoint undoes the batch statement, and each success is written on
+    its own; on PostgreSQL the batch statement writes only the leases it matches."""
     with db.write() as conn:
         enqueue_many(conn, [NewTask(name="t") for _ in range(3)], now=T)
         held, lost, cancelled = claim_due(conn, "w", 3, lease_seconds=60, now=T)
