@@ -81,6 +81,8 @@ def _claim_plan(db: Database, *, by_queue: bool) -> str:
         statement = driver.sql(leases.claim_statement(db.dialect, by_queue=by_queue))
         now = driver.stamp(utcnow())
     params = ["w", now, now, now, *(["default"] if by_queue else []), 5]
+    if db.dialect == "postgresql":  # its claim writes the attempt rows too
+        params += [now, "w"]
     return _explain(db, statement, tuple(params))
 
 
