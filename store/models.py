@@ -179,6 +179,9 @@ class Task(StoreModel, table=True):  # type: ignore[no-redef]
     # A fingerprint of the request that created the task under `idempotency_key`, so the
     # same key with a different request is told apart from a retried one.
     request_hash: str | None = Field(default=None, sa_type=String(64))
+    # The W3C trace context (`{"traceparent": ..., "tracestate": ...}` as JSON) of the span
+    # that enqueued the task, when tracing is on: its attempts' spans join that trace.
+    trace_context: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class Attempt(StoreModel, table=True):
@@ -257,6 +260,7 @@ class Claim:
     lease_owner: str
     lease_expires_at: datetime
     started_at: datetime
+    trace_context: str | None = None
     status: TaskStatus = TaskStatus.RUNNING
     row: int | None = field(default=None, compare=False)  # the rowid on SQLite (see `Lease`)
 
