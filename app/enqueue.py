@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -16,6 +17,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, SessionTransaction
 
 from app.errors import InvalidArguments, InvalidSchedule, SessionOnAnotherDatabase
+from app.observability.metrics import TaskMetrics
+from app.observability.tracing import enqueue_context
 from app.tasks.registry import Registry
 from store import jsonvalues
 from store import tasks as store_tasks
@@ -46,10 +49,18 @@ class TaskClient:
     """Enqueues tasks durably: the row is committed before `add_task` returns (or, inside the
     caller's session, together with the caller's own data)."""
 
-    def __init__(self, db: Database, registry: Registry, wake: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        db: Database,
+        registry: Registry,
+        wake: Callable[[], None] | None = None,
+        *,
+        metrics: TaskMetrics | None = None,
+    ):
         self.db = db
         self.registry = registry
         self._wake = wake or (lambda: None)
+        self.metrics = metrics or TaskMetrics()
         self._commits = GroupEnqueue(db)
 
     def add_task(
@@ -154,11 +165,11 @@ class TaskClient:
             # and the local runner is woken only once it is committed.
             existing = self._insert(session.connection(), new, now)
             if existing is None:
-                _wake_after_commit(session, self._wake)
+                _wake_after_commit(session, functools.partial(self._stored, new))
         else:
             existing = self._commits.enqueue(new, now)
             if existing is None:
-                self._wake()
+                self._stored(new)
         log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
         return existing
 
@@ -229,7 +240,7 @@ class TaskClient:
         conn = await session.connection()
         existing = await conn.run_sync(self._insert, new, now)
         if existing is None:
-            _wake_after_commit(session.sync_session, self._wake)
+            _wake_after_commit(session.sync_session, functools.partial(self._stored, new))
         log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
         return existing
 
@@ -238,9 +249,14 @@ class TaskClient:
         with its idempotency key (nothing is stored then)."""
         existing = await self._commits.enqueue_async(new, now)
         if existing is None:
-            self._wake()
+            self._stored(new)
         log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
         return existing
+
+    def _stored(self, new: NewTask) -> None:
+        """`new` is committed: count it, and wake the local runner."""
+        self.metrics.enqueued(new.name, new.queue)
+        self._wake()
 
     def _prepare_in(
         self,
@@ -300,6 +316,7 @@ class TaskClient:
             max_attempts=max_attempts or spec.max_attempts,
             scheduled_at=scheduled_at(delay, run_at, now),
             idempotency_key=idempotency_key,
+            trace_context=enqueue_context(),
         )
         if idempotency_key is not None:
             new = replace(new, request_hash=_fingerprint(new, delay, run_at))

@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from starlette.types import Message
 
-from app.api import health, schedules, tasks
+from app.api import health, metrics, schedules, tasks
 from app.api.handlers import error_response
 from app.api.schemas import answers
 
@@ -126,11 +126,12 @@ def guarded_router(backstop: Backstop) -> APIRouter:
 
 
 def build_router(backstop: Backstop) -> APIRouter:
-    """The task API of `backstop`: `/tasks...`, `/schedules`, `/readyz`, relative to the
+    """The task API of `backstop`: `/tasks...`, `/schedules`, `/metrics`, `/readyz`, relative to the
     prefix the app includes it under."""
     guarded = guarded_router(backstop)
     tasks.add_routes(guarded)
     schedules.add_routes(guarded)
+    metrics.add_routes(guarded)
     # `/readyz` is open to a load balancer: no 401, no bearer scheme.
     router = APIRouter(route_class=route_class(backstop), responses=answers(400, 413))
     router.include_router(guarded)

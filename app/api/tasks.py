@@ -111,7 +111,9 @@ def cancel_task(task_id: str, service: Service) -> TaskOut:
     with service.db.write() as conn:
         task = control.cancel_task(conn, task_id)
     if task.status == TaskStatus.RUNNING:
-        service.runner.cancel_local(task.id)
+        service.runner.cancel_local(task.id)  # counted by the runner when it stops
+    else:
+        service.metrics.cancelled(task.name, task.queue)
     return TaskOut.of(task)
 
 

@@ -21,6 +21,7 @@ from datetime import datetime
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
+from app.observability.metrics import TaskMetrics
 from app.runner.dbthread import DatabaseThread
 from app.runner.execution import Executor, TaskTimeout, attempt_of, report
 from app.runner.pool import DaemonPool, call_on
@@ -93,6 +94,7 @@ class Pipeline:
         owner: str,
         lease_seconds: float,
         on_finished: Callable[[], None],
+        metrics: TaskMetrics,
     ) -> None:
         self.database = database
         self.executor = executor
@@ -101,6 +103,7 @@ class Pipeline:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.on_finished = on_finished
+        self.metrics = metrics
         self.claiming = False  # cycles claim only while the runner accepts work
         self.loop: asyncio.AbstractEventLoop | None = None
         self.running: dict[str, Running] = {}
@@ -167,6 +170,7 @@ class Pipeline:
     def start(self, claims: list[Claim], now: datetime | None = None) -> list[Running]:
         """Hold the claimed tasks and start their functions."""
         entries = [Running(claim, self.executor.context(claim), now) for claim in claims]
+        self.metrics.started(claims)
         with self._lock:
             for entry in entries:
                 self.running[entry.claim.id] = entry
@@ -296,6 +300,7 @@ class Pipeline:
     ) -> None:
         for (entry, outcome), state in zip(batch, states, strict=True):
             report(entry.claim, outcome, state)
+            self.metrics.finished(entry.claim, outcome, state)
         self._release([entry for entry, _ in batch])
         if batch:
             self.on_finished()

@@ -19,11 +19,12 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import uuid4
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from app.observability.metrics import TaskMetrics
 from app.runner.dbthread import DatabaseThread
 from app.runner.execution import Executor, attempt_of, report, report_expired
 from app.runner.pipeline import ALL_QUEUES, Pipeline, claim_queues
@@ -38,6 +39,9 @@ from store import tasks as store_tasks
 from store.engine import Database
 from store.models import Task
 from store.timeutil import utcnow
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,8 @@ class Runner:
         worker_id: str | None = None,
         on_finished: Callable[[], None] | None = None,
         inline: bool = False,
+        metrics: TaskMetrics | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.db = db
         self.registry = registry
@@ -79,7 +85,8 @@ class Runner:
         self.inline = inline
         self.database = DatabaseThread(db, inline=inline)
         self.threads = DaemonPool(self.capacity)
-        self.executor = Executor(registry, settings)
+        self.metrics = metrics or TaskMetrics()
+        self.executor = Executor(registry, settings, tracer_provider=tracer_provider)
         self.pipeline = Pipeline(
             self.database,
             self.executor,
@@ -88,6 +95,7 @@ class Runner:
             owner=self.worker_id,
             lease_seconds=settings.lease_seconds,
             on_finished=self._finished,
+            metrics=self.metrics,
         )
         self._extra_jobs: list[tuple[str, Job, float]] = []
         self._in_flight: dict[str, asyncio.Future[object]] = {}
@@ -268,11 +276,13 @@ class Runner:
         if not batch:
             return []
         if self.inline:
+            self.metrics.started(batch)
             for claim in batch:
                 ctx = self.executor.context(claim)
                 outcome = await self.executor.call_async(claim, ctx, now=now)
                 [state] = await self.write(store_outcomes.record, [outcome])
                 report(claim, outcome, state)
+                self.metrics.finished(claim, outcome, state)
                 self._finished()
         else:
             self.pipeline.loop = asyncio.get_running_loop()
@@ -354,6 +364,7 @@ class Runner:
             return []
         for task in reclaimed:
             report_expired(task, now)
+            self.metrics.expired(task)
         if reclaimed:
             self._finished()
             self.notify()
