@@ -8,6 +8,7 @@ often, across process boundaries.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from datetime import UTC, datetime
@@ -199,3 +200,25 @@ async def async_swallow() -> str:
     except asyncio.CancelledError:
         return "swallowed"
     return "slept"
+
+
+chatter = logging.getLogger("tests.support.chatter")
+
+
+@task(name="test.chatty")
+def chatty(word: str) -> str:
+    """Logs a line of its own (which carries its task id and attempt), on a worker thread."""
+    chatter.info("saying %s", word)
+    return word
+
+
+@task(name="test.async_chatty")
+async def async_chatty(word: str) -> str:
+    """`test.chatty` on the event loop, from a child asyncio task as well."""
+    chatter.info("saying %s", word)
+    await asyncio.create_task(_echo_later(word))
+    return word
+
+
+async def _echo_later(word: str) -> None:
+    chatter.info("still saying %s", word)
