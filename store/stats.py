@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -32,25 +33,51 @@ class QueueOverview:
     oldest_due_seconds: float | None
 
 
+# Every queue name, in one index probe per queue rather than a scan of the history: each step
+# asks `ix_task_queue_created` for the first name after the last one (a loose index scan,
+# which neither SQLite nor PostgreSQL plans by itself for DISTINCT).
+_QUEUE_NAMES = sa.text(
+    "WITH RECURSIVE names(queue) AS ("
+    " SELECT (SELECT min(queue) FROM task)"
+    " UNION ALL"
+    " SELECT (SELECT min(queue) FROM task WHERE queue > names.queue)"
+    " FROM names WHERE names.queue IS NOT NULL)"
+    " SELECT queue FROM names WHERE queue IS NOT NULL"
+)
+
+
+def queue_names(conn: Connection) -> list[str]:
+    """The names of the queues that hold tasks, in order; cheap whatever the history."""
+    return list(conn.execute(_QUEUE_NAMES).scalars())
+
+
 def queue_overview(
     conn: Connection, now: datetime | None = None, *, finished: bool = True
 ) -> dict[str, QueueOverview]:
     """Every queue that has tasks, by name: its counts per state and the age of its oldest
     due task. `finished=False` leaves the finished states out (their counts stay 0): the
-    unfinished ones are read through the partial indexes, so the cost follows the backlog,
-    not the history (what a metrics scrape wants)."""
+    unfinished ones are read through the partial indexes, so the cost follows the backlog
+    and the number of queues, not the history (what a metrics scrape wants)."""
     now = now or utcnow()
-    due = sa.case((sa.and_(t.c.status.in_(CLAIMABLE), t.c.scheduled_at <= now), t.c.scheduled_at))
-    grouped = sa.select(t.c.queue, t.c.status, sa.func.count(), sa.func.min(due)).group_by(
-        t.c.queue, t.c.status
-    )
-    # Each of these carries a partial index's WHERE word for word, so SQLite reads that index.
-    parts = (
-        [grouped]
-        if finished
-        else [grouped.where(sa.text(w)) for w in (CLAIMABLE_WHERE, RUNNING_WHERE)]
-    )
+    if finished:
+        parts = [_grouped(t, now)]
+    else:
+        # Each WHERE is a partial index's word for word; materialized, so that SQLite reads
+        # that index rather than walk `ix_task_queue_created` (all history) for the GROUP BY.
+        parts = [
+            _grouped(
+                sa.select(t.c.queue, t.c.status, t.c.scheduled_at)
+                .where(sa.text(where))
+                .cte(name)
+                .prefix_with("MATERIALIZED"),
+                now,
+            )
+            for name, where in (("claimable", CLAIMABLE_WHERE), ("running", RUNNING_WHERE))
+        ]
     found: dict[str, tuple[dict[TaskStatus, int], list[datetime]]] = {}
+    if not finished:  # a queue of finished tasks alone is still there, with zeros
+        for queue in queue_names(conn):
+            found[queue] = (dict.fromkeys(TaskStatus, 0), [])
     for statement in parts:
         for queue, status, count, oldest in conn.execute(statement):
             counts, dues = found.setdefault(queue, (dict.fromkeys(TaskStatus, 0), []))
@@ -61,6 +88,15 @@ def queue_overview(
         queue: QueueOverview(counts, max((now - min(dues)).total_seconds(), 0.0) if dues else None)
         for queue, (counts, dues) in sorted(found.items())
     }
+
+
+def _grouped(rows: sa.FromClause, now: datetime) -> sa.Select[Any]:
+    """Per queue and state of `rows`: how many, and the earliest due time of those due."""
+    c = rows.c
+    due = sa.case((sa.and_(c.status.in_(CLAIMABLE), c.scheduled_at <= now), c.scheduled_at))
+    return sa.select(c.queue, c.status, sa.func.count(), sa.func.min(due)).group_by(
+        c.queue, c.status
+    )
 
 
 def task_stats(conn: Connection, *, now: datetime | None = None) -> QueueStats:
