@@ -32,18 +32,22 @@ ATTEMPTS = "app.attempts"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-# The fields a record about a task may carry (as attributes), in the order JSON lines give
-# them: a task's own lines the first four, the attempt records all of them.
+# The fields a record about a task may carry, in the order JSON lines give them: a task's own
+# lines the first four, the attempt records all of them. On the record each is an attribute
+# `backstop_<field>`: a task's own `extra={"queue": ...}` must not collide with them (logging
+# refuses an `extra` key the record already has).
 TASK_FIELDS = ("task_id", "task_name", "queue", "attempt", "outcome", "duration", "error")
+PREFIX = "backstop_"
 
 attempt: ContextVar[Claim | None] = ContextVar("backstop_attempt", default=None)
 """The attempt whose function runs in this context (thread or asyncio task), if any."""
 
 
 def install_task_context() -> None:
-    """Make every record logged while a task's function runs carry its `task_id`,
-    `task_name`, `queue` and `attempt`, whichever logger and handler it goes to. Wraps the
-    process's record factory once (keeping whatever factory was there)."""
+    """Make every record logged while a task's function runs carry its `backstop_task_id`,
+    `backstop_task_name`, `backstop_queue` and `backstop_attempt`, whichever logger and
+    handler it goes to. Wraps the process's record factory once (keeping whatever factory
+    was there)."""
     previous = logging.getLogRecordFactory()
     if getattr(previous, "backstop", False):
         return
@@ -52,10 +56,10 @@ def install_task_context() -> None:
         record = previous(*args, **kwargs)
         claim = attempt.get()
         if claim is not None:
-            record.task_id = claim.id
-            record.task_name = claim.name
-            record.queue = claim.queue
-            record.attempt = claim.attempts
+            record.backstop_task_id = claim.id
+            record.backstop_task_name = claim.name
+            record.backstop_queue = claim.queue
+            record.backstop_attempt = claim.attempts
         return record
 
     factory.backstop = True  # type: ignore[attr-defined]
@@ -74,7 +78,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for name in TASK_FIELDS:
-            value = getattr(record, name, None)
+            value = getattr(record, PREFIX + name, None)
             if value is not None:
                 line[name] = value
         if record.exc_info:

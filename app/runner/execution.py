@@ -219,15 +219,15 @@ def _fields(
     duration: float | None = None,
     error: str | None = None,
 ) -> dict[str, Any]:
-    """An attempt record's fields (see `app.logs`)."""
+    """An attempt record's fields, as `extra` (see `app.logs`)."""
     return {
-        "task_id": task.id,
-        "task_name": task.name,
-        "queue": task.queue,
-        "attempt": task.attempts,
-        "outcome": outcome,
-        "duration": duration,
-        "error": error,
+        "backstop_task_id": task.id,
+        "backstop_task_name": task.name,
+        "backstop_queue": task.queue,
+        "backstop_attempt": task.attempts,
+        "backstop_outcome": outcome,
+        "backstop_duration": duration,
+        "backstop_error": error,
     }
 
 

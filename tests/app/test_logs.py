@@ -392,6 +392,11 @@ def test_a_tasks_own_lines_carry_its_id_and_attempt_on_threads_and_the_loop(
     own = [record for record in caplog.records if record.name == "tests.support.chatter"]
     assert own, "the task logged nothing"
     for record in own:
-        assert (record.task_id, record.attempt, record.task_name) == (task_id, 1, name)  # type: ignore[attr-defined]
+        assert (
+            record.backstop_task_id,  # type: ignore[attr-defined]
+            record.backstop_attempt,  # type: ignore[attr-defined]
+            record.backstop_task_name,  # type: ignore[attr-defined]
+        ) == (task_id, 1, name)
     # Outside the task nothing carries them.
-    assert not hasattr(logging.getLogger("x").makeRecord("x", 20, "f", 1, "m", (), None), "task_id")
+    outside = logging.getLogger("x").makeRecord("x", 20, "f", 1, "m", (), None)
+    assert not hasattr(outside, "backstop_task_id")
