@@ -115,18 +115,19 @@ class TaskMetrics:
                     delays = self._delays[key] = Histogram(DELAY_BUCKETS)
                 delays.observe(max((claim.started_at - claim.scheduled_at).total_seconds(), 0.0))
 
-    def finished(self, claim: Claim, outcome: Outcome, state: TaskStatus | None) -> None:
-        """An attempt's outcome was written (`state` None: its lease was lost, nothing was)."""
-        event = OUTCOME_EVENTS.get(state) if state is not None else None
-        seconds = max((outcome.now - claim.started_at).total_seconds(), 0.0)
-        key = (claim.name, claim.queue)
+    def finished(self, written: Iterable[tuple[Claim, Outcome, TaskStatus | None]]) -> None:
+        """Attempts' outcomes were written (a state None: that lease was lost, and nothing
+        was written)."""
         with self._lock:
-            if event is not None:
-                self._add(event, claim.name, claim.queue)
-            durations = self._durations.get(key)
-            if durations is None:
-                durations = self._durations[key] = Histogram(DURATION_BUCKETS)
-            durations.observe(seconds)
+            for claim, outcome, state in written:
+                event = OUTCOME_EVENTS.get(state) if state is not None else None
+                if event is not None:
+                    self._add(event, claim.name, claim.queue)
+                key = (claim.name, claim.queue)
+                durations = self._durations.get(key)
+                if durations is None:
+                    durations = self._durations[key] = Histogram(DURATION_BUCKETS)
+                durations.observe(max((outcome.now - claim.started_at).total_seconds(), 0.0))
 
     def expired(self, task: Task) -> None:
         """A lapsed lease was taken back: the task is retrying or failed now."""

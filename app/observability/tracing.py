@@ -5,13 +5,15 @@ background work it caused, whichever process runs it and however long after.
 On only where OpenTelemetry is: the API imported once, here (guarded: without it every
 function below answers at once), and a tracer provider configured (the SDK's, installed with
 the `otel` extra, set globally or handed to `Backstop(tracer_provider=...)`). Until then an
-enqueue reads one context variable and an attempt checks the global provider's type.
+enqueue reads one context variable, and an attempt reads the clock (the global provider is
+looked up once a second at most).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from store.outcomes import Outcome
 
 TRACER_NAME = "backstop"
+LOOK_EVERY = 1.0  # seconds between two looks for a global tracer provider, while none is set
 
 
 def enqueue_context() -> str | None:
@@ -46,6 +49,7 @@ class Tracing:
 
     def __init__(self, provider: TracerProvider | None = None) -> None:
         self._tracer: Tracer | None = None
+        self._next_look = 0.0
         if provider is not None and trace is not None:
             self._tracer = provider.get_tracer(TRACER_NAME)
 
@@ -53,6 +57,12 @@ class Tracing:
         """The tracer, or None while tracing is off."""
         if self._tracer is not None or trace is None:
             return self._tracer
+        # Looking up the global provider reads the environment: once a second is enough to
+        # notice an application that configures OpenTelemetry after Backstop started.
+        now = time.monotonic()
+        if now < self._next_look:
+            return None
+        self._next_look = now + LOOK_EVERY
         provider = trace.get_tracer_provider()
         if isinstance(provider, ProxyTracerProvider):
             return None  # nothing configured yet (it can be set once, later)

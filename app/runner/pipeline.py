@@ -298,9 +298,13 @@ class Pipeline:
     def _written(
         self, batch: list[tuple[Running, Outcome]], states: list[TaskStatus | None]
     ) -> None:
-        for (entry, outcome), state in zip(batch, states, strict=True):
-            report(entry.claim, outcome, state)
-            self.metrics.finished(entry.claim, outcome, state)
+        written = [
+            (entry.claim, outcome, state)
+            for (entry, outcome), state in zip(batch, states, strict=True)
+        ]
+        for claim, outcome, state in written:
+            report(claim, outcome, state)
+        self.metrics.finished(written)
         self._release([entry for entry, _ in batch])
         if batch:
             self.on_finished()

@@ -282,7 +282,7 @@ class Runner:
                 outcome = await self.executor.call_async(claim, ctx, now=now)
                 [state] = await self.write(store_outcomes.record, [outcome])
                 report(claim, outcome, state)
-                self.metrics.finished(claim, outcome, state)
+                self.metrics.finished([(claim, outcome, state)])
                 self._finished()
         else:
             self.pipeline.loop = asyncio.get_running_loop()
