@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from store.outcomes import Outcome
 from store.timeutil import utcnow
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import TracerProvider
+    from opentelemetry.trace import Tracer, TracerProvider
 
 # The attempt records (see `app.logs`): a logger of their own, so that starts and
 # successes can stay off while the rest of the runner's lines show.
@@ -107,18 +108,24 @@ class Executor:
             return self.failed(claim, spec, error, now=now)
         return Outcome(claim.lease, claim.attempts, now or utcnow(), result=result)
 
-    async def call_async(
+    def call_async(
         self, claim: Claim, ctx: TaskContext, *, now: datetime | None = None
-    ) -> Outcome:
+    ) -> Coroutine[Any, Any, Outcome]:
         """Run an async function (or, on the loop's thread, a sync one); its outcome.
 
         Raises CancelledError only when the runner itself is being stopped past its grace:
         the stop then releases the lease. A cancel request cancels the function alone, and
         the attempt is recorded (the store turns it into `cancelled`).
         """
+        # A plain function that hands back the coroutine: untraced, no extra frame to await.
         tracer = self.tracing.tracer()
         if tracer is None:
-            return await self._call_async(claim, ctx, now)
+            return self._call_async(claim, ctx, now)
+        return self._traced_async(tracer, claim, ctx, now)
+
+    async def _traced_async(
+        self, tracer: Tracer, claim: Claim, ctx: TaskContext, now: datetime | None
+    ) -> Outcome:
         with attempt_span(tracer, claim) as span:
             return ended(span, await self._call_async(claim, ctx, now))
 
