@@ -10,6 +10,7 @@ import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI
 from fastapi.concurrency import run_in_threadpool
@@ -17,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from app import logs
 from app.enqueue import TaskClient
 from app.errors import BackstopError, TaskModuleError
+from app.observability.metrics import BackstopCollector, TaskMetrics, registry_of
 from app.runner.checkpointer import Checkpointer
 from app.runner.periodic import Periodic
 from app.runner.pruner import Pruner
@@ -25,6 +27,9 @@ from app.settings import BUILTIN_TASKS, Settings
 from app.tasks.registry import Registry, registry
 from store import migrate
 from store.engine import Database, create_engine
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +115,11 @@ class Backstop:
     """
 
     def __init__(
-        self, settings: Settings | None = None, *, task_registry: Registry | None = None
+        self,
+        settings: Settings | None = None,
+        *,
+        task_registry: Registry | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         settings = settings or Settings()
         self.settings = settings
@@ -119,13 +128,30 @@ class Backstop:
         self.registry = (task_registry or registry).without(switched_off)
         import_task_modules(settings.task_modules)
         self.db = open_database(settings)
-        self.runner = Runner(self.db, self.registry, settings)
+        # This process's counts of task events, and the registry that `/metrics` serves.
+        self.metrics = TaskMetrics()
+        self.runner = Runner(
+            self.db,
+            self.registry,
+            settings,
+            metrics=self.metrics,
+            tracer_provider=tracer_provider,
+        )
         self.tasks = TaskClient(
             self.db,
             self.registry,
             wake=self.runner.notify,
             on_cancel=self.runner.cancel_local,
             timeout=settings.enqueue_timeout,
+            metrics=self.metrics,
+        )
+        self.metrics_registry = registry_of(
+            BackstopCollector(
+                self.metrics,
+                self.db,
+                busy=lambda: len(self.runner.pipeline.running),
+                capacity=lambda: self.runner.capacity,
+            )
         )
         self.periodic = Periodic(self.registry, self.runner)
         # Every second (or at the claim's pace when that is faster): a tick's task is enqueued

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.errors import TaskCancelled, TaskFailed, WaitTimeout
+from app.observability.metrics import TaskMetrics
 from app.watch import TaskWatch
 from store import control
 from store import tasks as store_tasks
@@ -33,8 +34,12 @@ class TaskControl:
         *,
         on_cancel: Callable[[str], None] | None = None,
         timeout: float | None = None,
+        metrics: TaskMetrics | None = None,
     ) -> None:
         self.db = db
+        # This process's counts (`/metrics`): a cancel of a task not running is counted
+        # here; a running one's by the runner when its function stops.
+        self.metrics = metrics or TaskMetrics()
         # How long a cancel or retry waits for the write (`BACKSTOP_ENQUEUE_TIMEOUT`) before
         # it raises `DatabaseUnavailable`, nothing written; None: the database's own wait.
         self._timeout = timeout
@@ -85,6 +90,8 @@ class TaskControl:
             task = control.cancel_task(conn, task_id)
         if task.status == TaskStatus.RUNNING:
             self._on_cancel(task.id)
+        else:
+            self.metrics.cancelled(task.name, task.queue)
         return task
 
     def retry(self, task_id: str) -> Task:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -17,6 +18,8 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from app.control import TaskControl
 from app.errors import InvalidArguments, InvalidSchedule, SessionOnAnotherDatabase
+from app.observability.metrics import TaskMetrics
+from app.observability.tracing import enqueue_context
 from app.tasks.registry import Registry
 from store import jsonvalues
 from store import tasks as store_tasks
@@ -56,8 +59,9 @@ class TaskClient(TaskControl):
         *,
         on_cancel: Callable[[str], None] | None = None,
         timeout: float | None = None,
+        metrics: TaskMetrics | None = None,
     ):
-        super().__init__(db, wake, on_cancel=on_cancel, timeout=timeout)
+        super().__init__(db, wake, on_cancel=on_cancel, timeout=timeout, metrics=metrics)
         self.registry = registry
         # Past `timeout` seconds an enqueue raises `WriteTimeout`, its task never committed.
         self._commits = GroupEnqueue(db, timeout=timeout)
@@ -164,11 +168,11 @@ class TaskClient(TaskControl):
             # and the local runner is woken only once it is committed.
             existing = self._insert(session.connection(), new, now)
             if existing is None:
-                _wake_after_commit(session, self._wake)
+                _wake_after_commit(session, functools.partial(self._stored, new))
         else:
             existing = self._commits.enqueue(new, now)
             if existing is None:
-                self._wake()
+                self._stored(new)
         log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
         return existing
 
@@ -239,7 +243,7 @@ class TaskClient(TaskControl):
         conn = await session.connection()
         existing = await conn.run_sync(self._insert, new, now)
         if existing is None:
-            _wake_after_commit(session.sync_session, self._wake)
+            _wake_after_commit(session.sync_session, functools.partial(self._stored, new))
         log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
         return existing
 
@@ -248,9 +252,14 @@ class TaskClient(TaskControl):
         with its idempotency key (nothing is stored then)."""
         existing = await self._commits.enqueue_async(new, now)
         if existing is None:
-            self._wake()
+            self._stored(new)
         log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
         return existing
+
+    def _stored(self, new: NewTask) -> None:
+        """`new` is committed: count it, and wake the local runner."""
+        self.metrics.enqueued(new.name, new.queue)
+        self._wake()
 
     def _prepare_in(
         self,
@@ -310,6 +319,7 @@ class TaskClient(TaskControl):
             max_attempts=max_attempts or spec.max_attempts,
             scheduled_at=scheduled_at(delay, run_at, now),
             idempotency_key=idempotency_key,
+            trace_context=enqueue_context(),
         )
         if idempotency_key is not None:
             new = replace(new, request_hash=_fingerprint(new, delay, run_at))

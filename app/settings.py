@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     log_level: LogLevel = "INFO"
     # Also a line for every attempt that starts or succeeds (the `app.attempts` logger at INFO).
     log_attempts: bool = False
+    # `json`: one JSON object a line (time, level, logger, message, and the task's fields).
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("task_modules", mode="before")
     @classmethod

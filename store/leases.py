@@ -42,7 +42,7 @@ LEASE_EXPIRED = "lease expired"
 # What a claim reads back: enough to run the task, nothing to rebuild a whole `Task` from.
 _CLAIMED = (
     "id, name, queue, priority, args, kwargs, attempts, max_attempts, lease_token,"
-    " created_at, scheduled_at"
+    " created_at, scheduled_at, trace_context"
 )
 # ... and where the row is: its rowid on SQLite (PostgreSQL has no stable equivalent).
 _ROW = {"sqlite": "rowid", "postgresql": "NULL"}
@@ -141,6 +141,7 @@ def claim_due(
             lease_owner=owner,
             lease_expires_at=expires,
             started_at=now,
+            trace_context=trace_context,
             row=row,
         )
         for (
@@ -155,6 +156,7 @@ def claim_due(
             token,
             created,
             scheduled,
+            trace_context,
             row,
         ) in rows
     ]
@@ -164,7 +166,7 @@ def claim_due(
             _ATTEMPT_STARTED,
             [
                 (c.id, created, c.attempts, started, owner)
-                for c, (*_, created, _scheduled, _row) in zip(claimed, rows, strict=True)
+                for c, (*_, created, _scheduled, _trace, _row) in zip(claimed, rows, strict=True)
             ],
         )
     notify_changed(conn, [c.id for c in claimed])  # whoever watches them sees them start

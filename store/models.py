@@ -182,6 +182,9 @@ class Task(StoreModel, table=True):  # type: ignore[no-redef]
     # How far the running attempt got, as its function last reported it (`store.progress`):
     # {"done": n, "total": n or null, "message": text or null}; null until it reports.
     progress: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    # The W3C trace context (`{"traceparent": ..., "tracestate": ...}` as JSON) of the span
+    # that enqueued the task, when tracing is on: its attempts' spans join that trace.
+    trace_context: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class Attempt(StoreModel, table=True):
@@ -260,6 +263,7 @@ class Claim:
     lease_owner: str
     lease_expires_at: datetime
     started_at: datetime
+    trace_context: str | None = None
     status: TaskStatus = TaskStatus.RUNNING
     row: int | None = field(default=None, compare=False)  # the rowid on SQLite (see `Lease`)
 

@@ -36,6 +36,7 @@ class NewTask:
     scheduled_at: datetime | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    trace_context: str | None = None
     id: str = field(default_factory=lambda: str(uuid4()))
 
 
@@ -74,6 +75,7 @@ def _values(new: NewTask, now: datetime) -> dict[str, Any]:
         "scheduled_at": new.scheduled_at or now,
         "idempotency_key": new.idempotency_key,
         "request_hash": new.request_hash,
+        "trace_context": new.trace_context,
         "lease_token": 0,
         "expirations": 0,
     }
@@ -125,6 +127,7 @@ _COLUMNS = (
     "scheduled_at",
     "idempotency_key",
     "request_hash",
+    "trace_context",
     "lease_token",
     "expirations",
 )

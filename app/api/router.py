@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 
-from app.api import health, schedules, tasks
+from app.api import health, metrics, schedules, tasks
 from app.api.bodies import Body
 from app.api.handlers import error_response
 from app.api.schemas import answers
@@ -126,13 +126,15 @@ def guarded_router(backstop: Backstop) -> APIRouter:
 
 
 def build_router(backstop: Backstop) -> APIRouter:
-    """The task API of `backstop`: `/tasks...`, `/schedules`, `/readyz`, and the dashboard
+    """The task API of `backstop`: `/tasks...`, `/schedules`, `/metrics`, `/readyz`, and the
+    dashboard
     at `/dashboard`, relative to the prefix the app includes it under."""
     from app.dashboard.routes import dashboard_router  # the dashboard builds on this module
 
     guarded = guarded_router(backstop)
     tasks.add_routes(guarded)
     schedules.add_routes(guarded)
+    metrics.add_routes(guarded)
     # `/readyz` is open to a load balancer: no 401, no bearer scheme.
     router = APIRouter(route_class=route_class(backstop), responses=answers(400, 413))
     router.include_router(guarded)

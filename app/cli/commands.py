@@ -14,10 +14,12 @@ import signal
 import sys
 from types import FrameType
 from typing import Annotated
+from wsgiref.simple_server import WSGIServer
 
 import sqlalchemy as sa
 import typer
 from alembic.util.exc import CommandError
+from prometheus_client import start_http_server
 from pydantic import ValidationError
 from typer._click.exceptions import NoArgsIsHelpError
 
@@ -58,6 +60,8 @@ def _settings() -> Settings:
 def _configure_logging(settings: Settings) -> None:
     """uvicorn's and Alembic's lines at INFO; Backstop's at BACKSTOP_LOG_LEVEL."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logs.formatter(settings, LOG_FORMAT))
     # APScheduler logs every run of every job at INFO: several lines a second when idle.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logs.configure(settings)
@@ -74,6 +78,10 @@ class AppNotFound(BackstopError):
 
 class MigrationFailed(BackstopError):
     """The database could not be brought to the newest migration."""
+
+
+class MetricsUnavailable(BackstopError):
+    """`--metrics-port` names an address the worker cannot listen on."""
 
 
 # The failures whose message says enough on its own; main prints them as one line.
@@ -185,6 +193,17 @@ def worker(
             help="Queues to serve, as name=concurrency[,...] (default: BACKSTOP_QUEUES, or all).",
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve this worker's Prometheus metrics at http://HOST:PORT/metrics.",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics endpoint binds (with --metrics-port).")
+    ] = "127.0.0.1",
 ) -> None:
     """Run only the runner: claim and run tasks until SIGTERM or SIGINT."""
     settings = _settings()
@@ -197,14 +216,26 @@ def worker(
             raise typer.BadParameter("name at least one queue", param_hint="--queues")
         settings = settings.model_copy(update={"queues": served})
     _configure_logging(settings)
-    asyncio.run(_work(settings))
+    metrics = None if metrics_port is None else (metrics_host, metrics_port)
+    asyncio.run(_work(settings, metrics))
 
 
-async def _work(settings: Settings) -> None:
+async def _work(settings: Settings, metrics: tuple[str, int] | None = None) -> None:
     backstop = Backstop(settings)
     backstop.freeze_heap = True
+    server: WSGIServer | None = None
     try:
         await asyncio.to_thread(_migrate, backstop)
+        if metrics is not None:
+            # Workers serve no HTTP otherwise: this process's own endpoint, a target of its
+            # own for Prometheus (see docs/observability.md).
+            host, port = metrics
+            try:
+                server, _thread = start_http_server(port, host, backstop.metrics_registry)
+            except OSError as error:
+                raise MetricsUnavailable(
+                    f"--metrics-port: cannot listen on {host}:{port}: {error}"
+                ) from None
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -216,6 +247,8 @@ async def _work(settings: Settings) -> None:
         finally:
             await backstop.runner.stop()
     finally:
+        if server is not None:
+            server.shutdown()
         backstop.close()
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic_core import to_jsonable_python
 
+from app import logs
 from app.errors import TaskSwitchedOff, UnreadableArguments
+from app.observability.tracing import Tracing, attempt_span, ended
 from app.settings import Settings
 from app.tasks.context import Grant, TaskContext, TaskSettings
 from app.tasks.registry import Registry, TaskSpec
@@ -25,6 +27,9 @@ from store import jsonvalues
 from store.models import Claim, Task, TaskStatus
 from store.outcomes import Outcome
 from store.timeutil import utcnow
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer, TracerProvider
 
 # The attempt records (see `app.logs`): a logger of their own, so that starts and
 # successes can stay off while the rest of the runner's lines show.
@@ -45,9 +50,17 @@ class ResultNotJSON(TypeError):
 class Executor:
     """Calls task functions and says what came of each attempt."""
 
-    def __init__(self, registry: Registry, settings: Settings) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        settings: Settings,
+        *,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.registry = registry
         self.settings = settings
+        self.tracing = Tracing(tracer_provider)
+        logs.install_task_context()
         self._task_settings = TaskSettings.of(settings)
         self._grants: dict[type[Grant], Grant] = {}
 
@@ -79,33 +92,63 @@ class Executor:
 
     def call_sync(self, claim: Claim, ctx: TaskContext, *, now: datetime | None = None) -> Outcome:
         """Run a sync function on this thread; its outcome. Never raises."""
+        tracer = self.tracing.tracer()
+        if tracer is None:
+            return self._call_sync(claim, ctx, now)
+        with attempt_span(tracer, claim) as span:
+            return ended(span, self._call_sync(claim, ctx, now))
+
+    def _call_sync(self, claim: Claim, ctx: TaskContext, now: datetime | None) -> Outcome:
         _started(claim)
         spec: TaskSpec | None = None
         try:
             spec = self.registry.get(claim.name)
             args, kwargs = self._arguments(spec, claim, ctx)
-            result = _json_result(spec.fn(*args, **kwargs))
+            token = logs.attempt.set(claim)
+            try:
+                value = spec.fn(*args, **kwargs)
+            finally:
+                logs.attempt.reset(token)
+            result = _json_result(value)
         except Exception as error:
             return self.failed(claim, spec, error, now=now)
         return Outcome(claim.lease, claim.attempts, now or utcnow(), result=result)
 
-    async def call_async(
+    def call_async(
         self, claim: Claim, ctx: TaskContext, *, now: datetime | None = None
-    ) -> Outcome:
+    ) -> Coroutine[Any, Any, Outcome]:
         """Run an async function (or, on the loop's thread, a sync one); its outcome.
 
         Raises CancelledError only when the runner itself is being stopped past its grace:
         the stop then releases the lease. A cancel request cancels the function alone, and
         the attempt is recorded (the store turns it into `cancelled`).
         """
+        # A plain function that hands back the coroutine: untraced, no extra frame to await.
+        tracer = self.tracing.tracer()
+        if tracer is None:
+            return self._call_async(claim, ctx, now)
+        return self._traced_async(tracer, claim, ctx, now)
+
+    async def _traced_async(
+        self, tracer: Tracer, claim: Claim, ctx: TaskContext, now: datetime | None
+    ) -> Outcome:
+        with attempt_span(tracer, claim) as span:
+            return ended(span, await self._call_async(claim, ctx, now))
+
+    async def _call_async(self, claim: Claim, ctx: TaskContext, now: datetime | None) -> Outcome:
         spec: TaskSpec | None = None
         try:
             spec = self.registry.get(claim.name)
             if not spec.is_async:
-                return self.call_sync(claim, ctx, now=now)
+                return self._call_sync(claim, ctx, now)
             _started(claim)
             args, kwargs = self._arguments(spec, claim, ctx)
-            result = _json_result(await _awaited(spec, args, kwargs, ctx))
+            token = logs.attempt.set(claim)
+            try:
+                value = await _awaited(spec, args, kwargs, ctx)
+            finally:
+                logs.attempt.reset(token)
+            result = _json_result(value)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -181,7 +224,25 @@ def attempt_of(claim: Claim | Task) -> str:
 def _started(claim: Claim) -> None:
     # Checked first: the line is off by default, and its text would cost more than the check.
     if log.isEnabledFor(logging.INFO):
-        log.info("%s started", attempt_of(claim))
+        log.info("%s started", attempt_of(claim), extra=_fields(claim, "started"))
+
+
+def _fields(
+    task: Claim | Task,
+    outcome: str,
+    duration: float | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """An attempt record's fields, as `extra` (see `app.logs`)."""
+    return {
+        "backstop_task_id": task.id,
+        "backstop_task_name": task.name,
+        "backstop_queue": task.queue,
+        "backstop_attempt": task.attempts,
+        "backstop_outcome": outcome,
+        "backstop_duration": duration,
+        "backstop_error": error,
+    }
 
 
 def _when(run_at: datetime | None, now: datetime) -> str:
@@ -197,34 +258,43 @@ def report(claim: Claim, outcome: Outcome, state: TaskStatus | None) -> None:
     will be retried, ERROR for one that ends the task."""
     if outcome.error is None and state is TaskStatus.SUCCEEDED:
         if log.isEnabledFor(logging.INFO):  # as in `_started`
-            log.info("%s succeeded", attempt_of(claim))
+            log.info(
+                "%s succeeded", attempt_of(claim), extra=_outcome_fields(claim, outcome, state)
+            )
         return
     attempt = attempt_of(claim)
+    extra = _outcome_fields(claim, outcome, state)
     if state is None:
         what = "success" if outcome.error is None else f"failure ({outcome.error})"
-        log.warning("%s lost its lease; its %s was not recorded", attempt, what)
+        log.warning("%s lost its lease; its %s was not recorded", attempt, what, extra=extra)
     elif state is TaskStatus.CANCELLED:
-        log.info("%s cancelled", attempt)
+        log.info("%s cancelled", attempt, extra=extra)
     elif state is TaskStatus.RETRYING:
         when = _when(outcome.run_at, outcome.now)
-        log.warning("%s failed, retry %s: %s", attempt, when, outcome.error)
+        log.warning("%s failed, retry %s: %s", attempt, when, outcome.error, extra=extra)
     elif claim.attempts >= claim.max_attempts:
-        log.error("%s failed, no attempts left: %s", attempt, outcome.error)
+        log.error("%s failed, no attempts left: %s", attempt, outcome.error, extra=extra)
     else:
-        log.error("%s failed, not retried: %s", attempt, outcome.error)
+        log.error("%s failed, not retried: %s", attempt, outcome.error, extra=extra)
+
+
+def _outcome_fields(claim: Claim, outcome: Outcome, state: TaskStatus | None) -> dict[str, Any]:
+    duration = round(max((outcome.now - claim.started_at).total_seconds(), 0.0), 6)
+    return _fields(claim, "lost" if state is None else state.value, duration, outcome.error)
 
 
 def report_expired(task: Task, now: datetime) -> None:
     """Log the one line of an attempt whose lease lapsed (its runner died): WARNING when the
     task is retried, ERROR when it fails."""
     attempt = attempt_of(task)
+    extra = _fields(task, "lease_expired", error=task.last_error)
     if task.status is TaskStatus.RETRYING:
         when = _when(task.scheduled_at, now)
-        log.warning("%s lost its runner, retry %s: %s", attempt, when, task.last_error)
+        log.warning("%s lost its runner, retry %s: %s", attempt, when, task.last_error, extra=extra)
     elif task.attempts >= task.max_attempts:
-        log.error("%s lost its runner, no attempts left: %s", attempt, task.last_error)
+        log.error("%s lost its runner, no attempts left: %s", attempt, task.last_error, extra=extra)
     else:
-        log.error("%s lost its runner, given up: %s", attempt, task.last_error)
+        log.error("%s lost its runner, given up: %s", attempt, task.last_error, extra=extra)
 
 
 async def _awaited(

@@ -178,6 +178,7 @@ class Periodic:
         created = await self.runner.write(enqueue_due, specs, now)
         for task in created:
             log.info("task %s: enqueued periodic %s for %s", task.id, task.name, task.scheduled_at)
+            self.runner.metrics.enqueued(task.name, task.queue)
         if created:
             self.runner.notify()
         return created

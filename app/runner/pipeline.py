@@ -22,6 +22,7 @@ from datetime import datetime
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
+from app.observability.metrics import TaskMetrics
 from app.runner.backoff import Backoff
 from app.runner.dbthread import DatabaseThread
 from app.runner.execution import Executor, TaskTimeout, attempt_of, report
@@ -101,6 +102,7 @@ class Pipeline:
         owner: str,
         lease_seconds: float,
         on_finished: Callable[[], None],
+        metrics: TaskMetrics,
     ) -> None:
         self.database = database
         self.executor = executor
@@ -109,6 +111,7 @@ class Pipeline:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.on_finished = on_finished
+        self.metrics = metrics
         self.claiming = False  # cycles claim only while the runner accepts work
         # Set while the heartbeat fails: the leases held may have lapsed unseen.
         self.leases_in_doubt = False
@@ -198,6 +201,7 @@ class Pipeline:
     def start(self, claims: list[Claim], now: datetime | None = None) -> list[Running]:
         """Hold the claimed tasks and start their functions."""
         entries = [Running(claim, self.context(claim), now) for claim in claims]
+        self.metrics.started(claims)
         with self._lock:
             for entry in entries:
                 self.running[entry.claim.id] = entry
@@ -355,8 +359,13 @@ class Pipeline:
     def _written(
         self, batch: list[tuple[Running, Outcome]], states: list[TaskStatus | None]
     ) -> None:
-        for (entry, outcome), state in zip(batch, states, strict=True):
-            report(entry.claim, outcome, state)
+        written = [
+            (entry.claim, outcome, state)
+            for (entry, outcome), state in zip(batch, states, strict=True)
+        ]
+        for claim, outcome, state in written:
+            report(claim, outcome, state)
+        self.metrics.finished(written)
         self._release([entry for entry, _ in batch])
         if batch:
             self.on_finished()

@@ -19,11 +19,12 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import uuid4
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from app.observability.metrics import TaskMetrics
 from app.runner.backoff import Backoff
 from app.runner.dbthread import DatabaseThread
 from app.runner.execution import Executor, attempt_of, report, report_expired
@@ -40,6 +41,9 @@ from store.engine import Database
 from store.health import as_unavailable
 from store.models import Task
 from store.timeutil import utcnow
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ class Runner:
         worker_id: str | None = None,
         on_finished: Callable[[], None] | None = None,
         inline: bool = False,
+        metrics: TaskMetrics | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.db = db
         self.registry = registry
@@ -81,7 +87,8 @@ class Runner:
         self.inline = inline
         self.database = DatabaseThread(db, inline=inline)
         self.threads = DaemonPool(self.capacity)
-        self.executor = Executor(registry, settings)
+        self.metrics = metrics or TaskMetrics()
+        self.executor = Executor(registry, settings, tracer_provider=tracer_provider)
         self.pipeline = Pipeline(
             self.database,
             self.executor,
@@ -90,6 +97,7 @@ class Runner:
             owner=self.worker_id,
             lease_seconds=settings.lease_seconds,
             on_finished=self._finished,
+            metrics=self.metrics,
         )
         self._extra_jobs: list[tuple[str, Job, float]] = []
         self._in_flight: dict[str, asyncio.Future[object]] = {}
@@ -296,6 +304,7 @@ class Runner:
         if not batch:
             return []
         if self.inline:
+            self.metrics.started(batch)
             for claim in batch:
                 ctx = self.pipeline.context(claim)
                 outcome = await self.executor.call_async(claim, ctx, now=now)
@@ -303,6 +312,7 @@ class Runner:
                     record_with_progress, self.pipeline.progress.take_for([claim.id]), [outcome]
                 )
                 report(claim, outcome, state)
+                self.metrics.finished([(claim, outcome, state)])
                 self._finished()
         else:
             self.pipeline.loop = asyncio.get_running_loop()
@@ -388,6 +398,7 @@ class Runner:
         )
         for task in reclaimed:
             report_expired(task, now)
+            self.metrics.expired(task)
         if reclaimed:
             self._finished()
             self.notify()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ from app.backstop import Backstop
 from app.settings import Settings
 from store import leases
 from tests.support.backstops import MakeBackstop
-from tests.support.tasks import fatal, flaky
+from tests.support.tasks import chatty, fatal, flaky
 from tests.support.waiting import wait_until
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -294,3 +295,104 @@ def test_under_plain_uvicorn_a_failed_attempt_shows_on_stderr(
         server.wait(timeout=30)
     output = stderr_path.read_text(encoding="utf-8")
     assert output.count(line) == 1, output
+
+
+# -- JSON lines and a task's own lines -----------------------------------------------------
+
+
+def test_json_format_writes_each_attempt_record_as_one_object_a_line(
+    backstop: Backstop, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    json_settings = backstop.settings.model_copy(
+        update={"log_format": "json", "log_attempts": True}
+    )
+    logs.configure(json_settings)
+    # The root handler as `backstop worker` and `serve` set it up under this setting.
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.formatter(json_settings))
+    monkeypatch.setattr(logging.getLogger(), "handlers", [handler])
+    caplog.set_level(logging.INFO, logger="tests.support.chatter")
+    retried = backstop.tasks.enqueue(flaky, [1], now=T0)
+    failed = backstop.tasks.enqueue(fatal, now=T0)
+    said = backstop.tasks.enqueue(chatty, ["hi"], now=T0)
+
+    asyncio.run(backstop.runner.drain(now=at(0)))
+    asyncio.run(backstop.runner.drain(now=at(2)))
+
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    records = [line for line in lines if line["logger"] == "app.attempts"]
+    assert {line["level"] for line in records} <= {"INFO", "WARNING", "ERROR"}
+    assert all(line["time"].endswith("+00:00") for line in lines)
+    outcomes = [
+        (line["task_id"], line["attempt"], line["outcome"], line.get("error")) for line in records
+    ]
+    assert sorted(outcomes, key=str) == sorted(
+        [
+            (retried.id, 1, "started", None),
+            (retried.id, 1, "retrying", "Flaky: attempt 1 of 1 planned failures"),
+            (retried.id, 2, "started", None),
+            (retried.id, 2, "succeeded", None),
+            (failed.id, 1, "started", None),
+            (failed.id, 1, "failed", "Fatal: not worth retrying"),
+            (said.id, 1, "started", None),
+            (said.id, 1, "succeeded", None),
+        ],
+        key=str,
+    )
+    for line in records:
+        assert line["task_name"] in {"test.flaky", "test.fatal", "test.chatty"}
+        assert line["queue"] == "default"
+        if line["outcome"] != "started":
+            assert line["duration"] == 0  # the clock is pinned: claim and outcome at one time
+    (own,) = [line for line in lines if line["logger"] == "tests.support.chatter"]
+    assert own == {
+        "time": own["time"],
+        "level": "INFO",
+        "logger": "tests.support.chatter",
+        "message": "saying hi",
+        "task_id": said.id,
+        "task_name": "test.chatty",
+        "queue": "default",
+        "attempt": 1,
+    }
+
+
+def test_text_stays_the_default(settings: Settings) -> None:
+    assert settings.log_format == "text"
+    assert type(logs.formatter(settings)) is logging.Formatter
+
+
+@pytest.mark.parametrize("name", ["test.chatty", "test.async_chatty"])
+def test_a_tasks_own_lines_carry_its_id_and_attempt_on_threads_and_the_loop(
+    settings: Settings, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="tests.support.chatter")
+    # Its runner started, as the service runs it: sync functions on the worker threads.
+    backstop = Backstop(settings)
+    backstop.prepare()
+
+    async def run() -> str:
+        await backstop.runner.start()
+        try:
+            task_id = backstop.tasks.add_task(name, "hi")
+            await backstop.tasks.finished_async(task_id, 30)
+            return task_id
+        finally:
+            await backstop.runner.stop()
+
+    try:
+        task_id = asyncio.run(asyncio.wait_for(run(), 30))
+    finally:
+        backstop.close()
+    own = [record for record in caplog.records if record.name == "tests.support.chatter"]
+    assert own, "the task logged nothing"
+    for record in own:
+        assert (
+            record.backstop_task_id,  # type: ignore[attr-defined]
+            record.backstop_attempt,  # type: ignore[attr-defined]
+            record.backstop_task_name,  # type: ignore[attr-defined]
+        ) == (task_id, 1, name)
+    # Outside the task nothing carries them.
+    outside = logging.getLogger("x").makeRecord("x", 20, "f", 1, "m", (), None)
+    assert not hasattr(outside, "backstop_task_id")

@@ -31,8 +31,8 @@ from alembic.script import ScriptDirectory
 from store import leases, migrate
 from store.attempts import list_attempts
 from store.engine import Database, create_database, drop_database
-from store.models import metadata, task_table
-from store.tasks import NewTask, enqueue, get_task
+from store.models import Task, metadata, task_table
+from store.tasks import NewTask, enqueue, get_task, stored_row, stored_task
 
 REPO = Path(__file__).resolve().parents[2]
 CLAIMABLE_INDEX = "ix_task_claimable"
@@ -182,8 +182,8 @@ def test_0002_keeps_every_attempt_and_refers_it_to_its_task_by_creation_time(
 ) -> None:
     migrate.upgrade(empty, "0001")
     with empty.write() as conn:  # rows as 0001 stored them
-        first = enqueue(conn, NewTask(name="a"), now=datetime(2026, 3, 1, tzinfo=UTC))
-        second = enqueue(conn, NewTask(name="b"), now=datetime(2026, 3, 2, tzinfo=UTC))
+        first = _enqueue_before_0003(conn, "a", datetime(2026, 3, 1, tzinfo=UTC))
+        second = _enqueue_before_0003(conn, "b", datetime(2026, 3, 2, tzinfo=UTC))
         conn.execute(
             sa.text(
                 "INSERT INTO attempt (task_id, number, started_at, worker)"
@@ -248,6 +248,14 @@ def test_0002_downgrades_to_0001_and_back(empty: Database) -> None:
     assert _attempts(empty) == [(task.id, 1, "w")]
 
 
+def _enqueue_before_0003(conn: sa.Connection, name: str, now: datetime) -> Task:
+    """A task stored in a schema older than 0003, which has no `trace_context` column."""
+    row = stored_row(NewTask(name=name), now)
+    del row["trace_context"]
+    conn.execute(sa.insert(task_table).values(row))
+    return stored_task(NewTask(name=name, id=row["id"]), now)
+
+
 def _as_before_the_rename(db: Database) -> None:
     """Put the database's revision where Backstop kept it before it had its own table."""
     script = ScriptDirectory(str(files("store") / "migrations"))
@@ -275,7 +283,7 @@ def test_a_database_migrated_under_the_old_table_name_moves_over_with_its_tasks(
     migrate.upgrade(empty, revision)
     with empty.write() as conn:
         tasks = [
-            enqueue(conn, NewTask(name=name), now=datetime(2026, 3, 1, tzinfo=UTC))
+            _enqueue_before_0003(conn, name, datetime(2026, 3, 1, tzinfo=UTC))
             for name in ("a", "b")
         ]
     _as_before_the_rename(empty)

@@ -49,7 +49,7 @@ def test_each_queue_has_its_counts_and_the_age_of_its_oldest_due_task(store: Dat
     unfinished(store, S.RETRYING, T - 3 * MINUTE, queue="again", due=T - 2 * MINUTE)
 
     with store.read() as conn:
-        queues = {queue.name: queue for queue in queue_overview(conn, now=T)}
+        queues = queue_overview(conn, now=T)
         seen = overview(conn, now=T)
 
     assert sorted(queues) == ["again", "late", "mail"]

@@ -21,6 +21,7 @@ from store.engine import Database
 from store.models import TERMINAL, TaskStatus
 from store.outcomes import Outcome
 from store.retention import prune_finished
+from store.stats import queue_overview
 from store.tasks import NewTask, enqueue_many, list_tasks
 from store.timeutil import utcnow
 
@@ -52,7 +53,7 @@ def _plans(db: Database) -> Iterator[list[str]]:
     finally:
         sa.event.remove(db.engine, "before_cursor_execute", capture)
     for statement, parameters in executed:
-        if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE")):
+        if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "WITH")):
             plans.append(_explain(db, statement, parameters))
 
 
@@ -185,3 +186,16 @@ def test_a_success_finds_its_task_by_rowid_when_the_claim_gave_one(history: Data
     assert "USING INTEGER PRIMARY KEY (rowid=?)" in by_row, by_row
     by_id = _explain(history, outcomes.SUCCEEDED_BY_ID[0], ("t", "null", *params[3:]))
     assert "sqlite_autoindex_task_1 (id=?)" in by_id, by_id
+
+
+def test_the_metrics_overview_reads_the_partial_indexes_not_the_history(
+    history: Database,
+) -> None:
+    with history.write() as conn:
+        leases.claim_due(conn, "w", 5, lease_seconds=30)
+    with _plans(history) as plans, history.read() as conn:
+        queue_overview(conn, finished=False)
+    names, claimable, running = plans
+    assert "ix_task_queue_created (queue>?)" in names
+    assert "SCAN task USING INDEX ix_task_claimable" in claimable
+    assert "SCAN task USING INDEX ix_task_lease_expiry" in running

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from store.engine import Database
 from store.models import TaskStatus as S
-from store.stats import QueueStats, task_stats
+from store.stats import QueueOverview, QueueStats, queue_names, queue_overview, task_stats
 from tests.support.states import finished, unfinished
 
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -75,3 +75,31 @@ def test_nothing_is_due_when_every_waiting_task_is_scheduled_later(db: Database)
     assert stats.counts == {**ZERO, S.QUEUED: 1, S.RETRYING: 1, S.RUNNING: 1, S.SUCCEEDED: 1}
     assert stats.oldest_due_seconds is None
     assert stats_at(db, T + timedelta(microseconds=1)).oldest_due_seconds == 0
+
+
+def test_the_overview_gives_each_queue_its_counts_and_its_own_oldest_due_age(
+    db: Database,
+) -> None:
+    unfinished(db, S.QUEUED, T - timedelta(minutes=5), queue="default")
+    unfinished(db, S.RETRYING, T - timedelta(hours=3), due=T - timedelta(minutes=90), queue="mail")
+    unfinished(db, S.RUNNING, T - timedelta(days=2), queue="mail")
+    finished(db, S.SUCCEEDED, T - timedelta(days=2), queue="done")
+
+    with db.read() as conn:
+        everything = queue_overview(conn, T)
+        unfinished_only = queue_overview(conn, T, finished=False)
+
+    assert everything == {
+        "default": QueueOverview("default", {**ZERO, S.QUEUED: 1}, 5 * 60),
+        "done": QueueOverview("done", {**ZERO, S.SUCCEEDED: 1}, None),
+        "mail": QueueOverview("mail", {**ZERO, S.RETRYING: 1, S.RUNNING: 1}, 90 * 60),
+    }
+    # The finished states read 0, and a queue of finished tasks alone is still listed.
+    assert unfinished_only == {**everything, "done": QueueOverview("done", ZERO, None)}
+
+
+def test_queue_names_lists_each_queue_once_in_order(db: Database) -> None:
+    for queue in ("b", "a", "b", "c"):
+        finished(db, S.SUCCEEDED, T, queue=queue)
+    with db.read() as conn:
+        assert queue_names(conn) == ["a", "b", "c"]

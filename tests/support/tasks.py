@@ -8,6 +8,7 @@ often, across process boundaries.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from datetime import UTC, datetime
@@ -242,3 +243,26 @@ def gated_retry(gates: str, ctx: TaskContext) -> int:
     if ctx.attempt == 1:
         raise Flaky("the first attempt fails")
     return ctx.attempt
+
+
+chatter = logging.getLogger("tests.support.chatter")
+
+
+@task(name="test.chatty")
+def chatty(word: str) -> str:
+    """Logs a line of its own (which carries its task id and attempt), on a worker thread;
+    its own `extra` names a field of Backstop's too, which must not clash."""
+    chatter.info("saying %s", word, extra={"queue": "its own"})
+    return word
+
+
+@task(name="test.async_chatty")
+async def async_chatty(word: str) -> str:
+    """`test.chatty` on the event loop, from a child asyncio task as well."""
+    chatter.info("saying %s", word)
+    await asyncio.create_task(_echo_later(word))
+    return word
+
+
+async def _echo_later(word: str) -> None:
+    chatter.info("still saying %s", word)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,14 @@ def test_a_database_url_backstop_cannot_use_is_one_line(tmp_path: Path, url: str
     for command in (["db", "upgrade"], ["tasks", "list"]):
         line = assert_one_line_error(backstop(tmp_path, *command, BACKSTOP_DATABASE_URL=url))
         assert "sqlite:///" in line or "postgresql+psycopg://" in line
+
+
+def test_a_metrics_port_the_worker_cannot_listen_on_is_one_line(data_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = backstop(data_dir, "worker", "--metrics-port", str(port))
+    assert done.returncode == 1
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(f"backstop: --metrics-port: cannot listen on 127.0.0.1:{port}: ")
