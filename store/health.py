@@ -75,6 +75,7 @@ class WriteHealth:
     def __init__(self, path: Path | None) -> None:
         self._lock = threading.Lock()
         self.failure: str | None = None
+        self._worked = False
         self.file = FileIdentity(path) if path is not None else None
 
     @property
@@ -91,6 +92,7 @@ class WriteHealth:
 
     def succeeded(self) -> None:
         """A write committed."""
+        self._worked = True
         if self.failure is None:
             return
         with self._lock:
@@ -104,7 +106,9 @@ class WriteHealth:
         with self._lock:
             first = self.failure is None
             self.failure = reason
-        if first:
+        # Before any write has worked (the start-up's migration), whoever asked says why, in
+        # its own one line: this one is for a change in a running process.
+        if first and self._worked:
             log.warning("writes to the database fail: %s", reason)
 
 

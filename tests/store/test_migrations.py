@@ -249,9 +249,11 @@ def test_0002_downgrades_to_0001_and_back(empty: Database) -> None:
 
 
 def _enqueue_before_0003(conn: sa.Connection, name: str, now: datetime) -> Task:
-    """A task stored in a schema older than 0003, which has no `trace_context` column."""
+    """A task stored in a schema older than 0003, which has no `trace_context` column (nor
+    0004's `progress`)."""
     row = stored_row(NewTask(name=name), now)
     del row["trace_context"]
+    row.pop("progress", None)
     conn.execute(sa.insert(task_table).values(row))
     return stored_task(NewTask(name=name, id=row["id"]), now)
 
