@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import datetime
 from importlib import resources
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -139,6 +140,13 @@ def render(
         and SESSION_COOKIE in request.cookies,
         "content": template,
         "live": live,
+        # The page's own query (its filters, its page) with the fragment asked for.
+        "live_query": urlencode(
+            [
+                *((k, v) for k, v in request.query_params.multi_items() if k != "fragment"),
+                ("fragment", "1"),
+            ]
+        ),
         "live_every": LIVE_EVERY,
         "states": list(TaskStatus),
         **context,
@@ -204,6 +212,7 @@ def failing(
         service,
         "failing.html",
         title="Failing",
+        live=True,
         page=page,
         queues=queues,
         filters=filters,

@@ -141,6 +141,11 @@ def test_failing_work_lists_failed_and_retrying_tasks_filtered_and_paged(
     assert "Fatal: not worth retrying" in page
     assert "Flaky: attempt 1 of 3 planned failures" in page
     assert "stale" in client.get("/dashboard/failing?cursor=nonsense").text
+    # The page stays live with its filters: its fragment is fetched with the same query.
+    assert (
+        'data-live="?queue=b&amp;state=failed&amp;fragment=1"'
+        in client.get("/dashboard/failing?queue=b&state=failed").text
+    )
 
 
 def test_the_task_page_shows_every_attempt_with_its_error_and_traceback(
