@@ -292,6 +292,8 @@ def _mark_many_succeeded_at_once(
             ],
         )
     }
+    if closed:
+        notify_changed(conn, sorted(closed))  # whoever watches them hears them end
     answers: list[TaskStatus | None] = []
     for outcome in done:
         if outcome.lease.task_id in closed:

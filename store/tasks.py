@@ -322,6 +322,8 @@ def list_tasks(
     if limit < 1:
         raise ValueError("limit must be at least 1")
     query = sa.select(t).order_by(t.c.created_at.desc(), t.c.id.desc()).limit(limit + 1)
+    if isinstance(status, str):  # a state's name (the test kit's `all(status="failed")`)
+        status = TaskStatus(status)
     if isinstance(status, TaskStatus):
         query = query.where(t.c.status == status)
         if status in TERMINAL:
