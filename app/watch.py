@@ -214,6 +214,10 @@ class TaskWatch:
             changes.deliver(task)
 
 
+# How often the watcher reads the watched tasks when no signal can reach it (seconds).
+DEAF_POLL = 0.25
+
+
 class _ChangeBell(NotifyBell):
     """A `NotifyBell` on `TASK_CHANNEL`: hands on the ids of the tasks that changed; at each
     LISTEN that takes (and each loss), says that any task may have changed."""
@@ -223,10 +227,18 @@ class _ChangeBell(NotifyBell):
             db,
             lambda: changed(None),
             lambda _task_id: None,
+            poll_interval=DEAF_POLL,
             channels=(TASK_CHANNEL,),
             name="backstop-watch",
         )
         self._changed = changed
+
+    def _deaf(self) -> None:
+        # Behind a pooler that drops LISTEN nothing is heard: read what is watched on a
+        # timer instead (the waits still answer, a little later), until the bell stops.
+        while not self._stop.is_set():
+            self._changed(None)
+            self._pause(DEAF_POLL)
 
     def _heard(self, notices: list[Notice]) -> bool:
         self._changed({task_id for notice in notices for task_id in changed_ids(notice.payload)})

@@ -116,10 +116,12 @@ class NotifyBell:
                     self._listener.connect()
                     if not self._listener.hears():
                         log.warning(
-                            "listener: signals do not reach this connection (a pooler in"
-                            " transaction mode?); claiming every %ss by polling instead",
+                            "%s: signals do not reach this connection (a pooler in"
+                            " transaction mode?); polling every %ss instead",
+                            self._thread.name,
                             self._poll_interval,
                         )
+                        self._deaf()
                         return
                     if failures:
                         log.info("listener: listening again")
@@ -159,6 +161,10 @@ class NotifyBell:
     def _heard(self, notices: list[Notice]) -> bool:
         """Hand on what arrived; whether to ring."""
         return hand_on(notices, self._serves, self._cancel)
+
+    def _deaf(self) -> None:
+        """No signal reaches this process: the runner polls on its own every
+        `poll_interval`, so the bell has nothing more to do."""
 
     def _pause(self, seconds: float) -> None:
         """Sleep `seconds`, or less if the bell stops."""

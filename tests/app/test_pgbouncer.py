@@ -214,3 +214,30 @@ def _status(db: Database, task_id: str) -> TaskStatus:
 
     with db.read() as conn:
         return get_task(conn, task_id).status
+
+
+def test_behind_transaction_pooling_a_wait_still_answers_by_polling(
+    bouncer: Bouncer, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = bouncer("transaction")
+    backstop = _backstop(settings, url, pg_prepared_statements=False, poll_interval=0.05)
+    task_id = backstop.tasks.add_task("test.echo", 1)
+
+    async def scenario() -> TaskStatus:
+        waiting = asyncio.create_task(backstop.tasks.finished_async(task_id, 30))
+        await asyncio.to_thread(
+            wait_until, lambda: backstop.tasks.watch.waiting(task_id), 10, "the wait to begin"
+        )
+        await backstop.runner.start()
+        try:
+            return (await waiting).status
+        finally:
+            await backstop.runner.stop()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="app.runner.wakeup"):
+            assert asyncio.run(scenario()) == TaskStatus.SUCCEEDED
+    finally:
+        backstop.close()
+    deaf = [r.getMessage() for r in caplog.records if FALLBACK in r.getMessage()]
+    assert any(message.startswith("backstop-watch") for message in deaf), caplog.text
