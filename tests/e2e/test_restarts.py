@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -173,26 +173,6 @@ class Servers:
     def close(self) -> None:
         for server in self.started:
             server.close()
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    """Server launcher; on teardown kills what still runs and prints each server's log,
-    which pytest shows only when the test failed."""
-    launcher = Servers(tmp_path)
-    try:
-        yield launcher
-    finally:
-        launcher.close()
-        for number, server in enumerate(launcher.started, start=1):
-            print(f"----- server {number} (port {server.port}) log -----")
-            print(server.log_tail())
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    """The data folder every server of the test shares."""
-    return tmp_path / "data"
 
 
 def read_tasks(data_dir: Path, task_ids: list[str]) -> dict[str, Task]:

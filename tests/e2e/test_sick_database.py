@@ -20,10 +20,8 @@ from store import tasks as store_tasks
 from store.engine import Database
 from store.models import TaskStatus
 from store.timeutil import utcnow
-from tests.e2e.test_restarts import Server, Servers, data_dir, run_lines, servers
+from tests.e2e.test_restarts import Server, Servers, run_lines
 from tests.support.waiting import wait_until
-
-__all__ = ["data_dir", "servers"]  # the fixtures, shared with the restart tests
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,6 @@ import httpx
 import pytest
 
 from tests.e2e.test_restarts import REPO_ROOT, Server, Servers
-from tests.e2e.test_restarts import servers as servers  # the fixture
 from tests.support.projects import write_files
 from tests.support.waiting import wait_until
 

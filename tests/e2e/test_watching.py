@@ -31,18 +31,6 @@ DEADLINE = 30.0
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    launcher = Servers(tmp_path)
-    try:
-        yield launcher
-    finally:
-        launcher.close()
-        for number, server in enumerate(launcher.started, start=1):
-            print(f"----- server {number} (port {server.port}) log -----")
-            print(server.log_tail())
-
-
-@pytest.fixture
 def here(settings: Settings, tmp_path: Path) -> Iterator[Backstop]:
     """A Backstop in this process on the server's data folder; its runner never starts."""
     instance = Backstop(settings.model_copy(update={"data_dir": tmp_path / "data"}))
