@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection, Dialect
 
 from store import jsonvalues
 from store.models import task_table
+from store.timeutil import UnreadableTime
 
 Convert = Callable[[Any], Any]
 _processors: weakref.WeakKeyDictionary[Dialect, dict[sa.Column[Any], Convert | None]] = (
@@ -69,11 +70,15 @@ class Driver:
         return self._stamp(value)
 
     def read_stamp(self, value: Any) -> datetime:
-        """A stored timestamp as an aware UTC datetime."""
-        if self.sqlite:
-            return datetime.fromisoformat(value).replace(tzinfo=UTC)
-        stamp: datetime = value
-        return stamp.astimezone(UTC)
+        """A stored timestamp as an aware UTC datetime; one that is not a time (a row written
+        by hand) as an `UnreadableTime`."""
+        try:
+            if self.sqlite:
+                return datetime.fromisoformat(value).replace(tzinfo=UTC)
+            stamp: datetime = value
+            return stamp.astimezone(UTC)
+        except (ValueError, TypeError, AttributeError, OverflowError):
+            return UnreadableTime.of(value)
 
     def json(self, value: Any) -> Any:
         """A JSON column's value as the driver takes it (None stays SQL NULL)."""

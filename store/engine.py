@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from store import jsonvalues
 from store.errors import DatabaseFileGone, WriteTimeout
 from store.health import WriteHealth, as_unavailable
+from store.timeutil import UnreadableTime
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -142,6 +143,29 @@ def connect_args(engine: Engine) -> dict[str, Any]:
     return dict(_connect_args.get(engine, {}))
 
 
+def _read_any_timestamptz(dbapi_connection: Any, _record: Any) -> None:
+    """Let this connection read every `timestamptz` PostgreSQL stores: `infinity`, or a year
+    past 9999 or before 1 (a row written by hand), has no Python datetime, and psycopg would
+    fail the whole read; it is read as an `UnreadableTime` holding the stored text."""
+    dbapi_connection.adapters.register_loader("timestamptz", _lenient_timestamptz_loader())
+
+
+@functools.cache
+def _lenient_timestamptz_loader() -> type:
+    # Imported here: psycopg is installed only with the `postgres` extra.
+    import psycopg
+    from psycopg.types.datetime import TimestamptzLoader
+
+    class LenientTimestamptzLoader(TimestamptzLoader):
+        def load(self, data: Any) -> Any:
+            try:
+                return super().load(data)
+            except psycopg.DataError:
+                return UnreadableTime.of(bytes(data).decode("utf-8", "replace"))
+
+    return LenientTimestamptzLoader
+
+
 def _postgres_engine(url: str, options: PostgresOptions, echo: bool) -> Engine:
     args: dict[str, Any] = {"connect_timeout": max(options.connect_timeout, 1), **LINK_CHECKS}
     if not options.prepared_statements:
@@ -157,6 +181,7 @@ def _postgres_engine(url: str, options: PostgresOptions, echo: bool) -> Engine:
         connect_args=args,
     )
     _connect_args[engine] = args
+    event.listen(engine, "connect", _read_any_timestamptz)
     timeout_ms = round(options.statement_timeout * 1000)
     if timeout_ms > 0:
         # A SET on each new connection rather than the startup packet's `options`, which

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from store.attempts import of_task
 from store.changes import notify, notify_changed
 from store.driver import Driver
+from store.jsonvalues import escaped_text
 from store.models import (
     CLAIMABLE_WHERE,
     RUNNING_WHERE,
@@ -84,10 +85,18 @@ _ATTEMPT_STARTED = (
     "INSERT INTO attempt (task_id, task_created_at, number, started_at, worker)"
     " VALUES (?, ?, ?, ?, ?)"
 )
+_ATTEMPT_STARTED_FROM_ROW = (
+    "INSERT INTO attempt (task_id, task_created_at, number, started_at, worker)"
+    " SELECT id, created_at, ?, ?, ? FROM task WHERE id = ?"
+)
 _ATTEMPTS_OF_CLAIMED = (
     "INSERT INTO attempt (task_id, task_created_at, number, started_at, worker)"
     " SELECT id, created_at, attempts, ?, ? FROM claimed"
 )
+
+
+def _sendable(value: Any) -> bool:
+    return not isinstance(value, str) or escaped_text(value) is value
 
 
 def claim_due(
@@ -130,11 +139,12 @@ def claim_due(
             id=task_id,
             name=name,
             queue=task_queue,
-            priority=priority,
+            # An integer written by hand as text: no priority, and no attempt after this one.
+            priority=priority if isinstance(priority, int) else 0,
             args=driver.read_json(args),
             kwargs=driver.read_json(kwargs),
             attempts=attempts,
-            max_attempts=max_attempts,
+            max_attempts=max_attempts if isinstance(max_attempts, int) else attempts,
             lease_token=token,
             created_at=driver.read_stamp(created),
             scheduled_at=driver.read_stamp(scheduled),
@@ -162,13 +172,21 @@ def claim_due(
     ]
     # The task's creation time goes back as the driver gave it: the same value, unconverted.
     if driver.sqlite:
-        driver.execute_many(
-            _ATTEMPT_STARTED,
-            [
-                (c.id, created, c.attempts, started, owner)
-                for c, (*_, created, _scheduled, _trace, _row) in zip(claimed, rows, strict=True)
-            ],
-        )
+        attempts_started = [
+            (c.id, created, c.attempts, started, owner)
+            for c, (*_, created, _scheduled, _trace, _row) in zip(claimed, rows, strict=True)
+        ]
+        # But text written by hand that is not UTF-8 cannot go back through the driver: the
+        # attempt takes that creation time from the task's row itself.
+        plain, from_row = [], []
+        for started_row in attempts_started:
+            if _sendable(started_row[1]):
+                plain.append(started_row)
+            else:
+                from_row.append((*started_row[2:], started_row[0]))
+        driver.execute_many(_ATTEMPT_STARTED, plain)
+        if from_row:
+            driver.execute_many(_ATTEMPT_STARTED_FROM_ROW, from_row)
     notify_changed(conn, [c.id for c in claimed])  # whoever watches them sees them start
     claimed.sort(key=lambda task: (-task.priority, task.scheduled_at))
     return claimed

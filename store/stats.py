@@ -19,7 +19,7 @@ from store.models import (
     task_table,
 )
 from store.runners import RunnerSeen, recent_runners
-from store.timeutil import utcnow
+from store.timeutil import UnreadableTime, utcnow
 
 t = task_table
 
@@ -115,8 +115,10 @@ def queue_overview(
     for statement in parts:
         for queue, status, count, oldest in conn.execute(statement):
             counts, dues = found.setdefault(queue, (dict.fromkeys(TaskStatus, 0), []))
-            counts[TaskStatus(status)] = count
-            if oldest is not None:
+            # A state or a due time written by hand that is not one is left out, not raised on.
+            if status in counts:
+                counts[TaskStatus(status)] = count
+            if oldest is not None and not isinstance(oldest, UnreadableTime):
                 dues.append(oldest)
     return {
         queue: QueueOverview(

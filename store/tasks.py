@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,8 +18,9 @@ from sqlalchemy.engine import Connection, Dialect, Row
 from store.changes import notify
 from store.driver import Convert, Driver, bind_processor
 from store.errors import IdempotencyConflict, InvalidCursor, TaskNotFound
+from store.jsonvalues import escaped_text
 from store.models import CLAIMABLE_WHERE, TERMINAL, TERMINAL_WHERE, Task, TaskStatus, task_table
-from store.timeutil import utcnow
+from store.timeutil import UnreadableTime, utcnow
 
 t = task_table
 
@@ -55,9 +57,14 @@ def to_task(row: Row[Any]) -> Task:
 
 def _task(values: dict[str, Any]) -> Task:
     # The values come from the database or from `_values`, so they are already right:
-    # constructing skips validation, which costs ten times as much on the hot paths.
-    values["status"] = TaskStatus(values["status"])
+    # constructing skips validation, which costs ten times as much on the hot paths. A row
+    # written by hand may hold a state outside the enum (its CHECK dropped): kept as the
+    # stored text, which no runner acts on and `TaskOut` shows as unreadable.
+    values["status"] = _STATES.get(values["status"], values["status"])
     return Task.model_construct(**values)
+
+
+_STATES = {state.value: state for state in TaskStatus}
 
 
 def _values(new: NewTask, now: datetime) -> dict[str, Any]:
@@ -291,20 +298,54 @@ _MARKS_CHUNK = 500
 
 
 def _encode_cursor(task: Task) -> str:
-    raw = f"{task.created_at.isoformat()}|{task.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    created = task.created_at
+    if isinstance(created, UnreadableTime):
+        # A creation time written by hand that is not one: the cursor carries the value
+        # stored, which the next page compares the column with as SQL orders them.
+        raw = _UNREADABLE + json.dumps([*_tagged(created.stored), task.id])
+    else:
+        raw = f"{created.isoformat()}|{task.id}"
+    data = raw.encode("utf-8", "surrogatepass")
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+# What opens a cursor that holds a stored value that is not a time, and how each kind of
+# value is written in it (JSON has no bytes).
+_UNREADABLE = "~"
+_KINDS: dict[str, Callable[[Any], Any]] = {"blob": bytes.fromhex, "value": lambda value: value}
+
+
+def _tagged(stored: Any) -> tuple[str, Any]:
+    return ("blob", stored.hex()) if isinstance(stored, bytes) else ("value", stored)
+
+
+def _compared(created: datetime) -> Any:
+    """What the column is compared with for a cursor's time: the time, or the value stored
+    in its place. Text that is not UTF-8 (read with lone surrogates) goes back as its bytes,
+    cast to text as SQLite stored them, so that it sorts among texts, not blobs."""
+    stored = created.stored if isinstance(created, UnreadableTime) else None
+    if isinstance(stored, str) and escaped_text(stored) != stored:
+        raw = stored.encode("utf-8", "surrogateescape")
+        return sa.cast(sa.literal(raw, sa.LargeBinary), sa.Text)
+    return created
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        created, task_id = base64.urlsafe_b64decode(padded).decode().split("|", 1)
+        text = base64.urlsafe_b64decode(padded).decode("utf-8", "surrogatepass")
+        if text.startswith(_UNREADABLE):
+            kind, value, task_id = json.loads(text.removeprefix(_UNREADABLE))
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise ValueError("a cursor's stored value is text or a number")
+            return UnreadableTime.of(_KINDS[kind](value)), str(task_id)
+        created, task_id = text.split("|", 1)
         stamp = datetime.fromisoformat(created)
         if stamp.tzinfo is None:
             raise ValueError("a cursor's time has an offset")
         # In UTC, as the rows compare: an offset can push it past the years 1 to 9999.
         return stamp.astimezone(UTC), task_id
-    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError) as exc:
+    except (ValueError, binascii.Error, OverflowError, KeyError, TypeError) as exc:
         raise InvalidCursor(cursor) from exc
 
 
@@ -337,14 +378,20 @@ def list_tasks(
     if queue is not None:
         query = query.where(t.c.queue == queue)
     if cursor is not None:
-        created, task_id = _decode_cursor(cursor)
+        stamp, task_id = _decode_cursor(cursor)
+        created = _compared(stamp)
         query = query.where(
             sa.or_(
                 t.c.created_at < created,
                 sa.and_(t.c.created_at == created, t.c.id < task_id),
             )
         )
-    items = [to_task(row) for row in conn.execute(query)]
+    try:
+        items = [to_task(row) for row in conn.execute(query)]
+    except sa.exc.DataError as error:  # PostgreSQL: a cursor's stored value it cannot compare
+        if cursor is None:
+            raise
+        raise InvalidCursor(cursor) from error
     if len(items) <= limit:
         return TaskPage(items, None)
     items = items[:limit]
@@ -355,7 +402,8 @@ def count_by_status(conn: Connection) -> dict[TaskStatus, int]:
     """How many tasks are in each state (every state present, zero or not)."""
     counts = dict.fromkeys(TaskStatus, 0)
     for status, count in conn.execute(sa.select(t.c.status, sa.func.count()).group_by(t.c.status)):
-        counts[TaskStatus(status)] = count
+        if status in counts:  # not a state written by hand (see `_task`)
+            counts[TaskStatus(status)] = count
     return counts
 
 
@@ -363,4 +411,5 @@ def next_due_at(conn: Connection) -> datetime | None:
     """When the earliest waiting (queued or retrying) task becomes due; None if none waits."""
     query = sa.select(sa.func.min(t.c.scheduled_at)).where(sa.text(CLAIMABLE_WHERE))
     stamp: datetime | None = conn.execute(query).scalar_one_or_none()
-    return stamp
+    # A due time written by hand that is not one: the polls find the task if a claim can.
+    return None if isinstance(stamp, UnreadableTime) else stamp

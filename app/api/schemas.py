@@ -20,9 +20,32 @@ from pydantic import (
     field_validator,
 )
 
-from store.jsonvalues import escaped
+from store.jsonvalues import escaped, escaped_text
 from store.models import Attempt, AttemptOutcome, Task, TaskStatus
 from store.tasks import NewTask, stored_row
+from store.timeutil import UnreadableTime, stored_text
+
+_UNREADABLE_NULL = "Null only when the stored value is not of its type (see `unreadable`)"
+_UNREADABLE = (
+    "Null, unless the row holds values that are not of their column's type (written by hand):"
+    " then each such field's name and the value stored, as text; the field itself is null"
+)
+
+
+def unreadable(values: dict[str, Any], checked: dict[str, type | tuple[type, ...]]) -> Any:
+    """Set each of `values` (a row about to be shown) that is not of its type in `checked`
+    to None, and return their stored values as text by name (None when all were of their
+    type): nothing stored may make a read fail, and a client must tell a value that was
+    never set from one that could not be read."""
+    found: dict[str, str] = {}
+    for name, kind in checked.items():
+        value = values[name]
+        if isinstance(value, kind) and not isinstance(value, UnreadableTime | bool):
+            continue
+        stored = value.stored if isinstance(value, UnreadableTime) else value
+        found[name] = escaped_text(stored_text(stored))
+        values[name] = None
+    return found or None
 
 
 class TaskIn(BaseModel):
@@ -60,15 +83,15 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
 
     id: str
     name: str
-    status: TaskStatus
+    status: TaskStatus | None = Field(description=_UNREADABLE_NULL)
     queue: str
-    priority: int
+    priority: int | None = Field(description=_UNREADABLE_NULL)
     args: list[Any]
     kwargs: dict[str, Any]
-    attempts: int
-    max_attempts: int
-    created_at: datetime
-    scheduled_at: datetime
+    attempts: int | None = Field(description=_UNREADABLE_NULL)
+    max_attempts: int | None = Field(description=_UNREADABLE_NULL)
+    created_at: datetime | None = Field(description=_UNREADABLE_NULL)
+    scheduled_at: datetime | None = Field(description=_UNREADABLE_NULL)
     started_at: datetime | None
     finished_at: datetime | None
     result: Any
@@ -77,6 +100,7 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
     progress: ProgressOut | None = Field(
         default=None, description="Set by `ctx.progress()`; null until the attempt reports"
     )
+    unreadable: dict[str, str] | None = Field(default=None, description=_UNREADABLE)
 
     @field_validator("progress", mode="wrap")
     @classmethod
@@ -99,7 +123,9 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
         values["args"] = escaped(args if isinstance(args, list) else [args], outer=1)
         values["kwargs"] = escaped(kwargs if isinstance(kwargs, dict) else {"": kwargs}, outer=1)
         for name in _TEXT:
-            values[name] = escaped(values[name])
+            value = values[name]
+            values[name] = escaped(stored_text(value) if isinstance(value, bytes) else value)
+        values["unreadable"] = unreadable(values, _CHECKED)
         return cls.model_validate(values)
 
     @classmethod
@@ -109,9 +135,21 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
         return cls.model_validate(stored_row(new, now))
 
 
-_SHOWN = tuple(TaskOut.model_fields)
+_SHOWN = tuple(name for name in TaskOut.model_fields if name != "unreadable")
 # The values shown as they are stored, escaped when they need it.
 _TEXT = ("id", "name", "queue", "result", "last_error", "idempotency_key")
+# The values that may not be of their type in a row written by hand, and the type each
+# must be to be shown (a time that is not one is read as an `UnreadableTime`).
+_CHECKED: dict[str, type | tuple[type, ...]] = {
+    "status": TaskStatus,
+    "priority": int,
+    "attempts": int,
+    "max_attempts": int,
+    "created_at": datetime,
+    "scheduled_at": datetime,
+    "started_at": (datetime, type(None)),
+    "finished_at": (datetime, type(None)),
+}
 
 
 class TaskPageOut(BaseModel):
@@ -128,21 +166,34 @@ class AttemptOut(BaseModel):
 
     __qualname__ = "BackstopAttemptOut"  # its schema's name: see the module docstring
 
-    number: int
-    started_at: datetime
+    number: int | None = Field(description=_UNREADABLE_NULL)
+    started_at: datetime | None = Field(description=_UNREADABLE_NULL)
     finished_at: datetime | None
     outcome: AttemptOutcome | None
     error: str | None
     traceback: str | None
     worker: str
+    unreadable: dict[str, str] | None = Field(default=None, description=_UNREADABLE)
 
     @classmethod
     def of(cls, attempt: Attempt) -> AttemptOut:
-        shown = cls.model_validate(attempt, from_attributes=True)
-        shown.error = escaped(shown.error)
-        shown.traceback = escaped(shown.traceback)
-        shown.worker = escaped(shown.worker)
-        return shown
+        """The attempt as shown; its values escaped, or null and under `unreadable` (as
+        `TaskOut.of` shows a task's)."""
+        values = {name: getattr(attempt, name) for name in _ATTEMPT_SHOWN}
+        for name in ("error", "traceback", "worker"):
+            value = values[name]
+            values[name] = escaped(stored_text(value) if isinstance(value, bytes) else value)
+        values["unreadable"] = unreadable(values, _ATTEMPT_CHECKED)
+        return cls.model_validate(values)
+
+
+_ATTEMPT_SHOWN = tuple(name for name in AttemptOut.model_fields if name != "unreadable")
+_ATTEMPT_CHECKED: dict[str, type | tuple[type, ...]] = {
+    "number": int,
+    "started_at": datetime,
+    "finished_at": (datetime, type(None)),
+    "outcome": (AttemptOutcome, type(None)),
+}
 
 
 class StatsOut(BaseModel):

@@ -49,9 +49,16 @@ def utc_time(value: datetime | None) -> str:
     return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def status_text(state: TaskStatus) -> Text:
-    """The state's name in its colour."""
+def status_text(state: TaskStatus | None) -> Text:
+    """The state's name in its colour; `?` for a state written by hand that is not one."""
+    if state is None:
+        return Text("?", style="bold red")
     return Text(state.value, style=STATUS_STYLES[state])
+
+
+def number(value: int | None) -> str:
+    """An integer, or `?` for a value written by hand that is not one."""
+    return "?" if value is None else str(value)
 
 
 def short(text: str | None, width: int = ERROR_WIDTH) -> str:
@@ -87,8 +94,8 @@ def task_grid(task: TaskOut) -> Table:
         ("name", task.name),
         ("status", status_text(task.status)),
         ("queue", task.queue),
-        ("priority", str(task.priority)),
-        ("attempts", f"{task.attempts}/{task.max_attempts}"),
+        ("priority", number(task.priority)),
+        ("attempts", f"{number(task.attempts)}/{number(task.max_attempts)}"),
         ("created", _utc_or_dash(task.created_at)),
         ("scheduled", _utc_or_dash(task.scheduled_at)),
         ("started", _utc_or_dash(task.started_at)),
@@ -99,6 +106,10 @@ def task_grid(task: TaskOut) -> Table:
         ("result", json.dumps(task.result, ensure_ascii=False)),
         ("progress", progress_text(task.progress)),
         ("last error", task.last_error or "-"),
+    ]
+    # Values the row holds that are not of their type (written by hand), shown as stored.
+    rows += [
+        (f"unreadable {name}", repr(stored)) for name, stored in (task.unreadable or {}).items()
     ]
     for label, value in rows:
         grid.add_row(label, value if isinstance(value, Text) else Text(value))
@@ -141,8 +152,8 @@ def tasks_table(items: list[TaskOut]) -> Table:
             Text(task.name),
             status_text(task.status),
             Text(task.queue),
-            str(task.priority),
-            f"{task.attempts}/{task.max_attempts}",
+            number(task.priority),
+            f"{number(task.attempts)}/{number(task.max_attempts)}",
             utc_time(task.created_at),
             utc_time(task.scheduled_at),
             Text(short(task.last_error)),
@@ -161,14 +172,20 @@ def attempts_table(attempts: list[AttemptOut]) -> Table:
     table.add_column("error", overflow="fold")
     for attempt in attempts:
         table.add_row(
-            str(attempt.number),
+            number(attempt.number),
             utc_time(attempt.started_at),
             utc_time(attempt.finished_at),
-            "(running)" if attempt.outcome is None else attempt.outcome.value,
+            _outcome(attempt),
             Text(attempt.worker),
             Text(attempt.error or ""),
         )
     return table
+
+
+def _outcome(attempt: AttemptOut) -> str:
+    if attempt.unreadable and "outcome" in attempt.unreadable:
+        return "?"
+    return "(running)" if attempt.outcome is None else attempt.outcome.value
 
 
 def stats_table(stats: StatsOut) -> Table:

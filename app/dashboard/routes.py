@@ -44,8 +44,9 @@ from store import attempts as store_attempts
 from store import stats as store_stats
 from store import tasks as store_tasks
 from store.errors import InvalidCursor, InvalidTransition, TaskNotFound
+from store.jsonvalues import escaped_text
 from store.models import TaskStatus
-from store.timeutil import utcnow
+from store.timeutil import UnreadableTime, stored_text, utcnow
 
 PAGE_SIZE = 25
 FAILING = (TaskStatus.FAILED, TaskStatus.RETRYING)
@@ -69,11 +70,27 @@ STATIC_TYPES = {
 }
 
 
+def _unreadable(value: Any) -> str:
+    """A value a row written by hand holds that is not of its type, as stored."""
+    stored = value.stored if isinstance(value, UnreadableTime) else value
+    return f"unreadable: {escaped_text(stored_text(stored))!r}"
+
+
+def _utc(value: datetime | None) -> str:
+    if isinstance(value, UnreadableTime):
+        return _unreadable(value)
+    return "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S} UTC"
+
+
 def _ago(then: datetime | None, now: datetime) -> str:
+    if isinstance(then, UnreadableTime):
+        return _unreadable(then)
     return "-" if then is None else f"{duration(max((now - then).total_seconds(), 0.0))} ago"
 
 
 def _until(then: datetime | None, now: datetime) -> str:
+    if isinstance(then, UnreadableTime):
+        return _unreadable(then)
     if then is None:
         return "-"
     seconds = (then - now).total_seconds()
@@ -97,7 +114,7 @@ def _environment() -> Environment:
         until=_until,
         pretty=_pretty,
         seconds=duration,
-        utc=lambda value: "-" if value is None else f"{value:%Y-%m-%d %H:%M:%S} UTC",
+        utc=_utc,
     )
     return env
 
@@ -230,6 +247,7 @@ def _task_page(
             attempts = store_attempts.list_attempts(conn, task_id)
     except TaskNotFound:
         return _not_found(request, service, task_id)
+    known = isinstance(task.status, TaskStatus)
     return render(
         request,
         service,
@@ -240,8 +258,11 @@ def _task_page(
         task=task,
         attempts=attempts,
         error=error,
+        # A state written by hand that is not one is shown as stored, and offers no action.
+        state=task.status.value if known else _unreadable(task.status),
+        terminal=known and task.status.terminal,
         retryable=task.status in (TaskStatus.FAILED, TaskStatus.CANCELLED),
-        cancellable=not task.status.terminal,
+        cancellable=known and not task.status.terminal,
     )
 
 

@@ -42,8 +42,18 @@ TASK_KEYS = {
     "last_error",
     "idempotency_key",
     "progress",
+    "unreadable",
 }
-ATTEMPT_KEYS = {"number", "started_at", "finished_at", "outcome", "error", "traceback", "worker"}
+ATTEMPT_KEYS = {
+    "number",
+    "started_at",
+    "finished_at",
+    "outcome",
+    "error",
+    "traceback",
+    "worker",
+    "unreadable",
+}
 TASK_TIMES = ("created_at", "scheduled_at", "started_at", "finished_at")
 ATTEMPT_TIMES = ("started_at", "finished_at")
 
