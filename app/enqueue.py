@@ -25,6 +25,7 @@ from store import jsonvalues
 from store import tasks as store_tasks
 from store.commits import GroupEnqueue
 from store.engine import Database, same_database
+from store.joined import Deadline, beginning, bounded
 from store.models import Task
 from store.tasks import NewTask
 from store.timeutil import utcnow
@@ -165,8 +166,12 @@ class TaskClient(TaskControl):
                     "await add_task_async(..., session=session)"
                 )
             # Join the caller's transaction: the task commits or rolls back with their data,
-            # and the local runner is woken only once it is committed.
-            existing = self._insert(session.connection(), new, now)
+            # and the local runner is woken only once it is committed. Its BEGIN, when it
+            # begins here, and the insert wait for the database at most the enqueue timeout.
+            deadline = self._deadline()
+            with beginning(deadline):
+                conn = session.connection()
+            existing = self._insert(conn, new, now, deadline)
             if existing is None:
                 _wake_after_commit(session, functools.partial(self._stored, new))
         else:
@@ -241,7 +246,7 @@ class TaskClient(TaskControl):
         # The same statements as the sync path, on the session's own connection and in its
         # transaction: `run_sync` runs them where the async driver can be awaited.
         conn = await session.connection()
-        existing = await conn.run_sync(self._insert, new, now)
+        existing = await conn.run_sync(self._insert, new, now, self._deadline())
         if existing is None:
             _wake_after_commit(session.sync_session, functools.partial(self._stored, new))
         log.debug("task %s (%s) %s", new.id, new.name, "enqueued" if existing is None else "exists")
@@ -331,18 +336,30 @@ class TaskClient(TaskControl):
         self._commits.close()
         super().close()
 
-    def _insert(self, conn: Connection, new: NewTask, now: datetime) -> Task | None:
-        """Store `new` on the caller's connection (in their transaction)."""
+    def _deadline(self) -> Deadline | None:
+        return None if self._timeout is None else Deadline(self._timeout)
+
+    def _insert(
+        self, conn: Connection, new: NewTask, now: datetime, deadline: Deadline | None
+    ) -> Task | None:
+        """Store `new` on the caller's connection (in their transaction), waiting for a lock
+        at most until `deadline` (`store.joined`: `WriteTimeout` past it, their transaction
+        left as it was)."""
         if not same_database(conn.engine.url, self.db.engine.url):
             raise SessionOnAnotherDatabase(
                 conn.engine.url.render_as_string(hide_password=True),
                 self.db.engine.url.render_as_string(hide_password=True),
             )
-        if new.idempotency_key is None:
-            store_tasks.enqueue_batch(conn, [(new, now)])
-            return None
-        task, created = store_tasks.enqueue_once(conn, new, now=now)
-        return None if created else task
+        return bounded(conn, deadline, functools.partial(_insert, conn, new, now))
+
+
+def _insert(conn: Connection, new: NewTask, now: datetime) -> Task | None:
+    """`TaskClient._insert`'s statements."""
+    if new.idempotency_key is None:
+        store_tasks.enqueue_batch(conn, [(new, now)])
+        return None
+    task, created = store_tasks.enqueue_once(conn, new, now=now)
+    return None if created else task
 
 
 def _flush_hint(

@@ -17,6 +17,7 @@ import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,9 @@ _RLOCK = type(threading.RLock())
 _BEGIN_MODE = "backstop_begin"
 # A write's own bound on the wait for SQLite's lock, in ms (else the engine's busy timeout).
 _BUSY_TIMEOUT = "backstop_busy_timeout_ms"
+# The same bound set by the code running now, for a BEGIN it cannot pass options to: a
+# caller's own Session begins its transaction itself (`store.joined`).
+BEGIN_WAIT_MS: ContextVar[int | None] = ContextVar("backstop_begin_wait_ms", default=None)
 
 
 def default_url(data_dir: str | Path) -> str:
@@ -263,7 +267,8 @@ def create_engine(
         raw: sqlite3.Connection = conn.connection.driver_connection  # type: ignore[assignment]
         try:
             if mode == "IMMEDIATE":
-                _begin_immediate(raw, options.get(_BUSY_TIMEOUT, busy_timeout_ms))
+                bound = options.get(_BUSY_TIMEOUT, BEGIN_WAIT_MS.get())
+                _begin_immediate(raw, busy_timeout_ms if bound is None else bound)
             else:
                 raw.execute(f"BEGIN {mode}")
         except sqlite3.Error as exc:  # as SQLAlchemy would have raised it

@@ -8,7 +8,10 @@ woken only after the commit.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -26,7 +29,7 @@ from app.tasks.registry import registry
 from store import migrate
 from store import tasks as store_tasks
 from store.engine import Database, temporary_database
-from store.errors import IdempotencyConflict
+from store.errors import IdempotencyConflict, WriteTimeout
 from store.models import Task
 
 T = TypeVar("T")
@@ -296,3 +299,145 @@ def test_a_session_on_another_database_is_refused_naming_both(place: Place, tmp_
     finally:
         other.dispose()
     assert place.stored() == []
+
+
+# -- bounded by BACKSTOP_ENQUEUE_TIMEOUT while another process holds a lock ------------------
+
+# Another process: takes a lock with its statements, says so, and holds it until its stdin
+# closes (its connection then ends, and the lock with it).
+_HOLDER = """
+import sys
+url, *statements = sys.argv[1:]
+if url.startswith("sqlite:///"):
+    import sqlite3
+    conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    statements = ["BEGIN IMMEDIATE"]
+else:
+    import psycopg
+    conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1))
+for statement in statements:
+    conn.execute(statement)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+# No INSERT into the task table gets past this lock.
+_TABLE_LOCK = ("BEGIN", "LOCK TABLE task IN SHARE ROW EXCLUSIVE MODE")
+
+# An insert of the holder's, not committed, with the idempotency key "k": an insert of the
+# same key waits for the holder's transaction to end (a row lock, in effect).
+_SAME_KEY = (
+    "INSERT INTO task (id, name, status, queue, priority, args, kwargs, attempts,"
+    " max_attempts, created_at, scheduled_at, idempotency_key, lease_token, expirations)"
+    " VALUES ('held', 'test.echo', 'queued', 'default', 0, '[]', '{}', 0, 5, now(), now(),"
+    " 'k', 0, 0)"
+)
+
+
+@contextmanager
+def held(place: Place, *statements: str) -> Iterator[None]:
+    """A lock held by another process for the time of the block (SQLite: the write lock;
+    PostgreSQL: what `statements` take, in a transaction left open)."""
+    url = place.db.engine.url.render_as_string(hide_password=False)
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, url, *statements],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdin is not None
+        assert holder.stdout is not None
+        try:
+            assert holder.stdout.readline() == "held\n"
+            yield
+        finally:
+            holder.stdin.close()
+            assert holder.wait(timeout=30) == 0
+
+
+def bounded_client(place: Place) -> TaskClient:
+    """A client whose enqueues wait at most 0.2 s (`BACKSTOP_ENQUEUE_TIMEOUT`)."""
+    return TaskClient(place.db, registry, timeout=0.2)
+
+
+@pytest.mark.parametrize("lock", ["table", "same key"])
+def test_an_enqueue_in_a_session_gives_up_at_the_timeout_and_leaves_the_session_usable(
+    place: Place, lock: str
+) -> None:
+    tasks = bounded_client(place)
+    try:
+        if place.db.dialect == "sqlite" and lock == "same key":
+            pytest.skip("SQLite has one lock: the write lock")
+        statements = _TABLE_LOCK if lock == "table" else ("BEGIN", _SAME_KEY)
+        with Session(place.db.engine) as session:
+            with held(place, *statements):
+                with pytest.raises(WriteTimeout, match=r"within 0\.2s"):
+                    tasks.add_task("test.echo", 1, session=session, idempotency_key="k")
+                # Still usable: the caller's own writes go on, without the task.
+                session.add(Order(item="book"))
+            session.commit()
+    finally:
+        tasks.close()
+
+    assert place.orders() == ["book"]
+    assert place.stored() == []
+
+
+def test_an_enqueue_in_a_session_of_the_teams_own_engine_gives_up_at_the_timeout(
+    place: Place,
+) -> None:
+    # The team's engine, not Backstop's: on SQLite its transaction begins DEFERRED and the
+    # wait is the INSERT's, on the driver's own busy timeout (5 s), not a BEGIN's.
+    engine = sa.create_engine(place.db.engine.url)
+    tasks = bounded_client(place)
+    try:
+        with Session(engine) as session:
+            assert session.exec(sa.select(ORDERS.c.item)).all() == []  # type: ignore[call-overload]
+            with held(place, *_TABLE_LOCK), pytest.raises(WriteTimeout):
+                tasks.add_task("test.echo", 1, session=session)
+            # The lock gone, the same transaction enqueues and commits.
+            task_id = tasks.add_task("test.echo", 2, session=session)
+            session.commit()
+    finally:
+        tasks.close()
+        engine.dispose()
+
+    assert [(task.id, task.args) for task in place.stored()] == [(task_id, [2])]
+
+
+def test_an_async_enqueue_in_a_session_gives_up_at_the_timeout(place: Place) -> None:
+    tasks = bounded_client(place)
+
+    async def work(session: AsyncSession) -> None:
+        with held(place, *_TABLE_LOCK), pytest.raises(WriteTimeout):
+            await tasks.add_task_async("test.echo", 1, session=session)
+        await session.commit()
+
+    try:
+        place.run(work)
+    finally:
+        tasks.close()
+    assert place.stored() == []
+
+
+def test_a_bounded_enqueue_in_a_session_puts_the_lock_waits_back(place: Place) -> None:
+    if place.db.dialect == "sqlite":
+        show = "PRAGMA busy_timeout"
+        setting = "PRAGMA busy_timeout = 1234"
+    else:
+        show = (
+            "SELECT current_setting('lock_timeout') || ' ' || current_setting('statement_timeout')"
+        )
+        setting = "SET LOCAL lock_timeout = 1234"
+    tasks = bounded_client(place)
+    try:
+        with Session(place.db.engine) as session:
+            conn = session.connection()
+            conn.exec_driver_sql(setting)
+            before = conn.exec_driver_sql(show).one()
+            tasks.add_task("test.echo", 1, session=session)
+            assert conn.exec_driver_sql(show).one() == before
+            session.commit()
+    finally:
+        tasks.close()
+    assert len(place.stored()) == 1
