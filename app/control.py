@@ -20,7 +20,7 @@ from store import control
 from store import tasks as store_tasks
 from store.engine import Database
 from store.errors import TaskNotFound
-from store.models import Task, TaskStatus
+from store.models import Task, TaskStatus, ended
 
 
 class TaskControl:
@@ -75,7 +75,7 @@ class TaskControl:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.watch.changes(task_id) as changes:
             task = self.get(task_id)
-            while not task.status.terminal and not changes.closed:
+            while not ended(task.status) and not changes.closed:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
@@ -121,7 +121,7 @@ class TaskControl:
         deadline = None if seconds is None else loop.time() + seconds
         with self.watch.changes(task_id, on_loop=True) as changes:
             task = await self.get_async(task_id)
-            while not task.status.terminal and not changes.closed:
+            while not ended(task.status) and not changes.closed:
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     break
@@ -153,7 +153,7 @@ def _latest(task: Task, seen: list[Task | None]) -> Task:
 
 def _answer(task: Task, closed: bool, timeout: float | None) -> Any:
     """What `wait` answers: `result_of`, unless the client closed before the task ended."""
-    if closed and not task.status.terminal:
+    if closed and not ended(task.status):
         raise RuntimeError(f"the task client closed while waiting on task {task.id}")
     return result_of(task, timeout)
 

@@ -50,6 +50,12 @@ TERMINAL = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 CLAIMABLE = (TaskStatus.QUEUED, TaskStatus.RETRYING)
 
 
+def ended(status: TaskStatus | str) -> bool:
+    """Whether a task in `status` has ended. A state written by hand outside the enum (read
+    as the stored text) has not: nothing ends or moves it."""
+    return status in TERMINAL
+
+
 class AttemptOutcome(StrEnum):
     """How one attempt ended; `None` on the row while it runs."""
 

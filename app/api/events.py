@@ -19,7 +19,7 @@ from app.api.deps import DurableTasks
 from app.api.schemas import TaskOut
 from app.enqueue import TaskClient
 from store.errors import TaskNotFound
-from store.models import Task, TaskStatus
+from store.models import Task, ended
 
 HEARTBEAT = 15.0
 MEDIA_TYPE = "text/event-stream"
@@ -85,8 +85,7 @@ async def _stream(tasks: TaskClient, task_id: str) -> AsyncIterator[str]:
                 shown = task
                 data = await run_in_threadpool(_data, task)
                 yield f"id: {number}\nevent: {kind}\ndata: {data}\n\n"
-                # A state written by hand that is not one ends nothing: the stream goes on.
-                if isinstance(task.status, TaskStatus) and task.status.terminal:
+                if ended(task.status):
                     return
             seen = await changes.next_async(HEARTBEAT)
             if changes.closed:

@@ -151,7 +151,11 @@ def _every_read_answers(
         assert one.status_code == 200, one.text
         assert one.json() == next(i for i in listed.json()["items"] if i["id"] == task_id)
         shown.append(one.json())
-        for path in (f"/tasks/{task_id}/attempts", f"/dashboard/tasks/{task_id}"):
+        for path in (
+            f"/tasks/{task_id}/attempts",
+            f"/tasks/{task_id}?wait=0.05",
+            f"/dashboard/tasks/{task_id}",
+        ):
             answer = client.get(path)
             assert answer.status_code == 200, (path, answer.text)
         if cli is not None and task_id == bad[0]:  # the same values: once is enough
