@@ -91,19 +91,22 @@ def _sqlite(conn: Connection, deadline: Deadline, write: Callable[[], T]) -> T:
         conn.exec_driver_sql(f"PRAGMA busy_timeout = {previous}")
 
 
-_SETTINGS = sa.text("SELECT current_setting('lock_timeout'), current_setting('statement_timeout')")
 _SET_LOCAL = sa.text(
     "SELECT set_config('lock_timeout', :lock, true), set_config('statement_timeout', :statement,"
     " true)"
 )
+# The same, in the statement that reads what they were (a target list is evaluated in order).
+_SWAP = sa.text(
+    "SELECT current_setting('lock_timeout'), current_setting('statement_timeout'),"
+    " set_config('lock_timeout', :lock, true), set_config('statement_timeout', :statement, true)"
+)
 
 
 def _postgres(conn: Connection, deadline: Deadline, write: Callable[[], T]) -> T:
-    lock, statement = conn.execute(_SETTINGS).one()
     savepoint = conn.begin_nested()
     try:
         left = f"{deadline.left_ms()}ms"
-        conn.execute(_SET_LOCAL, {"lock": left, "statement": left})
+        lock, statement, *_ = conn.execute(_SWAP, {"lock": left, "statement": left}).one()
         value = write()
     except BaseException as error:
         # Also undoes the SET LOCALs: they were made inside the savepoint.
