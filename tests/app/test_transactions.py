@@ -18,11 +18,14 @@ from typing import TypeVar
 
 import pytest
 import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import registry as orm_registry
 from sqlmodel import Field, Session, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from app.api import handlers
 from app.enqueue import TaskClient
 from app.errors import InvalidArguments, SessionOnAnotherDatabase
 from app.tasks.registry import registry
@@ -439,3 +442,31 @@ def test_a_bounded_enqueue_in_a_session_puts_the_lock_waits_back(place: Place) -
     finally:
         tasks.close()
     assert len(place.stored()) == 1
+
+
+def test_an_endpoint_whose_enqueue_in_a_session_times_out_answers_503_with_retry_after(
+    place: Place,
+) -> None:
+    tasks = bounded_client(place)
+    service = FastAPI()
+    handlers.install(service)
+
+    @service.post("/orders")
+    def create_order() -> dict[str, str]:
+        with Session(place.db.engine) as session:
+            task_id = tasks.add_task("test.echo", 1, session=session)
+            session.add(Order(item="book"))
+            session.commit()
+        return {"task_id": task_id}
+
+    try:
+        with held(place, *_TABLE_LOCK), TestClient(service) as http:
+            answer = http.post("/orders")
+    finally:
+        tasks.close()
+
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["retry-after"]
+    assert "did not take the write within 0.2s" in answer.json()["detail"]
+    assert place.orders() == []
+    assert place.stored() == []
