@@ -319,15 +319,16 @@ def _tagged(stored: Any) -> tuple[str, Any]:
     return ("blob", stored.hex()) if isinstance(stored, bytes) else ("value", stored)
 
 
-def _compared(created: datetime) -> Any:
-    """What the column is compared with for a cursor's time: the time, or the value stored
-    in its place. Text that is not UTF-8 (read with lone surrogates) goes back as its bytes,
-    cast to text as SQLite stored them, so that it sorts among texts, not blobs."""
-    stored = created.stored if isinstance(created, UnreadableTime) else None
-    if isinstance(stored, str) and escaped_text(stored) != stored:
+def _compared(value: Any) -> Any:
+    """What a column is compared with for a cursor's value (a time, the value stored in its
+    place, an id). Text that is not UTF-8 (read with lone surrogates, which no driver takes)
+    goes back as its bytes, cast to text as SQLite stored them, so that it sorts among texts,
+    not blobs."""
+    stored = value.stored if isinstance(value, UnreadableTime) else value
+    if isinstance(stored, str) and escaped_text(stored) is not stored:
         raw = stored.encode("utf-8", "surrogateescape")
         return sa.cast(sa.literal(raw, sa.LargeBinary), sa.Text)
-    return created
+    return value
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
@@ -378,8 +379,8 @@ def list_tasks(
     if queue is not None:
         query = query.where(t.c.queue == queue)
     if cursor is not None:
-        stamp, task_id = _decode_cursor(cursor)
-        created = _compared(stamp)
+        stamp, after_id = _decode_cursor(cursor)
+        created, task_id = _compared(stamp), _compared(after_id)
         query = query.where(
             sa.or_(
                 t.c.created_at < created,

@@ -152,3 +152,26 @@ def test_a_time_that_is_not_one_leaves_the_stats_answering(db: Database) -> None
         stats = task_stats(conn, now=T)
     assert stats.counts[TaskStatus.QUEUED] == len(not_times(db))
     assert stats.oldest_due_seconds is None  # no due time that is one: none is said
+
+
+@pytest.mark.sqlite_only(reason="only SQLite stores text that is not UTF-8")
+def test_paging_goes_past_an_id_and_a_creation_time_that_are_not_utf8(db: Database) -> None:
+    ids = [unfinished(db, TaskStatus.QUEUED, T + timedelta(seconds=n)) for n in range(4)]
+    with db.write() as conn:
+        conn.exec_driver_sql(
+            "UPDATE task SET id = CAST(X'61FF' AS TEXT), created_at = CAST(X'32FF' AS TEXT)"
+            " WHERE id = ?",
+            (ids[1],),
+        )
+        conn.exec_driver_sql("UPDATE task SET id = CAST(X'62FE' AS TEXT) WHERE id = ?", (ids[2],))
+    expected = sorted([ids[0], "a\udcff", "b\udcfe", ids[3]])
+
+    seen: list[str] = []
+    cursor = None
+    with db.read() as conn:
+        while True:
+            page = list_tasks(conn, limit=1, cursor=cursor)
+            seen += [task.id for task in page.items]
+            if (cursor := page.next_cursor) is None:
+                break
+    assert sorted(seen) == expected
