@@ -41,6 +41,7 @@ TASK_KEYS = {
     "result",
     "last_error",
     "idempotency_key",
+    "unique_key",
     "progress",
 }
 ATTEMPT_KEYS = {"number", "started_at", "finished_at", "outcome", "error", "traceback", "worker"}
