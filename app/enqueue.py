@@ -365,6 +365,10 @@ class TaskClient(TaskControl):
                 raise InvalidSchedule(
                     f"the {option} holds a lone surrogate, which UTF-8 cannot encode"
                 )
+            if text is not None and "\x00" in text:  # refused on both engines alike
+                raise InvalidSchedule(
+                    f"the {option} holds a NUL character, which PostgreSQL cannot store"
+                )
         new = NewTask(
             name=spec.name,
             args=checked_args,

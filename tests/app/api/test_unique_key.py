@@ -81,8 +81,9 @@ def test_a_task_without_a_key_shows_null(client: TestClient) -> None:
         ("k" * 201, "at most 200 characters"),
         (5, "valid string"),
         ("\ud800", "unable to parse raw data as a unicode string"),
+        ("a\x00b", "unique key holds a NUL character"),
     ],
-    ids=["empty", "too-long", "not-text", "surrogate"],
+    ids=["empty", "too-long", "not-text", "surrogate", "nul"],
 )
 def test_a_bad_key_is_422_naming_it_and_stores_nothing(
     client: TestClient, key: Any, named: str
