@@ -268,10 +268,18 @@ def _fail(jobs: list[_Job], error: BaseException, states: threading.Lock) -> Non
 
 
 def _insert(conn: Connection, group: list[_Job]) -> list[Task | None]:
-    # A key taken (by a committed task, or by an earlier job of this group) is no error: its
-    # job is answered with the task that holds it, and the group commits the others.
     enqueue_batch(conn, [(job.new, job.now) for job in group if not job.new.keyed])
-    return [_insert_once(conn, job.new, job.now) if job.new.keyed else None for job in group]
+    # Keyed rows in the order of their keys. On PostgreSQL an INSERT waits for the open
+    # transaction that inserted the same key; groups of two processes taking shared keys in
+    # different orders would each wait for the other, a deadlock that fails one group whole.
+    # In one order, the one that waits holds nothing the other still needs.
+    keyed = sorted((job for job in group if job.new.keyed), key=_key_order)
+    holders = {id(job): _insert_once(conn, job.new, job.now) for job in keyed}
+    return [holders.get(id(job)) for job in group]
+
+
+def _key_order(job: _Job) -> tuple[str, str]:
+    return job.new.unique_key or "", job.new.idempotency_key or ""
 
 
 def _insert_once(conn: Connection, new: NewTask, now: datetime) -> Task | None:
