@@ -79,15 +79,28 @@ class TaskClient(TaskControl):
         priority: int | None = None,
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
+        unique_key: str | None = None,
         **kwargs: Any,
     ) -> str:
         """Enqueue `fn(*args, **kwargs)` and return the task's id, like FastAPI's `add_task`.
 
-        The keyword names above are options, not arguments of `fn`; for a function with a
-        parameter of one of those names, use `enqueue(fn, args, kwargs, ...)`.
+        With `unique_key`, while a task with that key is queued, running or retrying, that
+        task's id is returned and nothing is stored. The keyword names above are options,
+        not arguments of `fn`; for a function with a parameter of one of those names, use
+        `enqueue(fn, args, kwargs, ...)`.
         """
         new, now = self._prepare_in(
-            session, fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
+            session,
+            fn,
+            args,
+            kwargs,
+            delay,
+            run_at,
+            queue,
+            priority,
+            max_attempts,
+            idempotency_key,
+            unique_key=unique_key,
         )
         existing = self._store(new, now, session)
         return new.id if existing is None else existing.id
@@ -105,10 +118,12 @@ class TaskClient(TaskControl):
         priority: int | None = None,
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
+        unique_key: str | None = None,
         now: datetime | None = None,
     ) -> Task:
-        """Check and enqueue one task; returns the task as stored (or the earlier one with
-        the same idempotency key)."""
+        """Check and enqueue one task; returns the task as stored (or the one that holds its
+        key: the earlier one with the same idempotency key, the active one with the same
+        unique key)."""
         task, _created = self.submit(
             fn,
             args,
@@ -120,6 +135,7 @@ class TaskClient(TaskControl):
             priority=priority,
             max_attempts=max_attempts,
             idempotency_key=idempotency_key,
+            unique_key=unique_key,
             now=now,
         )
         return task
@@ -137,10 +153,12 @@ class TaskClient(TaskControl):
         priority: int | None = None,
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
+        unique_key: str | None = None,
         now: datetime | None = None,
     ) -> tuple[Task, bool]:
-        """`enqueue`, telling also whether this call stored the task (False: an earlier
-        request with the same idempotency key did)."""
+        """`enqueue`, telling also whether this call stored the task (False: the task is
+        an earlier request's with the same idempotency key, or the active one with the same
+        unique key)."""
         new, now = self._prepare_in(
             session,
             fn,
@@ -153,12 +171,13 @@ class TaskClient(TaskControl):
             max_attempts,
             idempotency_key,
             now,
+            unique_key=unique_key,
         )
         return _answer(new, now, self._store(new, now, session))
 
     def _store(self, new: NewTask, now: datetime, session: Session | None) -> Task | None:
         """Commit `new` (or add it to the caller's session); None when it was stored, else
-        the earlier task with its idempotency key."""
+        the task that holds its key."""
         if session is not None:
             if hasattr(session, "sync_session"):
                 raise TypeError(
@@ -193,13 +212,24 @@ class TaskClient(TaskControl):
         priority: int | None = None,
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
+        unique_key: str | None = None,
         **kwargs: Any,
     ) -> str:
         """`add_task` for `async def` endpoints: the event loop never waits on the database,
         and concurrent calls commit together. Committed when the await returns; with
         `session` (an `AsyncSession`), when the caller commits it."""
         new, now = self._prepare_in(
-            session, fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key
+            session,
+            fn,
+            args,
+            kwargs,
+            delay,
+            run_at,
+            queue,
+            priority,
+            max_attempts,
+            idempotency_key,
+            unique_key=unique_key,
         )
         existing = await self._store_async(new, now, session)
         return new.id if existing is None else existing.id
@@ -217,6 +247,7 @@ class TaskClient(TaskControl):
         priority: int | None = None,
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
+        unique_key: str | None = None,
         now: datetime | None = None,
     ) -> tuple[Task, bool]:
         """`submit` for callers on an event loop."""
@@ -232,6 +263,7 @@ class TaskClient(TaskControl):
             max_attempts,
             idempotency_key,
             now,
+            unique_key=unique_key,
         )
         return _answer(new, now, await self._store_async(new, now, session))
 
@@ -253,8 +285,8 @@ class TaskClient(TaskControl):
         return existing
 
     async def store_async(self, new: NewTask, now: datetime) -> Task | None:
-        """Commit a task that `prepare` made: None once it is stored, or the earlier task
-        with its idempotency key (nothing is stored then)."""
+        """Commit a task that `prepare` made: None once it is stored, or the task that holds
+        its key (nothing is stored then)."""
         existing = await self._commits.enqueue_async(new, now)
         if existing is None:
             self._stored(new)
@@ -279,12 +311,24 @@ class TaskClient(TaskControl):
         max_attempts: int | None,
         idempotency_key: str | None,
         now: datetime | None = None,
+        *,
+        unique_key: str | None = None,
     ) -> tuple[NewTask, datetime]:
         """`prepare`, for a call that may join `session`: refused arguments then say that
         an id the database assigns exists only once the session is flushed."""
         try:
             return self.prepare(
-                fn, args, kwargs, delay, run_at, queue, priority, max_attempts, idempotency_key, now
+                fn,
+                args,
+                kwargs,
+                delay,
+                run_at,
+                queue,
+                priority,
+                max_attempts,
+                idempotency_key,
+                now,
+                unique_key=unique_key,
             )
         except InvalidArguments as error:
             raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
@@ -301,6 +345,8 @@ class TaskClient(TaskControl):
         max_attempts: int | None,
         idempotency_key: str | None,
         now: datetime | None = None,
+        *,
+        unique_key: str | None = None,
     ) -> tuple[NewTask, datetime]:
         """The row to store for this call, with everything checked; and the time it is."""
         spec = self.registry.resolve(fn)
@@ -308,12 +354,25 @@ class TaskClient(TaskControl):
         now = now or utcnow()
         if max_attempts is not None and max_attempts < 1:
             raise InvalidSchedule("max_attempts must be at least 1")
-        if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_KEY_LENGTH:
-            raise InvalidSchedule(f"idempotency key must be 1 to {MAX_KEY_LENGTH} characters")
-        for option, text in (("queue", queue), ("idempotency key", idempotency_key)):
+        for option, key in (("idempotency key", idempotency_key), ("unique key", unique_key)):
+            if key is None:
+                continue
+            if not isinstance(key, str):  # a caller without type checks: refused, not stored
+                raise InvalidSchedule(f"the {option} must be a string, not {type(key).__name__}")
+            if not 1 <= len(key) <= MAX_KEY_LENGTH:
+                raise InvalidSchedule(f"the {option} must be 1 to {MAX_KEY_LENGTH} characters")
+        for option, text in (
+            ("queue", queue),
+            ("idempotency key", idempotency_key),
+            ("unique key", unique_key),
+        ):
             if text is not None and jsonvalues.problem(text) is not None:
                 raise InvalidSchedule(
                     f"the {option} holds a lone surrogate, which UTF-8 cannot encode"
+                )
+            if text is not None and "\x00" in text:  # refused on both engines alike
+                raise InvalidSchedule(
+                    f"the {option} holds a NUL character, which PostgreSQL cannot store"
                 )
         new = NewTask(
             name=spec.name,
@@ -325,6 +384,7 @@ class TaskClient(TaskControl):
             scheduled_at=scheduled_at(delay, run_at, now),
             idempotency_key=idempotency_key,
             trace_context=enqueue_context(),
+            unique_key=unique_key,
         )
         if idempotency_key is not None:
             new = replace(new, request_hash=_fingerprint(new, delay, run_at))
@@ -355,7 +415,7 @@ class TaskClient(TaskControl):
 
 def _insert(conn: Connection, new: NewTask, now: datetime) -> Task | None:
     """`TaskClient._insert`'s statements."""
-    if new.idempotency_key is None:
+    if not new.keyed:
         store_tasks.enqueue_batch(conn, [(new, now)])
         return None
     task, created = store_tasks.enqueue_once(conn, new, now=now)
@@ -408,7 +468,7 @@ def _ended(session: Session, transaction: SessionTransaction) -> None:
 
 
 def _answer(new: NewTask, now: datetime, existing: Task | None) -> tuple[Task, bool]:
-    """`submit`'s answer: the task stored now, or the earlier one with the same key."""
+    """`submit`'s answer: the task stored now, or the one that holds its key."""
     if existing is None:
         return store_tasks.stored_task(new, now), True
     return existing, False
@@ -429,6 +489,8 @@ def _fingerprint(new: NewTask, delay: float | None, run_at: datetime | None) -> 
         "delay": delay,
         "run_at": None if run_at is None else run_at.astimezone(UTC).isoformat(),
     }
+    if new.unique_key is not None:  # only then: the hashes stored before it existed hold
+        asked["unique_key"] = new.unique_key
     canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -76,12 +76,13 @@ class _Job:
 class GroupEnqueue:
     """Enqueues tasks so that concurrent callers commit together.
 
-    Keyless tasks of a group go in one multi-row INSERT; keyed ones (idempotency) one by one
-    in the same transaction. A group that fails is retried one task at a time, so a bad
-    task fails alone; unless the database cannot take writes (locked, full, gone), when each
-    would only wait out the same failure again. A caller waits at most `timeout` seconds
-    (None: until its task is committed), then gets `WriteTimeout` and its task is never
-    committed.
+    Keyless tasks of a group go in one multi-row INSERT; keyed ones (an idempotency or a
+    unique key) one by one in the same transaction. A group that fails is retried one task
+    at a time, so a bad task fails alone; unless the database cannot take writes (locked,
+    full, gone), when each would only wait out the same failure again. A caller waits at
+    most `timeout` seconds (None: until its task is committed), then gets `WriteTimeout` and
+    its task is never committed. A key already taken fails nothing: its job is answered
+    with the task that holds it.
     """
 
     def __init__(self, db: Database, *, max_group: int = 512, timeout: float | None = None) -> None:
@@ -100,8 +101,8 @@ class GroupEnqueue:
 
     def enqueue(self, new: NewTask, now: datetime) -> Task | None:
         """Store `new` and return once that is committed: None when it was stored, or the
-        earlier task when its idempotency key was used before for the same request (see
-        `store.tasks.enqueue_once`)."""
+        task that holds its key (its idempotency key used before for the same request, or
+        its unique key held by an active task: see `store.tasks.enqueue_once`)."""
         job = _Job(new, now)
         self._submit([job])
         assert job.done is not None
@@ -267,11 +268,18 @@ def _fail(jobs: list[_Job], error: BaseException, states: threading.Lock) -> Non
 
 
 def _insert(conn: Connection, group: list[_Job]) -> list[Task | None]:
-    enqueue_batch(conn, [(job.new, job.now) for job in group if job.new.idempotency_key is None])
-    return [
-        None if job.new.idempotency_key is None else _insert_once(conn, job.new, job.now)
-        for job in group
-    ]
+    enqueue_batch(conn, [(job.new, job.now) for job in group if not job.new.keyed])
+    # Keyed rows in the order of their keys. On PostgreSQL an INSERT waits for the open
+    # transaction that inserted the same key; groups of two processes taking shared keys in
+    # different orders would each wait for the other, a deadlock that fails one group whole.
+    # In one order, the one that waits holds nothing the other still needs.
+    keyed = sorted((job for job in group if job.new.keyed), key=_key_order)
+    holders = {id(job): _insert_once(conn, job.new, job.now) for job in keyed}
+    return [holders.get(id(job)) for job in group]
+
+
+def _key_order(job: _Job) -> tuple[str, str]:
+    return job.new.unique_key or "", job.new.idempotency_key or ""
 
 
 def _insert_once(conn: Connection, new: NewTask, now: datetime) -> Task | None:

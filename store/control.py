@@ -8,9 +8,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from store.changes import notify, notify_cancel, notify_changed
-from store.errors import InvalidTransition
+from store.errors import InvalidTransition, UniqueKeyTaken
 from store.models import CLAIMABLE, Task, TaskStatus, task_table
-from store.tasks import get_task, to_task
+from store.tasks import get_task, to_task, unique_key_holder
 from store.timeutil import utcnow
 
 t = task_table
@@ -51,10 +51,11 @@ def cancel_task(conn: Connection, task_id: str, *, now: datetime | None = None) 
 def retry_task(conn: Connection, task_id: str, *, now: datetime | None = None) -> Task:
     """Queue a failed or cancelled task again, due now, with a fresh attempt budget.
 
-    Its attempt history stays; `InvalidTransition` for any other state.
+    Its attempt history stays; `InvalidTransition` for any other state, `UniqueKeyTaken`
+    when another task now holds its unique key (nothing changes then).
     """
     now = now or utcnow()
-    row = conn.execute(
+    requeue = (
         sa.update(t)
         .where(t.c.id == task_id, t.c.status.in_(RETRYABLE))
         .values(
@@ -68,7 +69,19 @@ def retry_task(conn: Connection, task_id: str, *, now: datetime | None = None) -
             progress=None,
         )
         .returning(*t.c)
-    ).first()
+    )
+    try:
+        # In a savepoint: on PostgreSQL a broken constraint spoils the whole transaction.
+        with conn.begin_nested():
+            row = conn.execute(requeue).first()
+    except sa.exc.IntegrityError:
+        # Only uq_task_unique_key_active can refuse this row; the index, not a check made
+        # beforehand, decides, so an enqueue racing with the retry cannot slip in between.
+        task = get_task(conn, task_id)
+        holder = None if task.unique_key is None else unique_key_holder(conn, task.unique_key)
+        if task.unique_key is None or holder is None:
+            raise
+        raise UniqueKeyTaken(task.id, task.unique_key, holder.id) from None
     if row is not None:
         task = to_task(row)
         notify(conn, [task.queue])

@@ -43,6 +43,19 @@ class IdempotencyConflict(StoreError):
         self.task_id = task_id
 
 
+class UniqueKeyTaken(StoreError):
+    """A task cannot become active again: another active task holds its unique key."""
+
+    def __init__(self, task_id: str, key: str, holder_id: str) -> None:
+        super().__init__(
+            f"task {task_id!r} cannot be queued again: its unique key {key!r} is held by "
+            f"task {holder_id}, which is still active"
+        )
+        self.task_id = task_id
+        self.key = key
+        self.holder_id = holder_id
+
+
 class DatabaseUnavailable(StoreError):
     """The database cannot take a write now (locked, full, unreachable, its file gone); the
     caller may try again later."""

@@ -48,6 +48,8 @@ class TaskStatus(StrEnum):
 
 TERMINAL = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 CLAIMABLE = (TaskStatus.QUEUED, TaskStatus.RETRYING)
+# The states in which a task holds its `unique_key`: it has not ended yet.
+ACTIVE = (TaskStatus.QUEUED, TaskStatus.RUNNING, TaskStatus.RETRYING)
 
 
 def ended(status: TaskStatus | str) -> bool:
@@ -86,6 +88,8 @@ def _in(values: Any) -> str:
 CLAIMABLE_WHERE = f"status IN ({_in(CLAIMABLE)})"
 RUNNING_WHERE = "status = 'running'"
 TERMINAL_WHERE = f"status IN ({_in(TERMINAL)})"
+# SQLite matches an upsert's conflict target to a partial index only by this same text.
+UNIQUE_ACTIVE_WHERE = f"status IN ({_in(ACTIVE)}) AND unique_key IS NOT NULL"
 
 
 # The pydantic mypy plugin reads the field named `kwargs` as a redefinition of `**kwargs`.
@@ -150,6 +154,15 @@ class Task(StoreModel, table=True):  # type: ignore[no-redef]
             postgresql_where=text(TERMINAL_WHERE),
         ),
         UniqueConstraint("idempotency_key", name="uq_task_idempotency_key"),
+        # At most one task that has not ended per `unique_key`: the database settles racing
+        # enqueues (in any number of processes), and a finished task frees its key.
+        Index(
+            "uq_task_unique_key_active",
+            "unique_key",
+            unique=True,
+            sqlite_where=text(UNIQUE_ACTIVE_WHERE),
+            postgresql_where=text(UNIQUE_ACTIVE_WHERE),
+        ),
         # Unique (as `id` alone is) so that attempts can refer to their task by it.
         Index("ix_task_created", "created_at", "id", unique=True),
         Index("ix_task_name_created", "name", "created_at"),
@@ -191,6 +204,9 @@ class Task(StoreModel, table=True):  # type: ignore[no-redef]
     # The W3C trace context (`{"traceparent": ..., "tracestate": ...}` as JSON) of the span
     # that enqueued the task, when tracing is on: its attempts' spans join that trace.
     trace_context: str | None = Field(default=None, sa_column=Column(Text))
+    # Held while the task is queued, running or retrying (`uq_task_unique_key_active`): an
+    # enqueue with a key an active task holds gets that task instead of a new one.
+    unique_key: str | None = Field(default=None, sa_type=String(200))
 
 
 class Attempt(StoreModel, table=True):

@@ -19,7 +19,15 @@ from store.changes import notify
 from store.driver import Convert, Driver, bind_processor
 from store.errors import IdempotencyConflict, InvalidCursor, TaskNotFound
 from store.jsonvalues import escaped_text
-from store.models import CLAIMABLE_WHERE, TERMINAL, TERMINAL_WHERE, Task, TaskStatus, task_table
+from store.models import (
+    CLAIMABLE_WHERE,
+    TERMINAL,
+    TERMINAL_WHERE,
+    UNIQUE_ACTIVE_WHERE,
+    Task,
+    TaskStatus,
+    task_table,
+)
 from store.timeutil import UnreadableTime, utcnow
 
 t = task_table
@@ -39,7 +47,13 @@ class NewTask:
     idempotency_key: str | None = None
     request_hash: str | None = None
     trace_context: str | None = None
+    unique_key: str | None = None
     id: str = field(default_factory=lambda: str(uuid4()))
+
+    @property
+    def keyed(self) -> bool:
+        """Whether a key may make this enqueue return an existing task (`enqueue_once`)."""
+        return self.idempotency_key is not None or self.unique_key is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +97,7 @@ def _values(new: NewTask, now: datetime) -> dict[str, Any]:
         "idempotency_key": new.idempotency_key,
         "request_hash": new.request_hash,
         "trace_context": new.trace_context,
+        "unique_key": new.unique_key,
         "lease_token": 0,
         "expirations": 0,
     }
@@ -135,13 +150,16 @@ _COLUMNS = (
     "idempotency_key",
     "request_hash",
     "trace_context",
+    "unique_key",
     "lease_token",
     "expirations",
 )
 _SQLITE_INSERT = (
     f"INSERT INTO task ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 )
-_SQLITE_INSERT_ONCE = f"{_SQLITE_INSERT} ON CONFLICT (idempotency_key) DO NOTHING"
+# SQLite takes an upsert clause per key; a partial index's only with the index's own WHERE.
+_SQLITE_IDEMPOTENT = "ON CONFLICT (idempotency_key) DO NOTHING"
+_SQLITE_UNIQUE = f"ON CONFLICT (unique_key) WHERE {UNIQUE_ACTIVE_WHERE} DO NOTHING"
 
 _Processors = list[tuple[int, Convert]]
 _processors: weakref.WeakKeyDictionary[Dialect, _Processors] = weakref.WeakKeyDictionary()
@@ -188,27 +206,38 @@ def _insert(conn: Connection, rows: list[dict[str, Any]]) -> None:
     Driver(conn).execute_many(sql, [_driver_row(sql, values, processors) for values in rows])
 
 
-def _insert_or_ignore(conn: Connection) -> sa.Insert:
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects import postgresql
+def _insert_or_ignore(values: dict[str, Any]) -> sa.Insert:
+    """PostgreSQL's INSERT of `values` that does nothing when one of its keys is taken."""
+    from sqlalchemy.dialects import postgresql
 
-        return postgresql.insert(t).on_conflict_do_nothing(index_elements=["idempotency_key"])
-    from sqlalchemy.dialects import sqlite
-
-    return sqlite.insert(t).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    insert = postgresql.insert(t)
+    if values["unique_key"] is None:
+        return insert.on_conflict_do_nothing(index_elements=["idempotency_key"])
+    if values["idempotency_key"] is None:
+        return insert.on_conflict_do_nothing(
+            index_elements=["unique_key"], index_where=sa.text(UNIQUE_ACTIVE_WHERE)
+        )
+    # PostgreSQL takes one conflict target, and none names two indexes: without a target
+    # every unique index is one (the random primary key's too, which never collides).
+    return insert.on_conflict_do_nothing()
 
 
 def _insert_once(conn: Connection, values: dict[str, Any]) -> bool:
-    """Insert one row unless its idempotency key is taken; whether it was inserted."""
+    """Insert one row unless one of its keys is taken; whether it was inserted."""
     if conn.dialect.name != "sqlite":
         # SQLAlchemy keeps an INSERT's rowcount only when asked to.
         options = {"preserve_rowcount": True}
-        result = conn.execute(_insert_or_ignore(conn), values, execution_options=options)
+        result = conn.execute(_insert_or_ignore(values), values, execution_options=options)
         if result.rowcount != 1:
             return False
         _due_now(conn, [values])
         return True
-    sql = _SQLITE_INSERT_ONCE
+    clauses = [
+        clause
+        for key, clause in (("idempotency_key", _SQLITE_IDEMPOTENT), ("unique_key", _SQLITE_UNIQUE))
+        if values[key] is not None
+    ]
+    sql = " ".join([_SQLITE_INSERT, *clauses])
     row = _driver_row(sql, values, _bind_processors(conn.dialect))
     return Driver(conn).execute_many(sql, [row]) == 1
 
@@ -235,24 +264,40 @@ def enqueue_many(
 def enqueue_once(
     conn: Connection, new: NewTask, *, now: datetime | None = None
 ) -> tuple[Task, bool]:
-    """Insert a task under its idempotency key, once: `(task, True)` when this call stored it,
-    `(the earlier task, False)` when the key was used before for the same request.
+    """Insert a task unless one of its keys is taken: `(task, True)` when this call stored
+    it, `(the task that holds the key, False)` when nothing was stored.
 
-    The same key with another `request_hash` raises `IdempotencyConflict`. Two callers racing
-    with one key store one task: the unique constraint settles it inside the database.
+    An idempotency key holds for as long as its task is kept: the same key with another
+    `request_hash` raises `IdempotencyConflict`. A unique key holds while its task is queued,
+    running or retrying: any task with that key gets the active one back, whatever its name
+    and arguments. With both keys, the idempotency key is looked up first. Two callers racing
+    with one key store one task: the unique indexes settle it inside the database.
     """
-    if new.idempotency_key is None:
-        raise ValueError("enqueue_once needs an idempotency key")
+    if not new.keyed:
+        raise ValueError("enqueue_once needs an idempotency key or a unique key")
     values = _values(new, now or utcnow())
-    if _insert_once(conn, values):
-        return _task(values), True
-    row = conn.execute(sa.select(t).where(t.c.idempotency_key == new.idempotency_key)).first()
-    if row is None:  # pruned between the two statements: try once more
-        return enqueue_once(conn, new, now=now)
-    existing = to_task(row)
-    if existing.request_hash != new.request_hash:
-        raise IdempotencyConflict(new.idempotency_key, existing.id)
-    return existing, False
+    while not _insert_once(conn, values):
+        if new.idempotency_key is not None:
+            row = conn.execute(
+                sa.select(t).where(t.c.idempotency_key == new.idempotency_key)
+            ).first()
+            if row is not None:
+                existing = to_task(row)
+                if existing.request_hash != new.request_hash:
+                    raise IdempotencyConflict(new.idempotency_key, existing.id)
+                return existing, False
+        if new.unique_key is not None and (holder := unique_key_holder(conn, new.unique_key)):
+            return holder, False
+        # The task that held the key was pruned, or ended, between the two statements: again.
+    return _task(values), True
+
+
+def unique_key_holder(conn: Connection, key: str) -> Task | None:
+    """The task that holds this unique key: the one queued, running or retrying with it."""
+    # The index's own WHERE, word for word, for SQLite to read the partial index.
+    query = sa.select(t).where(t.c.unique_key == key, sa.text(UNIQUE_ACTIVE_WHERE))
+    row = conn.execute(query).first()
+    return None if row is None else to_task(row)
 
 
 def enqueue_batch(conn: Connection, items: Sequence[tuple[NewTask, datetime]]) -> None:

@@ -24,6 +24,7 @@ from store.errors import (
     InvalidCursor,
     InvalidTransition,
     TaskNotFound,
+    UniqueKeyTaken,
 )
 from store.health import as_unavailable
 from store.jsonvalues import MAX_DEPTH, escaped, escaped_text
@@ -34,6 +35,7 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (IdempotencyConflict, status.HTTP_422_UNPROCESSABLE_CONTENT),
     (TaskNotFound, status.HTTP_404_NOT_FOUND),
     (InvalidTransition, status.HTTP_409_CONFLICT),
+    (UniqueKeyTaken, status.HTTP_409_CONFLICT),
 )
 
 # What the database raises when it cannot take a write: answered 503 (see `unavailable`).

@@ -63,6 +63,13 @@ class TaskIn(BaseModel):
     delay: float | None = Field(default=None, ge=0, le=10 * 365 * 86_400, allow_inf_nan=False)
     run_at: AwareDatetime | None = None
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    unique_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="While a task with this key is queued, running or retrying, answer it"
+        " (200) instead of storing a new one",
+    )
 
 
 class ProgressOut(BaseModel):
@@ -97,6 +104,7 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
     result: Any
     last_error: str | None
     idempotency_key: str | None
+    unique_key: str | None = Field(description="Held while the task is queued, running or retrying")
     progress: ProgressOut | None = Field(
         default=None, description="Set by `ctx.progress()`; null until the attempt reports"
     )
@@ -137,7 +145,7 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
 
 _SHOWN = tuple(name for name in TaskOut.model_fields if name != "unreadable")
 # The values shown as they are stored, escaped when they need it.
-_TEXT = ("id", "name", "queue", "result", "last_error", "idempotency_key")
+_TEXT = ("id", "name", "queue", "result", "last_error", "idempotency_key", "unique_key")
 # The values that may not be of their type in a row written by hand, and the type each
 # must be to be shown (a time that is not one is read as an `UnreadableTime`).
 _CHECKED: dict[str, type | tuple[type, ...]] = {
@@ -256,7 +264,11 @@ ANSWERS: dict[int, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "A Content-Length header that is not a number"},
     401: {"model": ErrorOut, "description": "Missing or wrong bearer token"},
     404: {"model": ErrorOut, "description": "No task with this id"},
-    409: {"model": ErrorOut, "description": "The task's state does not allow this"},
+    409: {
+        "model": ErrorOut,
+        "description": "The task's state does not allow this (or, for a retry, another active"
+        " task holds its unique key)",
+    },
     413: {"model": ErrorOut, "description": "The request body is over the limit"},
     422: {"model": ValidationErrorOut, "description": "The request is refused"},
     503: {

@@ -30,7 +30,9 @@ async def create_task(
     """Enqueue a registered task; the row is committed before this answers (202).
 
     With an `Idempotency-Key` header, the same key and body again answer 200 with the first
-    task and store nothing; the same key with another body is refused with 422.
+    task and store nothing; the same key with another body is refused with 422. With a
+    `unique_key`, while a task with that key is queued, running or retrying, the answer is
+    200 with that task, and nothing is stored.
     """
     new, now = tasks.prepare(
         body.name,
@@ -42,6 +44,7 @@ async def create_task(
         body.priority,
         body.max_attempts,
         idempotency_key,
+        unique_key=body.unique_key,
     )
     existing = await tasks.store_async(new, now)
     task = TaskOut.queued(new, now) if existing is None else TaskOut.of(existing)
@@ -102,7 +105,7 @@ def cancel_task(task_id: str, tasks: DurableTasks) -> TaskOut:
 
 def retry_task(task_id: str, tasks: DurableTasks) -> TaskOut:
     """Queue a failed or cancelled task again with a fresh attempt budget (history kept);
-    409 in any other state."""
+    409 in any other state, or while another active task holds its unique key."""
     return TaskOut.of(tasks.retry(task_id))
 
 
@@ -124,7 +127,11 @@ def add_routes(router: APIRouter) -> None:
         status_code=status.HTTP_202_ACCEPTED,
         response_model=TaskOut,
         responses={
-            200: {"model": TaskOut, "description": "Same Idempotency-Key and body again"},
+            200: {
+                "model": TaskOut,
+                "description": "The task that holds the key: the same Idempotency-Key and body"
+                " again, or the active task with this unique_key; nothing stored",
+            },
             **answers(422, 503),
         },
         tags=tags,

@@ -101,6 +101,7 @@ def task_grid(task: TaskOut) -> Table:
         ("started", _utc_or_dash(task.started_at)),
         ("finished", _utc_or_dash(task.finished_at)),
         ("idempotency key", task.idempotency_key or "-"),
+        ("unique key", task.unique_key or "-"),
         ("args", json.dumps(task.args, ensure_ascii=False)),
         ("kwargs", json.dumps(task.kwargs, ensure_ascii=False)),
         ("result", json.dumps(task.result, ensure_ascii=False)),

@@ -223,6 +223,13 @@ def enqueue_task(
         str | None,
         typer.Option(help="Enqueue at most once per key, as the Idempotency-Key header."),
     ] = None,
+    unique_key: Annotated[
+        str | None,
+        typer.Option(
+            help="While a task with this key is queued, running or retrying, show it instead "
+            "of enqueueing another."
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the task as POST /tasks answers it.")
     ] = False,
@@ -238,6 +245,7 @@ def enqueue_task(
             "delay": delay,
             "run_at": run_at,
             "max_attempts": max_attempts,
+            "unique_key": unique_key,
         }
     )
     with existing_service() as backstop:
@@ -251,6 +259,7 @@ def enqueue_task(
             priority=body.priority,
             max_attempts=body.max_attempts,
             idempotency_key=idempotency_key,
+            unique_key=body.unique_key,
         )
     task = TaskOut.of(stored)
     if as_json:
@@ -259,11 +268,18 @@ def enqueue_task(
     console = output.console()
     if created:
         console.print(Text(f"enqueued task {task.id} ({task.name})"))
-    else:
+    elif idempotency_key is not None and task.idempotency_key == idempotency_key:
         console.print(
             Text(
                 f"idempotency key {idempotency_key!r} was used before for the same request: "
                 f"nothing new stored; the task is {task.id}"
+            )
+        )
+    else:
+        console.print(
+            Text(
+                f"unique key {unique_key!r} is held by task {task.id} ({task.name}), which is "
+                f"{task.status}: nothing new stored"
             )
         )
     console.print(output.task_grid(task))

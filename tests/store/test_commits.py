@@ -145,6 +145,31 @@ def test_keys_in_one_group_store_one_task_per_key(group: GroupEnqueue, db: Datab
     assert _count(db) == 2
 
 
+def test_a_held_unique_key_in_the_middle_of_a_group_keeps_the_other_jobs(
+    group: GroupEnqueue, db: Database, commits: list[int]
+) -> None:
+    holder = NewTask(name="t", unique_key="held")
+    assert group.enqueue(holder, T) is None
+    before = len(commits)
+    plain = [NewTask(name="t", args=[n]) for n in range(3)]
+    taken = NewTask(name="other", args=["x"], unique_key="held")
+    fresh, fresh_again = NewTask(name="t", unique_key="new"), NewTask(name="t", unique_key="new")
+
+    async def enqueue_all() -> list[Task | None]:
+        jobs = (plain[0], fresh, taken, plain[1], fresh_again, plain[2])
+        return await asyncio.gather(*(group.enqueue_async(new, T) for new in jobs))
+
+    answers = asyncio.run(enqueue_all())
+
+    # One transaction for the whole group: neither conflict made it fail and go one by one.
+    assert len(commits) == before + 1
+    assert answers == [None, None, stored_task(holder, T), None, stored_task(fresh, T), None]
+    assert all(_stored(db, new.id) is not None for new in (*plain, fresh))
+    assert _stored(db, taken.id) is None
+    assert _stored(db, fresh_again.id) is None
+    assert _count(db) == 5
+
+
 def test_threads_and_event_loops_share_the_writer(group: GroupEnqueue, other_db: Database) -> None:
     from_thread = NewTask(name="t", args=["thread"])
     from_loop = NewTask(name="t", args=["loop"])

@@ -108,6 +108,9 @@ PARTIAL_INDEXES = {
         " WHERE status IN ('queued', 'retrying')",
         "ix_task_lease_expiry": "CREATE INDEX ix_task_lease_expiry ON task (lease_expires_at)"
         " WHERE status = 'running'",
+        "uq_task_unique_key_active": "CREATE UNIQUE INDEX uq_task_unique_key_active ON task"
+        " (unique_key) WHERE status IN ('queued', 'running', 'retrying')"
+        " AND unique_key IS NOT NULL",
     },
     "postgresql": {
         CLAIMABLE_INDEX: "CREATE INDEX ix_task_claimable ON public.task USING btree"
@@ -115,6 +118,10 @@ PARTIAL_INDEXES = {
         " ((ARRAY['queued'::character varying, 'retrying'::character varying])::text[]))",
         "ix_task_lease_expiry": "CREATE INDEX ix_task_lease_expiry ON public.task USING btree"
         " (lease_expires_at) WHERE ((status)::text = 'running'::text)",
+        "uq_task_unique_key_active": "CREATE UNIQUE INDEX uq_task_unique_key_active ON"
+        " public.task USING btree (unique_key) WHERE (((status)::text = ANY"
+        " ((ARRAY['queued'::character varying, 'running'::character varying,"
+        " 'retrying'::character varying])::text[])) AND (unique_key IS NOT NULL))",
     },
 }
 
@@ -153,7 +160,7 @@ def empty(request: pytest.FixtureRequest, fresh: Database) -> Iterator[Database]
 
 
 def test_is_current_only_after_upgrade(empty: Database) -> None:
-    assert migrate.head_revision() == "0004_progress"
+    assert migrate.head_revision() == "0007_unique_key"
     assert migrate.is_current(empty) is False
     migrate.upgrade(empty)
     assert migrate.is_current(empty) is True
@@ -250,10 +257,11 @@ def test_0002_downgrades_to_0001_and_back(empty: Database) -> None:
 
 def _enqueue_before_0003(conn: sa.Connection, name: str, now: datetime) -> Task:
     """A task stored in a schema older than 0003, which has no `trace_context` column (nor
-    0004's `progress`)."""
+    0004's `progress`, 0007's `unique_key`)."""
     row = stored_row(NewTask(name=name), now)
     del row["trace_context"]
     row.pop("progress", None)
+    row.pop("unique_key", None)
     conn.execute(sa.insert(task_table).values(row))
     return stored_task(NewTask(name=name, id=row["id"]), now)
 

@@ -22,7 +22,7 @@ from store.models import TERMINAL, TaskStatus
 from store.outcomes import Outcome
 from store.retention import prune_finished
 from store.stats import queue_overview
-from store.tasks import NewTask, enqueue_many, list_tasks
+from store.tasks import NewTask, enqueue_many, list_tasks, unique_key_holder
 from store.timeutil import utcnow
 
 # How each engine asks for a plan, and how its plan says that it sorts.
@@ -129,6 +129,18 @@ def test_pruning_reads_the_prune_index_in_age_order_without_sorting(
         prune_finished(conn, status, utcnow() + timedelta(hours=1), limit=10)
     assert "ix_task_prune" in plans[0]
     assert SORT[history.dialect] not in plans[0]
+
+
+def test_the_holder_of_a_unique_key_is_read_from_the_partial_unique_index(
+    history: Database,
+) -> None:
+    with history.write() as conn:
+        enqueue_many(conn, [NewTask(name="x", unique_key=f"k{i}") for i in range(500)])
+        if history.dialect == "postgresql":
+            conn.exec_driver_sql("ANALYZE task")
+    with _plans(history) as plans, history.read() as conn:
+        assert unique_key_holder(conn, "k7") is not None
+    assert "uq_task_unique_key_active" in plans[0]
 
 
 def test_claim_due_is_unchanged_by_a_future_backlog(history: Database) -> None:

@@ -41,6 +41,7 @@ TASK_KEYS = {
     "result",
     "last_error",
     "idempotency_key",
+    "unique_key",
     "progress",
     "unreadable",
 }

@@ -194,6 +194,42 @@ def test_the_same_idempotency_key_with_another_request_is_the_apis_422(
     assert count_tasks(client) == 1
 
 
+def test_a_held_unique_key_shows_the_active_task_and_stores_nothing(
+    cli: Run, client: TestClient
+) -> None:
+    first = enqueue(cli, "test.echo", "--args", "[1]", "--unique-key", "user-42")
+    assert first["unique_key"] == "user-42"
+
+    again = cli("tasks", "enqueue", "test.echo", "--args", "[2]", "--unique-key", "user-42")
+
+    assert again.code == 0, again.err
+    assert again.out.splitlines()[0] == (
+        f"unique key 'user-42' is held by task {first['id']} (test.echo), which is queued:"
+        " nothing new stored"
+    )
+    assert any(line.split() == ["unique", "key", "user-42"] for line in again.out.splitlines())
+    answered = enqueue(cli, "test.noop", "--unique-key", "user-42")
+    assert answered == client.get(f"/tasks/{first['id']}").json()
+    assert count_tasks(client) == 1
+    drain(client)
+    assert enqueue(cli, "test.noop", "--unique-key", "user-42")["id"] != first["id"]
+
+
+def test_a_retry_refused_for_a_held_unique_key_is_the_apis_409_detail(
+    cli: Run, client: TestClient
+) -> None:
+    failed = enqueue(cli, "test.fatal", "--unique-key", "nightly")
+    drain(client)
+    enqueue(cli, "test.noop", "--unique-key", "nightly")
+    conflict = client.post(f"/tasks/{failed['id']}/retry")
+    assert conflict.status_code == 409
+
+    done = cli("tasks", "retry", failed["id"])
+
+    assert done.error_line() == detail(conflict)
+    assert client.get(f"/tasks/{failed['id']}").json()["status"] == "failed"
+
+
 # -- list --------------------------------------------------------------------------------------
 
 
@@ -622,6 +658,8 @@ def test_an_unknown_task_name_lists_the_known_ones(cli: Run, client: TestClient)
         (["--max-attempts", "0"], "--max-attempts"),
         (["--queue", ""], "--queue"),
         (["--idempotency-key", "k" * 201], "idempotency key"),
+        (["--unique-key", ""], "--unique-key"),
+        (["--unique-key", "k" * 201], "--unique-key"),
     ],
 )
 def test_bad_enqueue_options_are_one_line_naming_the_option(
