@@ -12,9 +12,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.backstop import Backstop
+from app.cli.commands import main
+from app.main import create_app
 from app.settings import Settings, parse_rate_limits
 from store import tasks as store_tasks
 from store.attempts import list_attempts
@@ -163,3 +166,48 @@ def test_the_test_kits_drain_stops_at_the_limit(make_backstop: MakeBackstop) -> 
     assert len([task for task in ran if task.queue == "email"]) == 2
     assert other in {task.id for task in ran}
     assert sorted(_statuses(backstop, emails)).count(TaskStatus.QUEUED) == 1
+
+
+def test_stats_show_each_limit_and_its_use(
+    make_backstop: MakeBackstop,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    limits = "email=2/1h,sms=5/10s"
+    backstop = make_backstop(rate_limits=parse_rate_limits(limits))
+    emails = [backstop.tasks.add_task("test.echo", n, queue="email") for n in range(3)]
+    asyncio.run(backstop.runner.drain())
+    with backstop.db.read() as conn:
+        first = min(a.started_at for task_id in emails for a in list_attempts(conn, task_id))
+
+    with TestClient(create_app(backstop.settings, run_worker=False)) as client:
+        shown = client.get("/tasks/stats").json()["rate_limits"]
+
+    assert shown == {
+        "email": {
+            "limit": "2/1h",
+            "starts": 2,
+            "period_seconds": 3600.0,
+            "started": 2,
+            "reopens_at": (first + timedelta(hours=1)).isoformat().replace("+00:00", "Z"),
+        },
+        "sms": {
+            "limit": "5/10s",
+            "starts": 5,
+            "period_seconds": 10.0,
+            "started": 0,
+            "reopens_at": None,
+        },
+    }
+    for key in [key for key in os.environ if key.startswith("BACKSTOP_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("BACKSTOP_DATA_DIR", str(backstop.settings.data_dir))
+    monkeypatch.setenv("BACKSTOP_RATE_LIMITS", limits)
+    capsys.readouterr()
+    main(["tasks", "stats"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == [
+        "queue email: at most 2/1h, 2 started in the last 1h 00m; next start at "
+        + (first + timedelta(hours=1)).isoformat(timespec="milliseconds"),
+        "queue sms: at most 5/10s, 0 started in the last 10.0s",
+    ]
