@@ -6,6 +6,10 @@ then run on the worker threads, which work out their own outcomes (the result, o
 policy's verdict and the traceback) and hand them straight back to the next cycle; async
 functions run on the event loop. A task costs the loop nothing unless its function is async
 or has a timeout, and the write lock is held for the statements alone.
+
+Rate-limited queues (`BACKSTOP_RATE_LIMITS`) are claimed apart, no further than their
+allowance (`store.ratelimits`). A claim that used one up says when it reopens: the pipeline
+asks nothing of that queue until then, and a timer wakes the cycle that does.
 """
 
 from __future__ import annotations
