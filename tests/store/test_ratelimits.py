@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -148,3 +149,26 @@ def test_racing_claimers_never_exceed_the_limit(db: Database) -> None:
         thread.join(timeout=60)
     assert errors == []
     assert [sum(counts) for counts in taken.values()] == [rate.starts] * rounds
+
+
+def test_an_idle_limited_queue_is_neither_locked_nor_counted(db: Database) -> None:
+    """Nothing of the queue due: one probe and nothing else, so the claim never waits for
+    another runner's lock on the queue (PostgreSQL holds it to the end of a transaction)."""
+    _enqueue(db, 2, queue="default")
+    with db.write() as conn:
+        enqueue_many(
+            conn, [NewTask(name="t", queue="email", scheduled_at=T + timedelta(hours=1))], now=T
+        )
+    statements: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(db.engine, "before_cursor_execute", capture)
+    try:
+        idle = _claim(db, 5, T)
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", capture)
+    assert idle == LimitedClaim([], None)
+    assert len([s for s in statements if "FROM task" in s]) == 1
+    assert not [s for s in statements if "queue_start" in s or "advisory" in s]
