@@ -168,7 +168,7 @@ def test_the_test_kits_drain_stops_at_the_limit(make_backstop: MakeBackstop) -> 
     assert sorted(_statuses(backstop, emails)).count(TaskStatus.QUEUED) == 1
 
 
-def test_stats_show_each_limit_and_its_use(
+def test_stats_and_metrics_show_each_limit_and_its_use(
     make_backstop: MakeBackstop,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -182,6 +182,7 @@ def test_stats_show_each_limit_and_its_use(
 
     with TestClient(create_app(backstop.settings, run_worker=False)) as client:
         shown = client.get("/tasks/stats").json()["rate_limits"]
+        metrics = client.get("/metrics").text.splitlines()
 
     assert shown == {
         "email": {
@@ -199,6 +200,12 @@ def test_stats_show_each_limit_and_its_use(
             "reopens_at": None,
         },
     }
+    assert {
+        'backstop_queue_rate_limit_starts{queue="email"} 2.0',
+        'backstop_queue_rate_limit_period_seconds{queue="email"} 3600.0',
+        'backstop_queue_rate_started{queue="email"} 2.0',
+        'backstop_queue_rate_started{queue="sms"} 0.0',
+    } <= set(metrics)
     for key in [key for key in os.environ if key.startswith("BACKSTOP_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("BACKSTOP_DATA_DIR", str(backstop.settings.data_dir))
