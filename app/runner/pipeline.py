@@ -557,9 +557,11 @@ class Pipeline:
         self.wake()
 
     def close(self) -> None:
-        """Cancel the pending retries of outcomes (a stopping runner releases their tasks)."""
+        """Cancel the pending retries of outcomes (a stopping runner releases their tasks)
+        and the wake-ups of limited queues."""
         with self._lock:
             timers, self._timers = self._timers, {}
+            self._armed.clear()  # a runner started again arms its reopenings anew
         for timer in timers:
             timer.cancel()
 
