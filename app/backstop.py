@@ -151,6 +151,7 @@ class Backstop:
                 self.db,
                 busy=lambda: len(self.runner.pipeline.running),
                 capacity=lambda: self.runner.capacity,
+                rate_limits=settings.rate_limits,
             )
         )
         self.periodic = Periodic(self.registry, self.runner)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -11,6 +12,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.tasks.addresses import AllowList
 from store.engine import PostgresOptions, Synchronous, default_url, masked_url
+from store.ratelimits import RateLimit
+
+# The units a rate limit's period may be written in, as seconds.
+PERIOD_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -44,6 +49,10 @@ class Settings(BaseSettings):
     # Named queues and their concurrency, `default=8,email=2`: this process's runner serves
     # exactly these. Empty: it serves every queue, `concurrency` tasks at a time in all.
     queues: Annotated[dict[str, int], NoDecode] = {}
+    # Queues whose starts are limited across every process, `email=4/10s,sms=100/1m`: at
+    # most that many starts in any such period (docs/queues.md). Every process claiming
+    # these queues must be given the same limits.
+    rate_limits: Annotated[dict[str, RateLimit], NoDecode] = {}
     max_lease_expiries: int = Field(default=3, ge=1)
     retain_succeeded: float = Field(default=7 * 86_400, gt=0)
     retain_failed: float = Field(default=30 * 86_400, gt=0)
@@ -119,6 +128,18 @@ class Settings(BaseSettings):
             return value
         return parse_queues(value)
 
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _parse_rate_limits(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_rate_limits(value)
+        if isinstance(value, dict):  # `Settings(rate_limits={"email": "4/10s"})`
+            return {
+                queue: parse_rate(queue, rate) if isinstance(rate, str) else rate
+                for queue, rate in value.items()
+            }
+        return value
+
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # repr() and str() name the database without its password (`database_url` stays the
         # plain string the setting holds: `Settings(database_url=...)` and
@@ -175,3 +196,48 @@ def parse_queues(text: str) -> dict[str, int]:
             raise ValueError(f"queue {name!r}: concurrency must be at least 1")
         queues[name] = count
     return queues
+
+
+def parse_rate_limits(text: str) -> dict[str, RateLimit]:
+    """`email=4/10s,sms=100/1m`: per queue, at most that many starts in any such period."""
+    limits: dict[str, RateLimit] = {}
+    for part in (item.strip() for item in text.split(",")):
+        if not part:
+            continue
+        name, equals, rate = (piece.strip() for piece in part.partition("="))
+        if not name or not equals:
+            raise ValueError(
+                f"rate limit entry {part!r}: expected queue=starts/period, e.g. email=4/10s"
+            )
+        if name in limits:
+            raise ValueError(f"queue {name!r} has two rate limits")
+        limits[name] = parse_rate(name, rate)
+    return limits
+
+
+def parse_rate(queue: str, rate: str) -> RateLimit:
+    """`4/10s` (the period in ms, s, m or h; `4/s` for one unit) as the limit of `queue`."""
+    starts, slash, period = (piece.strip() for piece in rate.partition("/"))
+    if not slash:
+        raise ValueError(f"queue {queue!r}: rate {rate!r} is not starts/period, e.g. 4/10s")
+    if not starts.isdecimal() or int(starts) < 1:
+        raise ValueError(f"queue {queue!r}: starts {starts!r} is not a whole number of at least 1")
+    length = _period(period)
+    if length is None:
+        raise ValueError(
+            f"queue {queue!r}: period {period!r} is not a duration like 500ms, 10s, 1m or 1h"
+        )
+    return RateLimit(int(starts), length)
+
+
+def _period(text: str) -> timedelta | None:
+    """`500ms`, `10s`, `1.5m`, `h`... as a positive duration; None when it is not one."""
+    unit = "ms" if text.endswith("ms") else text[-1:]
+    if unit not in PERIOD_UNITS:
+        return None
+    amount = text[: -len(unit)].strip() or "1"
+    try:
+        length = timedelta(seconds=float(amount) * PERIOD_UNITS[unit])
+    except (ValueError, OverflowError):  # not a number; NaN or past timedelta's range
+        return None
+    return length if length > timedelta(0) else None

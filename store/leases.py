@@ -49,14 +49,18 @@ _CLAIMED = (
 _ROW = {"sqlite": "rowid", "postgresql": "NULL"}
 
 
-def claim_statement(dialect: str, *, by_queue: bool) -> str:
-    """The claim, with `?` placeholders for owner, expiry, start, now, [queue,] limit; on
-    PostgreSQL also start and owner again, for the attempt rows it inserts itself.
+def claim_statement(dialect: str, *, by_queue: bool, excluded: int = 0) -> str:
+    """The claim, with `?` placeholders for owner, expiry, start, now, [queue,] [each of
+    `excluded` queues,] limit; on PostgreSQL also start and owner again, for the attempt rows
+    it inserts itself.
 
     On SQLite the subquery carries `CLAIMABLE_WHERE` word for word, so that the planner
     reads the partial index `ix_task_claimable` in order and stops after `limit` rows.
+    `excluded` queues (the rate-limited ones, claimed apart) are skipped as that index is read.
     """
     queue = " AND queue = ?" if by_queue else ""
+    if excluded:
+        queue += f" AND queue NOT IN ({', '.join('?' * excluded)})"
     postgres = dialect == "postgresql"
     lock = " FOR UPDATE SKIP LOCKED" if postgres else ""
     # SQLite finds the rows by rowid, which the index entries hold: looking them up by `id`
@@ -106,10 +110,11 @@ def claim_due(
     *,
     lease_seconds: float,
     queue: str | None = None,
+    exclude: Sequence[str] = (),
     now: datetime | None = None,
 ) -> list[Claim]:
-    """Claim up to `limit` due tasks (of `queue`, or of any queue), highest priority then
-    oldest first, in one statement.
+    """Claim up to `limit` due tasks (of `queue`, or of any queue but those in `exclude`),
+    highest priority then oldest first, in one statement.
 
     Two runners can never take the same task. On SQLite the write transaction opened with
     `BEGIN IMMEDIATE` holds the database's single write lock from before the subquery reads
@@ -128,10 +133,14 @@ def claim_due(
     params: list[Any] = [owner, driver.stamp(expires), started, started]
     if queue is not None:
         params.append(queue)
+    params += exclude
     params.append(limit)
     if not driver.sqlite:
         params += [started, owner]
-    rows = driver.execute(claim_statement(conn.dialect.name, by_queue=queue is not None), params)
+    statement = claim_statement(
+        conn.dialect.name, by_queue=queue is not None, excluded=len(exclude)
+    )
+    rows = driver.execute(statement, params)
     if not rows:
         return []
     claimed = [

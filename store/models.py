@@ -239,6 +239,18 @@ class Attempt(StoreModel, table=True):
     worker: str = Field(sa_type=String(200))
 
 
+class QueueStart(StoreModel, table=True):
+    """One start of a task of a rate-limited queue, kept while a window can still count it
+    (`store.ratelimits`). Unlimited queues write nothing here."""
+
+    __tablename__ = "queue_start"
+    __table_args__ = (Index("ix_queue_start", "queue", "started_at"),)
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    queue: str = Field(sa_type=String(100))
+    started_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+
+
 class Schedule(StoreModel, table=True):
     """A periodic task's last enqueued tick, shared by every process."""
 
@@ -302,6 +314,7 @@ def lease_of(task: Task | Claim) -> Lease:
 task_table = Task.__table__  # type: ignore[attr-defined]
 schedule_table = Schedule.__table__  # type: ignore[attr-defined]
 attempt_table = Attempt.__table__  # type: ignore[attr-defined]
+queue_start_table = QueueStart.__table__  # type: ignore[attr-defined]
 metadata = StoreModel.metadata
 
 # The store builds its models with `model_construct` (no validation: the values come from

@@ -7,6 +7,7 @@ with Backstop's, and FastAPI would rename both, breaking the team's generated cl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +23,8 @@ from pydantic import (
 
 from store.jsonvalues import escaped, escaped_text
 from store.models import Attempt, AttemptOutcome, Task, TaskStatus
+from store.ratelimits import QueueUse
+from store.stats import QueueStats
 from store.tasks import NewTask, stored_row
 from store.timeutil import UnreadableTime, stored_text
 
@@ -204,6 +207,32 @@ _ATTEMPT_CHECKED: dict[str, type | tuple[type, ...]] = {
 }
 
 
+class RateLimitOut(BaseModel):
+    """A rate-limited queue in `GET /tasks/stats`: its limit and how much of it is in use."""
+
+    __qualname__ = "BackstopRateLimitOut"  # its schema's name: see the module docstring
+
+    limit: str = Field(description="The limit as written in BACKSTOP_RATE_LIMITS, e.g. 4/10s")
+    starts: int = Field(description="The starts allowed in any period")
+    period_seconds: float
+    started: int = Field(
+        description="The queue's starts in the last period, by every process (the database's count)"
+    )
+    reopens_at: datetime | None = Field(
+        description="When the next start is allowed, if none is now (null: one is)"
+    )
+
+    @classmethod
+    def of(cls, use: QueueUse) -> RateLimitOut:
+        return cls(
+            limit=str(use.limit),
+            starts=use.limit.starts,
+            period_seconds=use.limit.period.total_seconds(),
+            started=use.started,
+            reopens_at=use.reopens_at,
+        )
+
+
 class StatsOut(BaseModel):
     """`GET /tasks/stats`."""
 
@@ -214,6 +243,19 @@ class StatsOut(BaseModel):
     oldest_due_seconds: float | None = Field(
         description="How long the oldest due, unclaimed task has waited (null: none waits)"
     )
+    rate_limits: dict[str, RateLimitOut] = Field(
+        default_factory=dict,
+        description="The rate-limited queues, as this process's BACKSTOP_RATE_LIMITS sets them",
+    )
+
+    @classmethod
+    def of(cls, stats: QueueStats, use: Mapping[str, QueueUse]) -> StatsOut:
+        return cls(
+            counts=stats.counts,
+            queues=stats.queues,
+            oldest_due_seconds=stats.oldest_due_seconds,
+            rate_limits={queue: RateLimitOut.of(used) for queue, used in use.items()},
+        )
 
 
 class ScheduleOut(BaseModel):

@@ -13,6 +13,7 @@ from app.api.deps import DurableTasks, Service
 from app.api.events import STREAM_ANSWER, task_events
 from app.api.schemas import AttemptOut, StatsOut, TaskIn, TaskOut, TaskPageOut, answers
 from store import attempts as store_attempts
+from store import ratelimits
 from store import stats as store_stats
 from store import tasks as store_tasks
 from store.models import TaskStatus
@@ -56,14 +57,12 @@ async def create_task(
 
 
 def task_stats(service: Service) -> StatsOut:
-    """Counts per state and per queue, and how long the oldest due task has waited."""
+    """Counts per state and per queue, how long the oldest due task has waited, and the
+    rate-limited queues' use of their limits."""
     with service.db.read() as conn:
         stats = store_stats.task_stats(conn)
-    return StatsOut(
-        counts=stats.counts,
-        queues=stats.queues,
-        oldest_due_seconds=stats.oldest_due_seconds,
-    )
+        use = ratelimits.queue_use(conn, service.settings.rate_limits)
+    return StatsOut.of(stats, use)
 
 
 def list_tasks(

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from app.api.schemas import AttemptOut, ProgressOut, StatsOut, TaskOut
+from app.api.schemas import AttemptOut, ProgressOut, RateLimitOut, StatsOut, TaskOut
 from store.models import TaskStatus
 
 ERROR_WIDTH = 40
@@ -204,3 +204,14 @@ def stats_table(stats: StatsOut) -> Table:
         cells = [str(counts.get(state, 0)) for state in TaskStatus]
         table.add_row(Text(queue), *cells, str(sum(counts.values())))
     return table
+
+
+def rate_line(queue: str, rate: RateLimitOut) -> Text:
+    """`queue email: at most 4/10s, 4 started in the last 10s; next start at ...`."""
+    line = (
+        f"queue {queue}: at most {rate.limit},"
+        f" {rate.started} started in the last {duration(rate.period_seconds)}"
+    )
+    if rate.reopens_at is not None:
+        line += f"; next start at {rate.reopens_at.isoformat(timespec='milliseconds')}"
+    return Text(line)

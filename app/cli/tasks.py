@@ -22,6 +22,7 @@ from app.cli import output
 from app.cli.database import existing_service
 from app.control import result_of
 from store import attempts as store_attempts
+from store import ratelimits
 from store import stats as store_stats
 from store import tasks as store_tasks
 from store.models import TaskStatus
@@ -294,9 +295,8 @@ def task_stats(
     """Counts per state and queue, and how long the oldest due task has waited."""
     with existing_service() as backstop, backstop.db.read() as conn:
         stats = store_stats.task_stats(conn)
-    out = StatsOut(
-        counts=stats.counts, queues=stats.queues, oldest_due_seconds=stats.oldest_due_seconds
-    )
+        use = ratelimits.queue_use(conn, backstop.settings.rate_limits)
+    out = StatsOut.of(stats, use)
     if as_json:
         output.print_json(out)
         return
@@ -309,3 +309,5 @@ def task_stats(
         console.print("no task is waiting to run")
     else:
         console.print(f"oldest due task has waited {output.duration(out.oldest_due_seconds)}")
+    for queue, rate in out.rate_limits.items():
+        console.print(output.rate_line(queue, rate))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -29,10 +29,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from store import ratelimits
 from store import stats as store_stats
 from store.engine import Database
 from store.models import Claim, Task, TaskStatus
 from store.outcomes import Outcome
+from store.ratelimits import QueueUse, RateLimit
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +172,11 @@ class BackstopCollector(Collector):
         busy: Callable[[], int],
         capacity: Callable[[], int],
         now: Callable[[], datetime | None] = lambda: None,
+        rate_limits: Mapping[str, RateLimit] | None = None,
     ) -> None:
         self.metrics = metrics
         self.db = db
+        self.rate_limits = dict(rate_limits or {})
         self.busy = busy
         self.capacity = capacity
         self.now = now
@@ -212,6 +216,7 @@ class BackstopCollector(Collector):
         try:
             with self.db.read() as conn:
                 overview = store_stats.queue_overview(conn, self.now(), finished=False)
+                use = ratelimits.queue_use(conn, self.rate_limits, self.now())
         except Exception:
             # A scrape still answers with what this process knows; the gauges go missing.
             log.exception("metrics: reading the queues failed")
@@ -232,6 +237,34 @@ class BackstopCollector(Collector):
             oldest.add_metric([queue], seen.oldest_due_seconds or 0.0)
         yield tasks
         yield oldest
+        if use:
+            yield from _rate_gauges(use)
+
+
+def _rate_gauges(use: Mapping[str, QueueUse]) -> Iterator[Metric]:
+    """Each limited queue's limit and its starts in the current window."""
+    limit = GaugeMetricFamily(
+        "backstop_queue_rate_limit_starts",
+        "The starts a rate-limited queue allows in any period (BACKSTOP_RATE_LIMITS).",
+        labels=["queue"],
+    )
+    period = GaugeMetricFamily(
+        "backstop_queue_rate_limit_period_seconds",
+        "The period of a rate-limited queue's limit.",
+        labels=["queue"],
+    )
+    started = GaugeMetricFamily(
+        "backstop_queue_rate_started",
+        "The starts of a rate-limited queue in the last period, by every process.",
+        labels=["queue"],
+    )
+    for queue, used in use.items():
+        limit.add_metric([queue], used.limit.starts)
+        period.add_metric([queue], used.limit.period.total_seconds())
+        started.add_metric([queue], used.started)
+    yield limit
+    yield period
+    yield started
 
 
 def _histogram(

@@ -6,6 +6,10 @@ then run on the worker threads, which work out their own outcomes (the result, o
 policy's verdict and the traceback) and hand them straight back to the next cycle; async
 functions run on the event loop. A task costs the loop nothing unless its function is async
 or has a timeout, and the write lock is held for the statements alone.
+
+Rate-limited queues (`BACKSTOP_RATE_LIMITS`) are claimed apart, no further than their
+allowance (`store.ratelimits`). A claim that used one up says when it reopens: the pipeline
+asks nothing of that queue until then, and a timer wakes the cycle that does.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy.engine import Connection
@@ -35,6 +39,8 @@ from store.health import as_unavailable
 from store.models import Claim, TaskStatus
 from store.outcomes import Outcome
 from store.progress import record_progress
+from store.ratelimits import RateLimit, claim_limited
+from store.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,19 @@ RECORD_RETRIES: tuple[float, ...] = (0.1, 0.5, 2.0, 5.0)
 GATHER = 0.005
 
 
+@dataclass(slots=True)
+class Claimed:
+    """What one transaction's claims took, by slot pool (a queue, or `None`: any queue), and
+    when each limited queue whose allowance ran out may start a task again."""
+
+    tasks: dict[str | None, list[Claim]] = field(default_factory=dict)
+    reopens: dict[str, datetime] = field(default_factory=dict)
+
+    def all(self) -> list[Claim]:
+        """Every task claimed."""
+        return [claim for claims in self.tasks.values() for claim in claims]
+
+
 def claim_queues(
     conn: Connection,
     owner: str,
@@ -60,15 +79,54 @@ def claim_queues(
     *,
     lease_seconds: float,
     now: datetime | None,
-) -> dict[str | None, list[Claim]]:
-    """One claim per queue with free slots (`None`: any queue), in one transaction."""
-    return {
-        queue: leases.claim_due(
-            conn, owner, slots, lease_seconds=lease_seconds, queue=queue, now=now
+    rates: Mapping[str, RateLimit] | None = None,
+    closed: Collection[str] = (),
+) -> Claimed:
+    """One claim per queue with free slots (`None`: any queue), in one transaction.
+
+    A rate-limited queue (`rates`) is claimed apart, first, and no further than its
+    allowance (`store.ratelimits`); `closed` ones, known to have none left, not at all. The
+    claim of any queue leaves the limited ones out, so their waiting tasks never take the
+    slots of other queues' work. With no limits the claims are exactly the unlimited ones.
+    """
+    rates = rates or {}
+    claimed = Claimed()
+    left = {queue: slots for queue, slots in free.items() if slots > 0}
+    # The limited queues this runner claims, in the order of their names (the order their
+    # locks are taken in on PostgreSQL), each from its own slots or from the shared ones.
+    for queue in sorted(rates):
+        pool = queue if queue in left else ALL_QUEUES
+        if queue in closed or left.get(pool, 0) <= 0:
+            continue
+        taken = claim_limited(
+            conn,
+            owner,
+            left[pool],
+            queue=queue,
+            rate=rates[queue],
+            lease_seconds=lease_seconds,
+            now=now,
         )
-        for queue, slots in free.items()
-        if slots > 0
-    }
+        claimed.tasks.setdefault(pool, []).extend(taken.claims)
+        left[pool] -= len(taken.claims)
+        if taken.reopens_at is not None:
+            claimed.reopens[queue] = taken.reopens_at
+    for pool, slots in left.items():
+        if slots <= 0 or pool in rates:
+            continue
+        exclude = sorted(rates) if pool is ALL_QUEUES else ()
+        claimed.tasks.setdefault(pool, []).extend(
+            leases.claim_due(
+                conn,
+                owner,
+                slots,
+                lease_seconds=lease_seconds,
+                queue=pool,
+                exclude=exclude,
+                now=now,
+            )
+        )
+    return claimed
 
 
 @dataclass(slots=True, eq=False)
@@ -103,11 +161,13 @@ class Pipeline:
         lease_seconds: float,
         on_finished: Callable[[], None],
         metrics: TaskMetrics,
+        rates: Mapping[str, RateLimit] | None = None,
     ) -> None:
         self.database = database
         self.executor = executor
         self.threads = threads
         self.limits = dict(limits)
+        self.rates = dict(rates or {})
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.on_finished = on_finished
@@ -124,6 +184,10 @@ class Pipeline:
         # Outcomes waiting out a pause before their next try, by the timer that hands them in.
         self._timers: dict[threading.Timer, list[tuple[Running, Outcome]]] = {}
         self._last_cycle = 0.0
+        # Limited queues whose allowance ran out, until when: no claim asks for them before,
+        # and a timer (armed for the time in `_armed`) wakes the cycle that will.
+        self._reopens: dict[str, datetime] = {}
+        self._armed: dict[str, datetime] = {}
         self._ran_dry = True  # nothing claimed yet: waiting for work
         # After a cycle failed, claims wait out this back-off (outcomes keep their own
         # retries, `RECORD_RETRIES`); a timer wakes the first cycle past it.
@@ -294,6 +358,7 @@ class Pipeline:
             batch, self._pending = self._pending, []
             claiming = self.claiming and self._backoff.ready()
             free = self._free(batch) if claiming else {}
+        closed = self._closed() if free else set()
         if not batch and not free:
             return
         try:
@@ -305,7 +370,13 @@ class Pipeline:
                     [outcome for _, outcome in batch],
                 )
                 claimed = claim_queues(
-                    conn, self.owner, free, lease_seconds=self.lease_seconds, now=None
+                    conn,
+                    self.owner,
+                    free,
+                    lease_seconds=self.lease_seconds,
+                    now=None,
+                    rates=self.rates,
+                    closed=closed,
                 )
         except Exception as error:
             unavailable = as_unavailable(error)
@@ -324,10 +395,15 @@ class Pipeline:
                 self._retry_later(batch)
             return
         self._backoff.succeeded()
-        self._ran_dry = any(len(claimed.get(queue, ())) < slots for queue, slots in free.items())
+        self._ran_dry = any(
+            len(claimed.tasks.get(queue, ())) < slots for queue, slots in free.items()
+        )
         try:
+            with self._lock:
+                self._reopens.update(claimed.reopens)
+            self._closed()  # arms the timers of the queues that just closed
             self._written(batch, states)
-            for claims in claimed.values():
+            for claims in claimed.tasks.values():
                 if claims:
                     self.start(claims)
         except Exception:
@@ -434,6 +510,40 @@ class Pipeline:
             self._timers[timer] = []
         timer.start()
 
+    def _closed(self) -> set[str]:
+        """The limited queues with no allowance left now (on the database thread). Each has
+        a timer armed for the moment it reopens: one timer per closing, armed again should
+        it fire early (its clock is not the wall clock the store reckons with)."""
+        now = utcnow()
+        arm: list[tuple[str, datetime]] = []
+        with self._lock:
+            for queue, when in list(self._reopens.items()):
+                if when <= now:
+                    del self._reopens[queue]
+                elif self._armed.get(queue) != when:
+                    self._armed[queue] = when
+                    arm.append((queue, when))
+            closed = set(self._reopens)
+        for queue, when in arm:
+            self._wake_at(queue, when, (when - now).total_seconds())
+        return closed
+
+    def _wake_at(self, queue: str, when: datetime, delay: float) -> None:
+        """Run a cycle once `queue` reopens, at `when`, `delay` seconds from now."""
+
+        def fire() -> None:
+            with self._lock:
+                self._timers.pop(timer, None)
+                if self._armed.get(queue) == when:
+                    del self._armed[queue]
+            self.wake()
+
+        timer = threading.Timer(delay, fire)
+        timer.daemon = True
+        with self._lock:
+            self._timers[timer] = []
+        timer.start()
+
     def _retry(self, timer: threading.Timer) -> None:
         with self._lock:
             batch = self._timers.pop(timer, None)
@@ -447,9 +557,11 @@ class Pipeline:
         self.wake()
 
     def close(self) -> None:
-        """Cancel the pending retries of outcomes (a stopping runner releases their tasks)."""
+        """Cancel the pending retries of outcomes (a stopping runner releases their tasks)
+        and the wake-ups of limited queues."""
         with self._lock:
             timers, self._timers = self._timers, {}
+            self._armed.clear()  # a runner started again arms its reopenings anew
         for timer in timers:
             timer.cancel()
 

@@ -98,6 +98,7 @@ class Runner:
             lease_seconds=settings.lease_seconds,
             on_finished=self._finished,
             metrics=self.metrics,
+            rates=settings.rate_limits,
         )
         self._extra_jobs: list[tuple[str, Job, float]] = []
         self._in_flight: dict[str, asyncio.Future[object]] = {}
@@ -160,7 +161,10 @@ class Runner:
         if self._doorbell is not None:
             self._doorbell.start()
         served = ", ".join(f"{q or '*'}={n}" for q, n in self.limits.items())
-        log.info("runner %s started (queues %s)", self.worker_id, served)
+        rated = "".join(
+            f", {queue} at most {rate}" for queue, rate in sorted(self.settings.rate_limits.items())
+        )
+        log.info("runner %s started (queues %s%s)", self.worker_id, served, rated)
 
     def _solo(self, job_id: str, func: Job) -> Job:
         """The job as APScheduler runs it: it starts `func` in the background and returns,
@@ -299,8 +303,9 @@ class Runner:
             self.limits,
             lease_seconds=self.settings.lease_seconds,
             now=now,
+            rates=self.settings.rate_limits,
         )
-        batch = [claim for claims in claimed.values() for claim in claims]
+        batch = claimed.all()
         if not batch:
             return []
         if self.inline:

@@ -20,6 +20,7 @@ from store.driver import Driver
 from store.engine import Database
 from store.models import TERMINAL, TaskStatus
 from store.outcomes import Outcome
+from store.ratelimits import RateLimit, claim_limited
 from store.retention import prune_finished
 from store.stats import queue_overview
 from store.tasks import NewTask, enqueue_many, list_tasks, unique_key_holder
@@ -212,3 +213,37 @@ def test_the_metrics_overview_reads_the_partial_indexes_not_the_history(
     assert "ix_task_queue_created (queue>?)" in names
     assert "SCAN task USING INDEX ix_task_claimable" in claimable
     assert "SCAN task USING INDEX ix_task_lease_expiry" in running
+
+
+def test_the_claim_that_leaves_out_limited_queues_reads_the_claimable_index(
+    history: Database,
+) -> None:
+    with history.read() as conn:
+        driver = Driver(conn)
+        statement = driver.sql(leases.claim_statement(history.dialect, by_queue=False, excluded=2))
+        now = driver.stamp(utcnow())
+    params = ["w", now, now, now, "email", "sms", 5]
+    if history.dialect == "postgresql":
+        params += [now, "w"]
+    claim = _explain(history, statement, tuple(params))
+    assert "ix_task_claimable" in claim
+    assert "ix_task_claimable_queue" not in claim
+    assert SORT[history.dialect] not in claim
+
+
+def test_a_limited_claim_probes_the_queues_index_and_counts_by_the_start_index(
+    history: Database,
+) -> None:
+    with history.write() as conn:
+        enqueue_many(conn, [NewTask(name="x", queue="email") for _ in range(3)])
+    with _plans(history) as plans, history.write() as conn:
+        claimed = claim_limited(
+            conn, "w", 5, queue="email", rate=RateLimit(2, timedelta(minutes=1)), lease_seconds=30
+        )
+    assert len(claimed.claims) == 2
+    assert "ix_task_claimable_queue" in plans[0]  # is anything due?
+    starts = [plan for plan in plans if "queue_start" in plan]
+    assert len(starts) == 3  # the prune, the count, the reopening's start
+    if history.dialect == "sqlite":  # PostgreSQL scans a table this small whatever its indexes
+        assert all("ix_queue_start" in plan for plan in starts)
+    assert all(SORT[history.dialect] not in plan for plan in starts)

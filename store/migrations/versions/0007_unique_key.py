@@ -4,7 +4,7 @@ At most one queued, running or retrying task per key, enforced by a partial uniq
 that enqueues racing in several processes store one task; a task that ended frees its key.
 
 Revision ID: 0007_unique_key
-Revises: 0004_progress
+Revises: 0006_rate_limits
 Create Date: 2026-12-03
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007_unique_key"
-down_revision: str | None = "0004_progress"
+down_revision: str | None = "0006_rate_limits"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -240,6 +240,7 @@ def test_stats_of_an_empty_store(client: TestClient) -> None:
         "counts": dict.fromkeys(S, 0),
         "queues": {},
         "oldest_due_seconds": None,
+        "rate_limits": {},
     }
 
 
