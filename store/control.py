@@ -7,6 +7,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from store import dependencies
 from store.changes import notify, notify_cancel, notify_changed
 from store.errors import InvalidTransition
 from store.models import CLAIMABLE, Task, TaskStatus, task_table
@@ -34,7 +35,10 @@ def cancel_task(conn: Connection, task_id: str, *, now: datetime | None = None) 
     ).first()
     if waiting is not None:
         notify_changed(conn, [task_id])
-        return to_task(waiting)
+        task = to_task(waiting)
+        if task.has_dependants:
+            dependencies.cancel_dependants(conn, {task.id: task.status}, now=now)
+        return task
     running = conn.execute(
         sa.update(t)
         .where(t.c.id == task_id, t.c.status == TaskStatus.RUNNING)
@@ -51,13 +55,20 @@ def cancel_task(conn: Connection, task_id: str, *, now: datetime | None = None) 
 def retry_task(conn: Connection, task_id: str, *, now: datetime | None = None) -> Task:
     """Queue a failed or cancelled task again, due now, with a fresh attempt budget.
 
-    Its attempt history stays; `InvalidTransition` for any other state.
+    Its attempt history stays; `InvalidTransition` for any other state. A task that runs
+    `after=` others waits again for those that have not succeeded; `ParentNotSucceeded`
+    when one of them failed or was cancelled (retry that one first).
     """
     now = now or utcnow()
+    after = conn.execute(
+        sa.select(t.c.after).where(t.c.id == task_id, t.c.status.in_(RETRYABLE))
+    ).scalar_one_or_none()
+    waiting_on = dependencies.relink(conn, task_id, after) if after else 0
     row = conn.execute(
         sa.update(t)
         .where(t.c.id == task_id, t.c.status.in_(RETRYABLE))
         .values(
+            waiting_on=waiting_on,
             status=TaskStatus.QUEUED,
             attempts=0,
             expirations=0,

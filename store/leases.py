@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from store import dependencies
 from store.attempts import of_task
 from store.changes import notify, notify_changed
 from store.driver import Driver
@@ -308,10 +309,14 @@ def release(conn: Connection, leases: Sequence[Lease], *, now: datetime | None =
             sa.update(t)
             .where(*fence, t.c.cancel_requested_at.is_not(None))
             .values(**cleared, status=TaskStatus.CANCELLED, finished_at=now)
-            .returning(t.c.attempts)
-        ).scalar_one_or_none()
+            .returning(t.c.attempts, t.c.has_dependants)
+        ).first()
         if cancelled is not None:
-            number, outcome = cancelled, AttemptOutcome.CANCELLED
+            number, outcome = cancelled.attempts, AttemptOutcome.CANCELLED
+            if cancelled.has_dependants:
+                dependencies.cancel_dependants(
+                    conn, {lease.task_id: TaskStatus.CANCELLED}, now=now
+                )
         else:
             back = conn.execute(
                 sa.update(t)

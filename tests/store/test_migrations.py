@@ -153,7 +153,7 @@ def empty(request: pytest.FixtureRequest, fresh: Database) -> Iterator[Database]
 
 
 def test_is_current_only_after_upgrade(empty: Database) -> None:
-    assert migrate.head_revision() == "0004_progress"
+    assert migrate.head_revision() == "0005_dependencies"
     assert migrate.is_current(empty) is False
     migrate.upgrade(empty)
     assert migrate.is_current(empty) is True
