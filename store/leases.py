@@ -62,12 +62,17 @@ def claim_statement(dialect: str, *, by_queue: bool) -> str:
     # SQLite finds the rows by rowid, which the index entries hold: looking them up by `id`
     # went through the primary key's index, a random page for each (ids are random UUIDs).
     key = "id" if postgres else "rowid"
+    # On PostgreSQL the picked ids are an array built once (an InitPlan): as `IN (subquery)`
+    # the planner may choose a nested-loop semi-join that runs the locking subquery again
+    # for every row it scans, and each run, skipping the rows this statement already
+    # updated, picks the next ones: a claim of LIMIT 1 took the whole queue.
+    pick, close = ("= ANY(ARRAY", ")") if postgres else ("IN ", "")
     claim = (
         "UPDATE task SET status = 'running', lease_owner = ?, lease_expires_at = ?,"
         " lease_token = lease_token + 1, attempts = attempts + 1, started_at = ?, progress = NULL"
-        f" WHERE {key} IN (SELECT {key} FROM task WHERE {CLAIMABLE_WHERE}"
+        f" WHERE {key} {pick}(SELECT {key} FROM task WHERE {CLAIMABLE_WHERE}"
         f" AND scheduled_at <= ?{queue}"
-        f" ORDER BY priority DESC, scheduled_at LIMIT ?{lock})"
+        f" ORDER BY priority DESC, scheduled_at LIMIT ?{lock}){close}"
         f" AND {CLAIMABLE_WHERE} RETURNING {_CLAIMED}, {_ROW[dialect]}"
     )
     if not postgres:

@@ -16,6 +16,7 @@ from store.errors import ParentNotSucceeded, UnknownParents
 from store.leases import claim_due, reclaim_expired
 from store.models import Claim, Task, TaskStatus, dependency_table
 from store.outcomes import Outcome, mark_failed, mark_succeeded, record
+from store.stats import queue_overview
 from store.tasks import NewTask, enqueue, get_task, get_tasks, list_tasks
 
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -310,3 +311,13 @@ def test_enqueues_racing_their_parents_success_are_never_stranded(db: Database) 
         with db.write() as conn:  # out of the way of the next round's claim
             for task_id in children:
                 cancel_task(conn, task_id, now=T)
+
+
+def test_a_waiting_task_counts_as_queued_but_not_due(db: Database) -> None:
+    parent = _enqueue(db, "parent", scheduled_at=_at(600))
+    _enqueue(db, "child", after=[parent.id])
+    with db.read() as conn:
+        for finished in (True, False):
+            (queue,) = queue_overview(conn, _at(60), finished=finished).values()
+            assert queue.counts[TaskStatus.QUEUED] == 2
+            assert queue.oldest_due_seconds is None
