@@ -184,15 +184,11 @@ def cancel_dependants(
             rows = conn.execute(
                 sa.update(t)
                 .where(t.c.id.in_(child_ids), t.c.status == TaskStatus.QUEUED)
-                .values(
-                    status=TaskStatus.CANCELLED, finished_at=now, last_error=why, waiting_on=0
-                )
+                .values(status=TaskStatus.CANCELLED, finished_at=now, last_error=why, waiting_on=0)
                 .returning(t.c.id, t.c.has_dependants)
             ).all()
             cancelled += [row.id for row in rows]
-            following.update(
-                (row.id, TaskStatus.CANCELLED) for row in rows if row.has_dependants
-            )
+            following.update((row.id, TaskStatus.CANCELLED) for row in rows if row.has_dependants)
         ended = following
     if cancelled:
         notify_changed(conn, cancelled)

@@ -72,7 +72,9 @@ class UnknownParents(StoreError):
 
     def __init__(self, task_ids: list[str]) -> None:
         named = ", ".join(repr(task_id) for task_id in task_ids)
-        super().__init__(f"after: no task {named}" if len(task_ids) == 1 else f"after: no tasks {named}")
+        super().__init__(
+            f"after: no task {named}" if len(task_ids) == 1 else f"after: no tasks {named}"
+        )
         self.task_ids = task_ids
 
 

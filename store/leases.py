@@ -319,9 +319,7 @@ def release(conn: Connection, leases: Sequence[Lease], *, now: datetime | None =
         if cancelled is not None:
             number, outcome = cancelled.attempts, AttemptOutcome.CANCELLED
             if cancelled.has_dependants:
-                dependencies.cancel_dependants(
-                    conn, {lease.task_id: TaskStatus.CANCELLED}, now=now
-                )
+                dependencies.cancel_dependants(conn, {lease.task_id: TaskStatus.CANCELLED}, now=now)
         else:
             back = conn.execute(
                 sa.update(t)

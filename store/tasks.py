@@ -246,7 +246,12 @@ def _insert_linked_once(conn: Connection, values: dict[str, Any]) -> bool:
     except sa.exc.IntegrityError:
         driver.execute("ROLLBACK TO SAVEPOINT backstop_linked")
         driver.execute("RELEASE SAVEPOINT backstop_linked")
-        if conn.execute(sa.select(t.c.id).where(t.c.idempotency_key == values["idempotency_key"])).first() is None:
+        if (
+            conn.execute(
+                sa.select(t.c.id).where(t.c.idempotency_key == values["idempotency_key"])
+            ).first()
+            is None
+        ):
             raise  # not the key: a broken constraint is a bug, not a repeat
         return False
     driver.execute("RELEASE SAVEPOINT backstop_linked")

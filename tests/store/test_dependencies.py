@@ -47,7 +47,13 @@ def _succeed(db: Database, claims: Sequence[Claim], **follow_ups: Sequence[NewTa
         states = record(
             conn,
             [
-                Outcome(c.lease, c.attempts, _at(1), result=c.name, follow_ups=tuple(follow_ups.get(c.name, ())))
+                Outcome(
+                    c.lease,
+                    c.attempts,
+                    _at(1),
+                    result=c.name,
+                    follow_ups=tuple(follow_ups.get(c.name, ())),
+                )
                 for c in claims
             ],
         )
@@ -74,7 +80,8 @@ def test_a_child_waits_until_its_parent_succeeds(db: Database) -> None:
 
 
 def test_a_child_of_several_parents_runs_only_after_all_succeeded(db: Database) -> None:
-    first, second, plain = _enqueue(db, "a"), _enqueue(db, "b"), _enqueue(db, "plain")
+    first, second = _enqueue(db, "a"), _enqueue(db, "b")
+    _enqueue(db, "plain")
     child = _enqueue(db, "child", after=[first.id, second.id])
     assert child.waiting_on == 2
     claims = {c.name: c for c in _claim(db)}
@@ -133,9 +140,14 @@ def test_a_running_parent_cancelled_cancels_its_children_and_enqueues_no_follow_
     with db.write() as conn:
         cancel_task(conn, parent.id, now=_at(1))
         done = mark_succeeded(
-            conn, claim.lease, None, follow_ups=[NewTask(name="next", parent_id=parent.id)], now=_at(2)
+            conn,
+            claim.lease,
+            None,
+            follow_ups=[NewTask(name="next", parent_id=parent.id)],
+            now=_at(2),
         )
-    assert done is not None and done.status is TaskStatus.CANCELLED
+    assert done is not None
+    assert done.status is TaskStatus.CANCELLED
     assert _get(db, child.id).status is TaskStatus.CANCELLED
     with db.read() as conn:
         assert sorted(t.name for t in list_tasks(conn).items) == ["child", "parent"]
@@ -285,6 +297,12 @@ def test_a_success_waiting_on_an_enqueue_of_its_child_releases_it(db: Database) 
     assert [c.id for c in _claim(db)] == [child.id]
 
 
+def _add_children(db: Database, parent_id: str, go: threading.Barrier, into: list[str]) -> None:
+    go.wait()
+    for _ in range(5):
+        into.append(_enqueue(db, "child", after=[parent_id]).id)
+
+
 def test_enqueues_racing_their_parents_success_are_never_stranded(db: Database) -> None:
     """Children enqueued after= a running parent from another thread while the parent's
     success is written: each one is released, or stored not waiting, never left waiting."""
@@ -294,13 +312,7 @@ def test_enqueues_racing_their_parents_success_are_never_stranded(db: Database) 
         (claim,) = _claim(db)
         go = threading.Barrier(2)
         children: list[str] = []
-
-        def add_children() -> None:
-            go.wait()
-            for _ in range(5):
-                children.append(_enqueue(db, "child", after=[parent.id]).id)
-
-        adder = threading.Thread(target=add_children)
+        adder = threading.Thread(target=_add_children, args=(db, parent.id, go, children))
         adder.start()
         go.wait()
         _succeed(db, [claim])

@@ -253,7 +253,14 @@ def _enqueue_before_0003(conn: sa.Connection, name: str, now: datetime) -> Task:
     """A task stored in a schema older than 0003, which has no `trace_context` column (nor
     0004's `progress`, nor 0005's links)."""
     row = stored_row(NewTask(name=name), now)
-    for later in ("trace_context", "progress", "parent_id", "after", "waiting_on", "has_dependants"):
+    for later in (
+        "trace_context",
+        "progress",
+        "parent_id",
+        "after",
+        "waiting_on",
+        "has_dependants",
+    ):
         del row[later]
     conn.execute(sa.insert(task_table).values(row))
     return stored_task(NewTask(name=name, id=row["id"]), now)
