@@ -8,7 +8,7 @@ with Backstop's, and FastAPI would rename both, breaking the team's generated cl
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     AwareDatetime,
@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
 )
 
+from store.dependencies import MAX_PARENTS
 from store.jsonvalues import escaped
 from store.models import Attempt, AttemptOutcome, Task, TaskStatus
 from store.tasks import NewTask, stored_row
@@ -40,6 +41,12 @@ class TaskIn(BaseModel):
     delay: float | None = Field(default=None, ge=0, le=10 * 365 * 86_400, allow_inf_nan=False)
     run_at: AwareDatetime | None = None
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    after: list[Annotated[str, Field(min_length=1, max_length=36)]] | None = Field(
+        default=None,
+        max_length=MAX_PARENTS,
+        description="Ids of tasks this one runs after: it waits until each has succeeded,"
+        " and ends cancelled when one fails or is cancelled",
+    )
 
 
 class ProgressOut(BaseModel):
@@ -77,6 +84,30 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
     progress: ProgressOut | None = Field(
         default=None, description="Set by `ctx.progress()`; null until the attempt reports"
     )
+    after: list[str] = Field(
+        default_factory=list,
+        description="The tasks this one runs after (`after=`); empty when none",
+    )
+    waiting_on: int = Field(
+        default=0, description="How many of those have not succeeded yet (queued until 0)"
+    )
+    parent_id: str | None = Field(
+        default=None,
+        description="The task whose success enqueued this one (`ctx.add_task`); null for a"
+        " task enqueued from outside",
+    )
+
+    @field_validator("after", mode="wrap")
+    @classmethod
+    def _ids_or_empty(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # Null when none; written by hand in some other shape: no stored row may make a
+        # read fail.
+        if value is None:
+            return []
+        try:
+            return escaped(handler(value))
+        except ValidationError:
+            return []
 
     @field_validator("progress", mode="wrap")
     @classmethod
@@ -111,7 +142,7 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
 
 _SHOWN = tuple(TaskOut.model_fields)
 # The values shown as they are stored, escaped when they need it.
-_TEXT = ("id", "name", "queue", "result", "last_error", "idempotency_key")
+_TEXT = ("id", "name", "queue", "result", "last_error", "idempotency_key", "parent_id")
 
 
 class TaskPageOut(BaseModel):
