@@ -223,6 +223,15 @@ def enqueue_task(
         str | None,
         typer.Option(help="Enqueue at most once per key, as the Idempotency-Key header."),
     ] = None,
+    after: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--after",
+            metavar="ID",
+            help="Run only once this task succeeded (repeat for several).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the task as POST /tasks answers it.")
     ] = False,
@@ -238,6 +247,7 @@ def enqueue_task(
             "delay": delay,
             "run_at": run_at,
             "max_attempts": max_attempts,
+            "after": after or None,
         }
     )
     with existing_service() as backstop:
@@ -251,6 +261,7 @@ def enqueue_task(
             priority=body.priority,
             max_attempts=body.max_attempts,
             idempotency_key=idempotency_key,
+            after=body.after,
         )
     task = TaskOut.of(stored)
     if as_json:

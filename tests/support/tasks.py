@@ -290,3 +290,16 @@ def add_then_fail(ctx: TaskContext) -> None:
 def add_unknown(ctx: TaskContext) -> None:
     """Adds a follow-up of a task nobody registered: the attempt fails at that call."""
     ctx.add_task("test.nobody_registered_this")
+
+
+@task(name="test.fan_out_gated")
+def fan_out_gated(count: int, gate: str, ctx: TaskContext) -> list[str]:
+    """`test.fan_out` once the file `gate` exists (a test holds it shut until it is ready
+    for the function to return), marking under `started/` that it waits."""
+    _mark(ctx, "started", f"attempt {ctx.attempt}")
+    deadline = time.monotonic() + 30
+    while not Path(gate).exists():
+        if time.monotonic() > deadline:
+            raise Flaky(f"the gate {gate} never opened")
+        time.sleep(0.01)
+    return fan_out(count, ctx)
