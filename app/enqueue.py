@@ -171,7 +171,7 @@ class TaskClient(TaskControl):
             now,
             after=after,
         )
-        return self._answer(new, now, self._store(new, now, session))
+        return self._answer(new, now, self._store(new, now, session), session)
 
     def _store(self, new: NewTask, now: datetime, session: Session | None) -> Task | None:
         """Commit `new` (or add it to the caller's session); None when it was stored, else
@@ -259,7 +259,7 @@ class TaskClient(TaskControl):
             now,
             after=after,
         )
-        return self._answer(new, now, await self._store_async(new, now, session))
+        return self._answer(new, now, await self._store_async(new, now, session), session)
 
     async def _store_async(
         self, new: NewTask, now: datetime, session: AsyncSession | None
@@ -358,10 +358,17 @@ class TaskClient(TaskControl):
             after=after,
         )
 
-    def _answer(self, new: NewTask, now: datetime, existing: Task | None) -> tuple[Task, bool]:
+    def _answer(
+        self,
+        new: NewTask,
+        now: datetime,
+        existing: Task | None,
+        session: Session | AsyncSession | None,
+    ) -> tuple[Task, bool]:
         """`submit`'s answer: the task stored now, or the earlier one with the same key. One
-        stored `after=` others is read back: it may wait on them, or be cancelled already."""
-        if existing is None and new.after:
+        stored `after=` others is read back (it may wait on them, or be cancelled already),
+        unless it is in the caller's transaction, which no other connection sees yet."""
+        if existing is None and new.after and session is None:
             return self.get(new.id), True
         return _answer(new, now, existing)
 

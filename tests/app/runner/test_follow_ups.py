@@ -7,11 +7,12 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+from sqlmodel import Session
 
 from app.backstop import Backstop
 from app.errors import InvalidSchedule
 from app.testing import Drain
-from store.errors import UnknownParents
+from store.errors import TaskNotFound, UnknownParents
 from store.models import TaskStatus
 
 
@@ -118,5 +119,20 @@ def test_add_task_async_takes_after(backstop: Backstop) -> None:
 
     child = asyncio.run(enqueue())
     assert backstop.tasks.get(child).waiting_on == 1
+    _drain(backstop)
+    assert backstop.tasks.get(child).status is TaskStatus.SUCCEEDED
+
+
+def test_after_in_the_callers_session_commits_and_rolls_back_with_it(backstop: Backstop) -> None:
+    parent = backstop.tasks.add_task("test.noop")
+    with Session(backstop.db.engine) as session:
+        rolled_back = backstop.tasks.add_task("test.noop", session=session, after=[parent])
+        session.rollback()
+    with Session(backstop.db.engine) as session:
+        child = backstop.tasks.add_task("test.noop", session=session, after=[parent])
+        session.commit()
+    assert backstop.tasks.get(child).waiting_on == 1
+    with pytest.raises(TaskNotFound):
+        backstop.tasks.get(rolled_back)
     _drain(backstop)
     assert backstop.tasks.get(child).status is TaskStatus.SUCCEEDED
