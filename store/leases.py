@@ -19,6 +19,7 @@ from store.attempts import of_task
 from store.changes import notify, notify_changed
 from store.driver import Driver
 from store.models import (
+    CLAIMABLE_STATUS,
     CLAIMABLE_WHERE,
     RUNNING_WHERE,
     AttemptOutcome,
@@ -65,15 +66,20 @@ def claim_statement(dialect: str, *, by_queue: bool) -> str:
     # On PostgreSQL the picked ids are an array built once (an InitPlan): as `IN (subquery)`
     # the planner may choose a nested-loop semi-join that runs the locking subquery again
     # for every row it scans, and each run, skipping the rows this statement already
-    # updated, picks the next ones: a claim of LIMIT 1 took the whole queue.
+    # updated, picks the next ones: a claim of LIMIT 1 took the whole queue. The outer
+    # re-check is of the state alone, which no partial index implies: the rows are then
+    # found through the primary key, never by a walk of the claimable index. (The lock
+    # re-checks the subquery's whole WHERE on the newest row already; `waiting_on` never
+    # rises on a task that is claimable.)
     pick, close = ("= ANY(ARRAY", ")") if postgres else ("IN ", "")
+    recheck = CLAIMABLE_STATUS if postgres else CLAIMABLE_WHERE
     claim = (
         "UPDATE task SET status = 'running', lease_owner = ?, lease_expires_at = ?,"
         " lease_token = lease_token + 1, attempts = attempts + 1, started_at = ?, progress = NULL"
         f" WHERE {key} {pick}(SELECT {key} FROM task WHERE {CLAIMABLE_WHERE}"
         f" AND scheduled_at <= ?{queue}"
         f" ORDER BY priority DESC, scheduled_at LIMIT ?{lock}){close}"
-        f" AND {CLAIMABLE_WHERE} RETURNING {_CLAIMED}, {_ROW[dialect]}"
+        f" AND {recheck} RETURNING {_CLAIMED}, {_ROW[dialect]}"
     )
     if not postgres:
         return claim

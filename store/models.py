@@ -82,7 +82,8 @@ def _in(values: Any) -> str:
 # nothing), so the claim and the reclaim put these very strings in their WHERE clauses.
 # A task that waits on parents (`after=`) is queued but not claimable until `waiting_on`,
 # the number of its parents that have not succeeded, is 0: it stays out of the claim's index.
-CLAIMABLE_WHERE = f"status IN ({_in(CLAIMABLE)}) AND waiting_on = 0"
+CLAIMABLE_STATUS = f"status IN ({_in(CLAIMABLE)})"
+CLAIMABLE_WHERE = f"{CLAIMABLE_STATUS} AND waiting_on = 0"
 WAITING_WHERE = "status = 'queued' AND waiting_on > 0"
 RUNNING_WHERE = "status = 'running'"
 TERMINAL_WHERE = f"status IN ({_in(TERMINAL)})"
