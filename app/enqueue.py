@@ -24,6 +24,7 @@ from app.tasks.registry import Registry
 from store import jsonvalues
 from store import tasks as store_tasks
 from store.commits import GroupEnqueue
+from store.dependencies import MAX_PARENTS
 from store.engine import Database, same_database
 from store.joined import Deadline, beginning, bounded
 from store.models import Task
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 TaskRef = Callable[..., Any] | str
 MAX_KEY_LENGTH = 200
+# A task id is a UUID (36 characters); `after=` names ids.
+MAX_ID_LENGTH = 36
 
 # Said when an argument is None in a call that joins a session: most likely the id of an
 # object added to that session, which the database assigns only at the flush.
@@ -80,6 +83,7 @@ class TaskClient(TaskControl):
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
         unique_key: str | None = None,
+        after: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> str:
         """Enqueue `fn(*args, **kwargs)` and return the task's id, like FastAPI's `add_task`.
@@ -101,6 +105,7 @@ class TaskClient(TaskControl):
             max_attempts,
             idempotency_key,
             unique_key=unique_key,
+            after=after,
         )
         existing = self._store(new, now, session)
         return new.id if existing is None else existing.id
@@ -119,6 +124,7 @@ class TaskClient(TaskControl):
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
         unique_key: str | None = None,
+        after: Sequence[str] | None = None,
         now: datetime | None = None,
     ) -> Task:
         """Check and enqueue one task; returns the task as stored (or the one that holds its
@@ -136,6 +142,7 @@ class TaskClient(TaskControl):
             max_attempts=max_attempts,
             idempotency_key=idempotency_key,
             unique_key=unique_key,
+            after=after,
             now=now,
         )
         return task
@@ -154,6 +161,7 @@ class TaskClient(TaskControl):
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
         unique_key: str | None = None,
+        after: Sequence[str] | None = None,
         now: datetime | None = None,
     ) -> tuple[Task, bool]:
         """`enqueue`, telling also whether this call stored the task (False: the task is
@@ -172,8 +180,9 @@ class TaskClient(TaskControl):
             idempotency_key,
             now,
             unique_key=unique_key,
+            after=after,
         )
-        return _answer(new, now, self._store(new, now, session))
+        return self._answer(new, now, self._store(new, now, session), session)
 
     def _store(self, new: NewTask, now: datetime, session: Session | None) -> Task | None:
         """Commit `new` (or add it to the caller's session); None when it was stored, else
@@ -213,6 +222,7 @@ class TaskClient(TaskControl):
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
         unique_key: str | None = None,
+        after: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> str:
         """`add_task` for `async def` endpoints: the event loop never waits on the database,
@@ -230,6 +240,7 @@ class TaskClient(TaskControl):
             max_attempts,
             idempotency_key,
             unique_key=unique_key,
+            after=after,
         )
         existing = await self._store_async(new, now, session)
         return new.id if existing is None else existing.id
@@ -248,6 +259,7 @@ class TaskClient(TaskControl):
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
         unique_key: str | None = None,
+        after: Sequence[str] | None = None,
         now: datetime | None = None,
     ) -> tuple[Task, bool]:
         """`submit` for callers on an event loop."""
@@ -264,8 +276,9 @@ class TaskClient(TaskControl):
             idempotency_key,
             now,
             unique_key=unique_key,
+            after=after,
         )
-        return _answer(new, now, await self._store_async(new, now, session))
+        return self._answer(new, now, await self._store_async(new, now, session), session)
 
     async def _store_async(
         self, new: NewTask, now: datetime, session: AsyncSession | None
@@ -313,6 +326,7 @@ class TaskClient(TaskControl):
         now: datetime | None = None,
         *,
         unique_key: str | None = None,
+        after: Sequence[str] | None = None,
     ) -> tuple[NewTask, datetime]:
         """`prepare`, for a call that may join `session`: refused arguments then say that
         an id the database assigns exists only once the session is flushed."""
@@ -329,6 +343,7 @@ class TaskClient(TaskControl):
                 idempotency_key,
                 now,
                 unique_key=unique_key,
+                after=after,
             )
         except InvalidArguments as error:
             raise _flush_hint(error, session, args, kwargs)  # noqa: B904 (its own cause)
@@ -347,48 +362,38 @@ class TaskClient(TaskControl):
         now: datetime | None = None,
         *,
         unique_key: str | None = None,
+        after: Sequence[str] | None = None,
     ) -> tuple[NewTask, datetime]:
         """The row to store for this call, with everything checked; and the time it is."""
-        spec = self.registry.resolve(fn)
-        checked_args, checked_kwargs = spec.check(list(args or []), dict(kwargs or {}))
-        now = now or utcnow()
-        if max_attempts is not None and max_attempts < 1:
-            raise InvalidSchedule("max_attempts must be at least 1")
-        for option, key in (("idempotency key", idempotency_key), ("unique key", unique_key)):
-            if key is None:
-                continue
-            if not isinstance(key, str):  # a caller without type checks: refused, not stored
-                raise InvalidSchedule(f"the {option} must be a string, not {type(key).__name__}")
-            if not 1 <= len(key) <= MAX_KEY_LENGTH:
-                raise InvalidSchedule(f"the {option} must be 1 to {MAX_KEY_LENGTH} characters")
-        for option, text in (
-            ("queue", queue),
-            ("idempotency key", idempotency_key),
-            ("unique key", unique_key),
-        ):
-            if text is not None and jsonvalues.problem(text) is not None:
-                raise InvalidSchedule(
-                    f"the {option} holds a lone surrogate, which UTF-8 cannot encode"
-                )
-            if text is not None and "\x00" in text:  # refused on both engines alike
-                raise InvalidSchedule(
-                    f"the {option} holds a NUL character, which PostgreSQL cannot store"
-                )
-        new = NewTask(
-            name=spec.name,
-            args=checked_args,
-            kwargs=checked_kwargs,
-            queue=queue or spec.queue,
-            priority=spec.priority if priority is None else priority,
-            max_attempts=max_attempts or spec.max_attempts,
-            scheduled_at=scheduled_at(delay, run_at, now),
-            idempotency_key=idempotency_key,
-            trace_context=enqueue_context(),
+        return prepare_task(
+            self.registry,
+            fn,
+            args,
+            kwargs,
+            delay,
+            run_at,
+            queue,
+            priority,
+            max_attempts,
+            idempotency_key,
+            now,
             unique_key=unique_key,
+            after=after,
         )
-        if idempotency_key is not None:
-            new = replace(new, request_hash=_fingerprint(new, delay, run_at))
-        return new, now
+
+    def _answer(
+        self,
+        new: NewTask,
+        now: datetime,
+        existing: Task | None,
+        session: Session | AsyncSession | None,
+    ) -> tuple[Task, bool]:
+        """`submit`'s answer: the task stored now, or the earlier one with the same key. One
+        stored `after=` others is read back (it may wait on them, or be cancelled already),
+        unless it is in the caller's transaction, which no other connection sees yet."""
+        if existing is None and new.after and session is None:
+            return self.get(new.id), True
+        return _answer(new, now, existing)
 
     def close(self) -> None:
         """Stop the enqueue writer thread (after what it was given to commit) and the
@@ -420,6 +425,85 @@ def _insert(conn: Connection, new: NewTask, now: datetime) -> Task | None:
         return None
     task, created = store_tasks.enqueue_once(conn, new, now=now)
     return None if created else task
+
+
+def prepare_task(
+    registry: Registry,
+    fn: TaskRef,
+    args: Sequence[Any] | None,
+    kwargs: dict[str, Any] | None,
+    delay: float | None,
+    run_at: datetime | None,
+    queue: str | None,
+    priority: int | None,
+    max_attempts: int | None,
+    idempotency_key: str | None,
+    now: datetime | None = None,
+    *,
+    unique_key: str | None = None,
+    after: Sequence[str] | None = None,
+    parent_id: str | None = None,
+) -> tuple[NewTask, datetime]:
+    """The row to store for a call of `add_task` (or a follow-up's, `ctx.add_task`, with
+    its `parent_id`), with everything checked against `registry`; and the time it is."""
+    spec = registry.resolve(fn)
+    checked_args, checked_kwargs = spec.check(list(args or []), dict(kwargs or {}))
+    now = now or utcnow()
+    if max_attempts is not None and max_attempts < 1:
+        raise InvalidSchedule("max_attempts must be at least 1")
+    for option, key in (("idempotency key", idempotency_key), ("unique key", unique_key)):
+        if key is None:
+            continue
+        if not isinstance(key, str):  # a caller without type checks: refused, not stored
+            raise InvalidSchedule(f"the {option} must be a string, not {type(key).__name__}")
+        if not 1 <= len(key) <= MAX_KEY_LENGTH:
+            raise InvalidSchedule(f"the {option} must be 1 to {MAX_KEY_LENGTH} characters")
+    for option, text in (
+        ("queue", queue),
+        ("idempotency key", idempotency_key),
+        ("unique key", unique_key),
+    ):
+        if text is not None and jsonvalues.problem(text) is not None:
+            raise InvalidSchedule(f"the {option} holds a lone surrogate, which UTF-8 cannot encode")
+        if text is not None and "\x00" in text:  # refused on both engines alike
+            raise InvalidSchedule(
+                f"the {option} holds a NUL character, which PostgreSQL cannot store"
+            )
+    new = NewTask(
+        name=spec.name,
+        args=checked_args,
+        kwargs=checked_kwargs,
+        queue=queue or spec.queue,
+        priority=spec.priority if priority is None else priority,
+        max_attempts=max_attempts or spec.max_attempts,
+        scheduled_at=scheduled_at(delay, run_at, now),
+        idempotency_key=idempotency_key,
+        trace_context=enqueue_context(),
+        unique_key=unique_key,
+        after=parents(after),
+        parent_id=parent_id,
+    )
+    if idempotency_key is not None:
+        new = replace(new, request_hash=_fingerprint(new, delay, run_at))
+    return new, now
+
+
+def parents(after: Sequence[str] | None) -> tuple[str, ...]:
+    """The ids `after=` names, checked: text of a task id's length, at most `MAX_PARENTS`
+    of them; each once, in the order given."""
+    if after is None:
+        return ()
+    if isinstance(after, str):
+        raise InvalidSchedule("after must be a list of task ids, not one string")
+    named = tuple(dict.fromkeys(after))
+    if len(named) > MAX_PARENTS:
+        raise InvalidSchedule(f"after names {len(named)} tasks; at most {MAX_PARENTS}")
+    for task_id in named:
+        if not isinstance(task_id, str) or not 1 <= len(task_id) <= MAX_ID_LENGTH:
+            raise InvalidSchedule(f"after: {task_id!r} is not a task id")
+        if jsonvalues.problem(task_id) is not None:
+            raise InvalidSchedule("after: a task id holds a lone surrogate")
+    return named
 
 
 def _flush_hint(
@@ -488,6 +572,7 @@ def _fingerprint(new: NewTask, delay: float | None, run_at: datetime | None) -> 
         "max_attempts": new.max_attempts,
         "delay": delay,
         "run_at": None if run_at is None else run_at.astimezone(UTC).isoformat(),
+        **({"after": list(new.after)} if new.after else {}),
     }
     if new.unique_key is not None:  # only then: the hashes stored before it existed hold
         asked["unique_key"] = new.unique_key

@@ -7,6 +7,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from store import dependencies
 from store.changes import notify, notify_cancel, notify_changed
 from store.errors import InvalidTransition, UniqueKeyTaken
 from store.models import CLAIMABLE, Task, TaskStatus, task_table
@@ -34,7 +35,10 @@ def cancel_task(conn: Connection, task_id: str, *, now: datetime | None = None) 
     ).first()
     if waiting is not None:
         notify_changed(conn, [task_id])
-        return to_task(waiting)
+        task = to_task(waiting)
+        if task.has_dependants:
+            dependencies.cancel_dependants(conn, {task.id: task.status}, now=now)
+        return task
     running = conn.execute(
         sa.update(t)
         .where(t.c.id == task_id, t.c.status == TaskStatus.RUNNING)
@@ -52,28 +56,20 @@ def retry_task(conn: Connection, task_id: str, *, now: datetime | None = None) -
     """Queue a failed or cancelled task again, due now, with a fresh attempt budget.
 
     Its attempt history stays; `InvalidTransition` for any other state, `UniqueKeyTaken`
-    when another task now holds its unique key (nothing changes then).
+    when another task now holds its unique key (nothing changes then). A task that runs
+    `after=` others waits again for those that have not succeeded; `ParentNotSucceeded`
+    when one of them failed or was cancelled (retry that one first).
     """
     now = now or utcnow()
-    requeue = (
-        sa.update(t)
-        .where(t.c.id == task_id, t.c.status.in_(RETRYABLE))
-        .values(
-            status=TaskStatus.QUEUED,
-            attempts=0,
-            expirations=0,
-            scheduled_at=now,
-            finished_at=None,
-            result=None,
-            cancel_requested_at=None,
-            progress=None,
-        )
-        .returning(*t.c)
-    )
+    after = conn.execute(
+        sa.select(t.c.after).where(t.c.id == task_id, t.c.status.in_(RETRYABLE))
+    ).scalar_one_or_none()
     try:
-        # In a savepoint: on PostgreSQL a broken constraint spoils the whole transaction.
+        # In a savepoint: on PostgreSQL a broken constraint spoils the whole transaction,
+        # and a refused retry must take its renewed links back with it.
         with conn.begin_nested():
-            row = conn.execute(requeue).first()
+            waiting_on = dependencies.relink(conn, task_id, after) if after else 0
+            row = conn.execute(_requeue(task_id, waiting_on, now)).first()
     except sa.exc.IntegrityError:
         # Only uq_task_unique_key_active can refuse this row; the index, not a check made
         # beforehand, decides, so an enqueue racing with the retry cannot slip in between.
@@ -89,6 +85,25 @@ def retry_task(conn: Connection, task_id: str, *, now: datetime | None = None) -
         return task
     task = get_task(conn, task_id)
     raise InvalidTransition(task.id, task.status, "retried", "failed or cancelled")
+
+
+def _requeue(task_id: str, waiting_on: int, now: datetime) -> sa.Update:
+    return (
+        sa.update(t)
+        .where(t.c.id == task_id, t.c.status.in_(RETRYABLE))
+        .values(
+            waiting_on=waiting_on,
+            status=TaskStatus.QUEUED,
+            attempts=0,
+            expirations=0,
+            scheduled_at=now,
+            finished_at=None,
+            result=None,
+            cancel_requested_at=None,
+            progress=None,
+        )
+        .returning(*t.c)
+    )
 
 
 def cancel_requested(conn: Connection, task_ids: list[str]) -> set[str]:

@@ -27,10 +27,16 @@ from sqlalchemy.engine import Connection
 from store import migrate
 from store.engine import Database, same_database
 from store.errors import StoreError
-from store.models import TaskStatus, attempt_table, schedule_table, task_table
+from store.models import (
+    TaskStatus,
+    attempt_table,
+    dependency_table,
+    schedule_table,
+    task_table,
+)
 from store.timeutil import utcnow
 
-t, a, s = task_table, attempt_table, schedule_table
+t, a, s, d = task_table, attempt_table, schedule_table, dependency_table
 
 BATCH_SIZE = 1_000
 
@@ -110,12 +116,14 @@ def _batches(
 
 
 def copy_rows(source: Connection, target: Connection, *, batch_size: int = BATCH_SIZE) -> None:
-    """Insert every task, attempt and schedule of `source` into `target`, every column as is."""
-    # Tasks before attempts: an attempt refers to its task.
+    """Insert every task, attempt, schedule and `after=` link of `source` into `target`,
+    every column as is."""
+    # Tasks before attempts and links: they refer to tasks.
     for table, keys in (
         (t, [t.c.created_at, t.c.id]),
         (a, [a.c.id]),
         (s, [s.c.name]),
+        (d, [d.c.child_id, d.c.parent_id]),
     ):
         for rows in _batches(source, table, keys, batch_size):
             target.execute(sa.insert(table), rows)

@@ -78,3 +78,27 @@ class WriteTimeout(DatabaseUnavailable):
 class DatabaseFileGone(DatabaseUnavailable):
     """The SQLite file this process opened was deleted or replaced: what it would write
     would land where no other process, and no restart, finds it."""
+
+
+class UnknownParents(StoreError):
+    """`after=` names tasks that do not exist (never did, or were pruned)."""
+
+    def __init__(self, task_ids: list[str]) -> None:
+        named = ", ".join(repr(task_id) for task_id in task_ids)
+        super().__init__(
+            f"after: no task {named}" if len(task_ids) == 1 else f"after: no tasks {named}"
+        )
+        self.task_ids = task_ids
+
+
+class ParentNotSucceeded(StoreError):
+    """A retry of a task whose parent (`after=`) failed or was cancelled: it could only be
+    cancelled again, so the parent is to be retried first."""
+
+    def __init__(self, task_id: str, parent_id: str, status: str) -> None:
+        super().__init__(
+            f"task {task_id!r} runs after task {parent_id!r}, which is {status}:"
+            " retry that one first"
+        )
+        self.task_id = task_id
+        self.parent_id = parent_id

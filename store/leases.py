@@ -14,11 +14,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from store import dependencies
 from store.attempts import of_task
 from store.changes import notify, notify_changed
 from store.driver import Driver
 from store.jsonvalues import escaped_text
 from store.models import (
+    CLAIMABLE_STATUS,
     CLAIMABLE_WHERE,
     RUNNING_WHERE,
     AttemptOutcome,
@@ -66,13 +68,23 @@ def claim_statement(dialect: str, *, by_queue: bool, excluded: int = 0) -> str:
     # SQLite finds the rows by rowid, which the index entries hold: looking them up by `id`
     # went through the primary key's index, a random page for each (ids are random UUIDs).
     key = "id" if postgres else "rowid"
+    # On PostgreSQL the picked ids are an array built once (an InitPlan): as `IN (subquery)`
+    # the planner may choose a nested-loop semi-join that runs the locking subquery again
+    # for every row it scans, and each run, skipping the rows this statement already
+    # updated, picks the next ones: a claim of LIMIT 1 took the whole queue. The outer
+    # re-check is of the state alone, which no partial index implies: the rows are then
+    # found through the primary key, never by a walk of the claimable index. (The lock
+    # re-checks the subquery's whole WHERE on the newest row already; `waiting_on` never
+    # rises on a task that is claimable.)
+    pick, close = ("= ANY(ARRAY", ")") if postgres else ("IN ", "")
+    recheck = CLAIMABLE_STATUS if postgres else CLAIMABLE_WHERE
     claim = (
         "UPDATE task SET status = 'running', lease_owner = ?, lease_expires_at = ?,"
         " lease_token = lease_token + 1, attempts = attempts + 1, started_at = ?, progress = NULL"
-        f" WHERE {key} IN (SELECT {key} FROM task WHERE {CLAIMABLE_WHERE}"
+        f" WHERE {key} {pick}(SELECT {key} FROM task WHERE {CLAIMABLE_WHERE}"
         f" AND scheduled_at <= ?{queue}"
-        f" ORDER BY priority DESC, scheduled_at LIMIT ?{lock})"
-        f" AND {CLAIMABLE_WHERE} RETURNING {_CLAIMED}, {_ROW[dialect]}"
+        f" ORDER BY priority DESC, scheduled_at LIMIT ?{lock}){close}"
+        f" AND {recheck} RETURNING {_CLAIMED}, {_ROW[dialect]}"
     )
     if not postgres:
         return claim
@@ -335,10 +347,12 @@ def release(conn: Connection, leases: Sequence[Lease], *, now: datetime | None =
             sa.update(t)
             .where(*fence, t.c.cancel_requested_at.is_not(None))
             .values(**cleared, status=TaskStatus.CANCELLED, finished_at=now)
-            .returning(t.c.attempts)
-        ).scalar_one_or_none()
+            .returning(t.c.attempts, t.c.has_dependants)
+        ).first()
         if cancelled is not None:
-            number, outcome = cancelled, AttemptOutcome.CANCELLED
+            number, outcome = cancelled.attempts, AttemptOutcome.CANCELLED
+            if cancelled.has_dependants:
+                dependencies.cancel_dependants(conn, {lease.task_id: TaskStatus.CANCELLED}, now=now)
         else:
             back = conn.execute(
                 sa.update(t)

@@ -9,12 +9,14 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     Column,
     ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Text,
     UniqueConstraint,
@@ -22,6 +24,7 @@ from sqlalchemy import (
     desc,
     text,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import configure_mappers
 from sqlmodel import Field, SQLModel
 
@@ -85,7 +88,11 @@ def _in(values: Any) -> str:
 # The WHERE clauses of the partial indexes, as literal SQL. SQLite uses a partial index only
 # when the query carries the same terms with literal values (a bound parameter proves
 # nothing), so the claim and the reclaim put these very strings in their WHERE clauses.
-CLAIMABLE_WHERE = f"status IN ({_in(CLAIMABLE)})"
+# A task that waits on parents (`after=`) is queued but not claimable until `waiting_on`,
+# the number of its parents that have not succeeded, is 0: it stays out of the claim's index.
+CLAIMABLE_STATUS = f"status IN ({_in(CLAIMABLE)})"
+CLAIMABLE_WHERE = f"{CLAIMABLE_STATUS} AND waiting_on = 0"
+WAITING_WHERE = "status = 'queued' AND waiting_on > 0"
 RUNNING_WHERE = "status = 'running'"
 TERMINAL_WHERE = f"status IN ({_in(TERMINAL)})"
 # SQLite matches an upsert's conflict target to a partial index only by this same text.
@@ -128,6 +135,13 @@ class Task(StoreModel, table=True):  # type: ignore[no-redef]
             "scheduled_at",
             sqlite_where=text(CLAIMABLE_WHERE),
             postgresql_where=text(CLAIMABLE_WHERE),
+        ),
+        # The tasks waiting on their parents, for the counts per queue (`store.stats`).
+        Index(
+            "ix_task_waiting",
+            "queue",
+            sqlite_where=text(WAITING_WHERE),
+            postgresql_where=text(WAITING_WHERE),
         ),
         Index(
             "ix_task_lease_expiry",
@@ -207,6 +221,45 @@ class Task(StoreModel, table=True):  # type: ignore[no-redef]
     # Held while the task is queued, running or retrying (`uq_task_unique_key_active`): an
     # enqueue with a key an active task holds gets that task instead of a new one.
     unique_key: str | None = Field(default=None, sa_type=String(200))
+    # The task whose successful attempt enqueued this one (`ctx.add_task`), committed with
+    # that success; null for a task enqueued from outside.
+    parent_id: str | None = Field(default=None, sa_type=String(36))
+    # The tasks this one runs after (`add_task(..., after=[...])`), as a JSON array of ids,
+    # in the order given; null when none. `task_dependency` holds the same links, by parent.
+    after: list[str] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True)))
+    # How many of those parents have not succeeded yet: claimable only at 0.
+    waiting_on: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default=text("0"))
+    )
+    # Set once a task was named in another's `after=`: only then does its success or its
+    # end look for dependants, so that the common outcome costs no statement more.
+    has_dependants: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=sa_false())
+    )
+
+
+class TaskDependency(StoreModel, table=True):
+    """One link of `after=`: `child_id` runs only once `parent_id` succeeded.
+
+    Read by parent (its success releases the child, its failure cancels it); the child's own
+    row counts the parents still pending (`Task.waiting_on`). A task's removal (retention)
+    takes its links with it.
+    """
+
+    __tablename__ = "task_dependency"
+    __table_args__ = (
+        PrimaryKeyConstraint("child_id", "parent_id", name="pk_task_dependency"),
+        ForeignKeyConstraint(
+            ["child_id"], ["task.id"], name="fk_task_dependency_child", ondelete="CASCADE"
+        ),
+        ForeignKeyConstraint(
+            ["parent_id"], ["task.id"], name="fk_task_dependency_parent", ondelete="CASCADE"
+        ),
+        Index("ix_task_dependency_parent", "parent_id"),
+    )
+
+    child_id: str = Field(sa_type=String(36))
+    parent_id: str = Field(sa_type=String(36))
 
 
 class Attempt(StoreModel, table=True):
@@ -313,6 +366,7 @@ def lease_of(task: Task | Claim) -> Lease:
 
 task_table = Task.__table__  # type: ignore[attr-defined]
 schedule_table = Schedule.__table__  # type: ignore[attr-defined]
+dependency_table = TaskDependency.__table__  # type: ignore[attr-defined]
 attempt_table = Attempt.__table__  # type: ignore[attr-defined]
 queue_start_table = QueueStart.__table__  # type: ignore[attr-defined]
 metadata = StoreModel.metadata

@@ -11,11 +11,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from store import dependencies
 from store.attempts import of_task
 from store.changes import notify, notify_changed
 from store.driver import Driver
 from store.models import AttemptOutcome, Lease, Task, TaskStatus, attempt_table, task_table
-from store.tasks import to_task
+from store.tasks import NewTask, enqueue_follow_ups, to_task
 from store.timeutil import utcnow
 
 t = task_table
@@ -118,6 +119,8 @@ def _close(
         attempt = {**attempt, "outcome": AttemptOutcome.CANCELLED}
     task = to_task(row)
     notify_changed(conn, [task.id])
+    if task.has_dependants:
+        dependencies.settle(conn, task.id, task.status, now=now)
     fields = tuple(sorted(attempt))
     conn.execute(
         _attempt_statement(fields),
@@ -132,11 +135,18 @@ def _close(
 
 
 def mark_succeeded(
-    conn: Connection, lease: Lease, result: Any, *, now: datetime | None = None
+    conn: Connection,
+    lease: Lease,
+    result: Any,
+    *,
+    follow_ups: Sequence[NewTask] = (),
+    now: datetime | None = None,
 ) -> Task | None:
-    """Record a successful attempt; None (nothing written) when the lease is no longer held."""
+    """Record a successful attempt, and enqueue its `follow_ups` with it; None (nothing
+    written, no follow-up either) when the lease is no longer held. A task that was asked
+    to stop ends `cancelled` instead, its follow-ups discarded."""
     now = now or utcnow()
-    return _close(
+    task = _close(
         conn,
         lease,
         {"status": TaskStatus.SUCCEEDED, "finished_at": now, "result": result},
@@ -144,6 +154,9 @@ def mark_succeeded(
         expired=False,
         now=now,
     )
+    if task is not None and task.status == TaskStatus.SUCCEEDED and follow_ups:
+        enqueue_follow_ups(conn, [(new, now) for new in follow_ups])
+    return task
 
 
 def _succeeded(key: str) -> tuple[str, str]:
@@ -152,7 +165,7 @@ def _succeeded(key: str) -> tuple[str, str]:
     task = (
         "UPDATE task SET status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL,"
         f" finished_at = ?, result = ? WHERE {key} AND lease_token = ? AND status = 'running'"
-        " AND lease_expires_at > ? AND cancel_requested_at IS NULL"
+        " AND lease_expires_at > ? AND cancel_requested_at IS NULL AND has_dependants = 0"
     )
     attempt = (
         "UPDATE attempt SET finished_at = ?, outcome = 'succeeded'"
@@ -162,6 +175,8 @@ def _succeeded(key: str) -> tuple[str, str]:
     return task, attempt
 
 
+# A task with dependants does not match (`has_dependants = 0`): it goes the long way, which
+# releases them (`mark_succeeded`), and the common batch needs no statement to look for any.
 # By id, through the index of ids; by rowid on SQLite when every lease knows its row: the ids
 # are random, so at a large history each lookup by id reads a page no other task shares.
 # Parameters of the task's: finished_at, result, [row,] id, token, now; of the attempt's:
@@ -185,6 +200,8 @@ class Outcome:
     error: str | None = None
     traceback: str | None = None
     run_at: datetime | None = None
+    # What a successful attempt enqueued through `ctx.add_task`: stored with its success.
+    follow_ups: tuple[NewTask, ...] = ()
 
 
 def record(conn: Connection, outcomes: Sequence[Outcome]) -> list[TaskStatus | None]:
@@ -220,12 +237,12 @@ SUCCEEDED_ARRAYS = (
     " lease_expires_at = NULL, finished_at = v.finished_at, result = v.result"
     " FROM v WHERE task.id = v.id AND task.lease_token = v.token AND task.status = 'running'"
     " AND task.lease_expires_at > v.finished_at AND task.cancel_requested_at IS NULL"
-    " RETURNING task.id, task.created_at, v.finished_at, v.number),"
+    " RETURNING task.id, task.created_at, v.finished_at, v.number, task.has_dependants),"
     " attempts AS (UPDATE attempt SET finished_at = closed.finished_at, outcome = 'succeeded'"
     " FROM closed WHERE attempt.task_created_at = closed.created_at"
     " AND attempt.task_id = closed.id AND attempt.number = closed.number"
     " AND attempt.finished_at IS NULL)"
-    " SELECT id FROM closed"
+    " SELECT id, has_dependants FROM closed"
 )
 
 
@@ -264,14 +281,24 @@ def _mark_many_succeeded(conn: Connection, done: Sequence[Outcome]) -> Iterator[
                 for o, stamp, key in zip(done, stamps, keys, strict=True)
             ],
         )
+        _follow_up(conn, done)
         return iter([TaskStatus.SUCCEEDED] * len(done))
     driver.execute("ROLLBACK TO SAVEPOINT backstop_successes")
     driver.execute("RELEASE SAVEPOINT backstop_successes")
     answers: list[TaskStatus | None] = []
     for outcome in done:
-        task = mark_succeeded(conn, outcome.lease, outcome.result, now=outcome.now)
+        task = mark_succeeded(
+            conn, outcome.lease, outcome.result, follow_ups=outcome.follow_ups, now=outcome.now
+        )
         answers.append(None if task is None else task.status)
     return iter(answers)
+
+
+def _follow_up(conn: Connection, done: Sequence[Outcome]) -> None:
+    """Enqueue the follow-ups of these successes, just recorded."""
+    items = [(new, o.now) for o in done for new in o.follow_ups]
+    if items:
+        enqueue_follow_ups(conn, items)
 
 
 def _mark_many_succeeded_at_once(
@@ -279,29 +306,40 @@ def _mark_many_succeeded_at_once(
 ) -> Iterator[TaskStatus | None]:
     """`_mark_many_succeeded` on PostgreSQL: one statement for the batch; a task it did not
     close (lease lost, or asked to stop) has had nothing written, and goes the long way."""
-    closed = {
-        task_id
-        for (task_id,) in driver.execute(
-            SUCCEEDED_ARRAYS,
-            [
-                [o.lease.task_id for o in done],
-                [o.lease.token for o in done],
-                [driver.stamp(o.now) for o in done],
-                [driver.json(o.result) for o in done],
-                [o.number for o in done],
-            ],
-        )
-    }
+    original = done
+    # In the order of the ids, as `store.dependencies` locks parents: an enqueue naming two
+    # tasks of the batch then never holds one while this statement holds the other.
+    done = sorted(done, key=lambda o: o.lease.task_id)
+    rows = driver.execute(
+        SUCCEEDED_ARRAYS,
+        [
+            [o.lease.task_id for o in done],
+            [o.lease.token for o in done],
+            [driver.stamp(o.now) for o in done],
+            [driver.json(o.result) for o in done],
+            [o.number for o in done],
+        ],
+    )
+    closed = {task_id for task_id, _ in rows}
     if closed:
         notify_changed(conn, sorted(closed))  # whoever watches them hears them end
-    answers: list[TaskStatus | None] = []
+        # The flag as the UPDATE found it once it held the row: an enqueue that named one
+        # of these tasks and committed meanwhile has set it, and this next statement (a
+        # new snapshot) sees its links.
+        parents = [task_id for task_id, dependants in rows if dependants]
+        if parents:
+            dependencies.release(conn, parents, now=max(o.now for o in done))
+        _follow_up(conn, [o for o in done if o.lease.task_id in closed])
+    answers: dict[str, TaskStatus | None] = {}
     for outcome in done:
         if outcome.lease.task_id in closed:
-            answers.append(TaskStatus.SUCCEEDED)
+            answers[outcome.lease.task_id] = TaskStatus.SUCCEEDED
             continue
-        task = mark_succeeded(conn, outcome.lease, outcome.result, now=outcome.now)
-        answers.append(None if task is None else task.status)
-    return iter(answers)
+        task = mark_succeeded(
+            conn, outcome.lease, outcome.result, follow_ups=outcome.follow_ups, now=outcome.now
+        )
+        answers[outcome.lease.task_id] = None if task is None else task.status
+    return iter([answers[o.lease.task_id] for o in original])
 
 
 def fail_attempt(

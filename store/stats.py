@@ -15,6 +15,7 @@ from store.models import (
     CLAIMABLE_WHERE,
     RUNNING_WHERE,
     TERMINAL_WHERE,
+    WAITING_WHERE,
     TaskStatus,
     task_table,
 )
@@ -100,13 +101,17 @@ def queue_overview(
         # that index rather than walk `ix_task_queue_created` (all history) for the GROUP BY.
         parts = [
             _grouped(
-                sa.select(t.c.queue, t.c.status, t.c.scheduled_at)
+                sa.select(t.c.queue, t.c.status, t.c.scheduled_at, t.c.waiting_on)
                 .where(sa.text(where))
                 .cte(name)
                 .prefix_with("MATERIALIZED"),
                 now,
             )
-            for name, where in (("claimable", CLAIMABLE_WHERE), ("running", RUNNING_WHERE))
+            for name, where in (
+                ("claimable", CLAIMABLE_WHERE),
+                ("waiting", WAITING_WHERE),  # queued, waiting on parents (`after=`)
+                ("running", RUNNING_WHERE),
+            )
         ]
     found: dict[str, tuple[dict[TaskStatus, int], list[datetime]]] = {}
     if not finished:  # a queue of finished tasks alone is still there, with zeros
@@ -117,7 +122,7 @@ def queue_overview(
             counts, dues = found.setdefault(queue, (dict.fromkeys(TaskStatus, 0), []))
             # A state or a due time written by hand that is not one is left out, not raised on.
             if status in counts:
-                counts[TaskStatus(status)] = count
+                counts[TaskStatus(status)] += count  # queued: claimable and waiting both
             if oldest is not None and not isinstance(oldest, UnreadableTime):
                 dues.append(oldest)
     return {
@@ -131,7 +136,13 @@ def queue_overview(
 def _grouped(rows: sa.FromClause, now: datetime) -> sa.Select[Any]:
     """Per queue and state of `rows`: how many, and the earliest due time of those due."""
     c = rows.c
-    due = sa.case((sa.and_(c.status.in_(CLAIMABLE), c.scheduled_at <= now), c.scheduled_at))
+    # A task waiting on its parents is not due, whatever its time.
+    due = sa.case(
+        (
+            sa.and_(c.status.in_(CLAIMABLE), c.waiting_on == 0, c.scheduled_at <= now),
+            c.scheduled_at,
+        )
+    )
     return sa.select(c.queue, c.status, sa.func.count(), sa.func.min(due)).group_by(
         c.queue, c.status
     )

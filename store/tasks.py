@@ -15,6 +15,7 @@ from uuid import uuid4
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect, Row
 
+from store import dependencies
 from store.changes import notify
 from store.driver import Convert, Driver, bind_processor
 from store.errors import IdempotencyConflict, InvalidCursor, TaskNotFound
@@ -48,6 +49,10 @@ class NewTask:
     request_hash: str | None = None
     trace_context: str | None = None
     unique_key: str | None = None
+    # Runs once each of these tasks succeeded (`store.dependencies`); none: at once.
+    after: tuple[str, ...] = ()
+    # The task whose success enqueues this one (a follow-up, `ctx.add_task`).
+    parent_id: str | None = None
     id: str = field(default_factory=lambda: str(uuid4()))
 
     @property
@@ -100,7 +105,14 @@ def _values(new: NewTask, now: datetime) -> dict[str, Any]:
         "unique_key": new.unique_key,
         "lease_token": 0,
         "expirations": 0,
+        "parent_id": new.parent_id,
+        "after": list(new.after) or None,
     }
+
+
+# What a task stores for its links when it waits on no parent (`store.dependencies` sets
+# them for one that does).
+_UNLINKED = {"waiting_on": 0, "has_dependants": False}
 
 
 # The columns an enqueue leaves empty.
@@ -116,11 +128,13 @@ _EMPTY = dict.fromkeys(
         "progress",
     )
 )
+_EMPTY.update(_UNLINKED)
 
 
 def stored_task(new: NewTask, now: datetime) -> Task:
-    """The task `new` is once enqueued at `now`, as a read of its row would return it."""
-    return _task(_values(new, now))
+    """The task `new` is once enqueued at `now`, as a read of its row would return it (one
+    enqueued `after=` others may wait on them, or have been cancelled: read it back)."""
+    return _task({**_values(new, now), **_UNLINKED})
 
 
 def stored_row(new: NewTask, now: datetime) -> dict[str, Any]:
@@ -196,7 +210,20 @@ def _due_now(conn: Connection, rows: list[dict[str, Any]]) -> None:
 
 
 def _insert(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """Insert `rows` (made by `_values`) in one statement."""
+    """Insert `rows` (made by `_values`) in one statement; those linked to others (`after=`,
+    or a parent) in one more (`store.dependencies`), after the rest: they may name them."""
+    linked = [values for values in rows if values["after"] or values["parent_id"]]
+    if linked:
+        rows = [values for values in rows if not (values["after"] or values["parent_id"])]
+    if rows:
+        _insert_plain(conn, rows)
+    if linked:
+        dependencies.insert_linked(conn, linked)
+    for values in rows:
+        values.update(_UNLINKED)
+
+
+def _insert_plain(conn: Connection, rows: list[dict[str, Any]]) -> None:
     if conn.dialect.name != "sqlite":
         conn.execute(sa.insert(t), rows)
         _due_now(conn, rows)
@@ -224,6 +251,9 @@ def _insert_or_ignore(values: dict[str, Any]) -> sa.Insert:
 
 def _insert_once(conn: Connection, values: dict[str, Any]) -> bool:
     """Insert one row unless one of its keys is taken; whether it was inserted."""
+    if values["after"] or values["parent_id"]:
+        return _insert_linked_once(conn, values)
+    values.update(_UNLINKED)
     if conn.dialect.name != "sqlite":
         # SQLAlchemy keeps an INSERT's rowcount only when asked to.
         options = {"preserve_rowcount": True}
@@ -240,6 +270,35 @@ def _insert_once(conn: Connection, values: dict[str, Any]) -> bool:
     sql = " ".join([_SQLITE_INSERT, *clauses])
     row = _driver_row(sql, values, _bind_processors(conn.dialect))
     return Driver(conn).execute_many(sql, [row]) == 1
+
+
+def _insert_linked_once(conn: Connection, values: dict[str, Any]) -> bool:
+    """`_insert_once` for a task with parents: a savepoint takes back the insert (and the
+    parents' flags) when the key is taken, as ON CONFLICT cannot span the statements."""
+    driver = Driver(conn)
+    driver.execute("SAVEPOINT backstop_linked")
+    try:
+        dependencies.insert_linked(conn, [values])
+    except sa.exc.IntegrityError:
+        driver.execute("ROLLBACK TO SAVEPOINT backstop_linked")
+        driver.execute("RELEASE SAVEPOINT backstop_linked")
+        if not _key_taken(conn, values):
+            raise  # not a key: a broken constraint is a bug, not a repeat
+        return False
+    driver.execute("RELEASE SAVEPOINT backstop_linked")
+    return True
+
+
+def _key_taken(conn: Connection, values: dict[str, Any]) -> bool:
+    """Whether another task holds the idempotency key or the unique key of `values`."""
+    if values["idempotency_key"] is not None:
+        query = sa.select(t.c.id).where(t.c.idempotency_key == values["idempotency_key"])
+        if conn.execute(query).first() is not None:
+            return True
+    return (
+        values["unique_key"] is not None
+        and unique_key_holder(conn, values["unique_key"]) is not None
+    )
 
 
 def enqueue(conn: Connection, new: NewTask, *, now: datetime | None = None) -> Task:
@@ -305,6 +364,15 @@ def enqueue_batch(conn: Connection, items: Sequence[tuple[NewTask, datetime]]) -
     each one's row is `stored_task(new, now)`."""
     if items:
         _insert(conn, [_values(new, now) for new, now in items])
+
+
+def enqueue_follow_ups(conn: Connection, items: Sequence[tuple[NewTask, datetime]]) -> None:
+    """Insert the follow-ups of a success (`(new, now)` pairs, in the order they were
+    added), in the transaction that records it. One whose `after=` names a task that does
+    not exist is stored cancelled, saying so: the success must not fail for it."""
+    if items:
+        rows = [_values(new, now) for new, now in items]
+        dependencies.insert_linked(conn, rows, missing_cancels=True)
 
 
 def get_task(conn: Connection, task_id: str) -> Task:

@@ -23,8 +23,10 @@ from store.errors import (
     IdempotencyConflict,
     InvalidCursor,
     InvalidTransition,
+    ParentNotSucceeded,
     TaskNotFound,
     UniqueKeyTaken,
+    UnknownParents,
 )
 from store.health import as_unavailable
 from store.jsonvalues import MAX_DEPTH, escaped, escaped_text
@@ -36,6 +38,8 @@ STATUS_OF: tuple[tuple[type[Exception], int], ...] = (
     (TaskNotFound, status.HTTP_404_NOT_FOUND),
     (InvalidTransition, status.HTTP_409_CONFLICT),
     (UniqueKeyTaken, status.HTTP_409_CONFLICT),
+    (ParentNotSucceeded, status.HTTP_409_CONFLICT),
+    (UnknownParents, status.HTTP_422_UNPROCESSABLE_CONTENT),
 )
 
 # What the database raises when it cannot take a write: answered 503 (see `unavailable`).

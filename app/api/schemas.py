@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     AwareDatetime,
@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
 )
 
+from store.dependencies import MAX_PARENTS
 from store.jsonvalues import escaped, escaped_text
 from store.models import Attempt, AttemptOutcome, Task, TaskStatus
 from store.ratelimits import QueueUse
@@ -73,6 +74,12 @@ class TaskIn(BaseModel):
         description="While a task with this key is queued, running or retrying, answer it"
         " (200) instead of storing a new one",
     )
+    after: list[Annotated[str, Field(min_length=1, max_length=36)]] | None = Field(
+        default=None,
+        max_length=MAX_PARENTS,
+        description="Ids of tasks this one runs after: it waits until each has succeeded,"
+        " and ends cancelled when one fails or is cancelled",
+    )
 
 
 class ProgressOut(BaseModel):
@@ -111,6 +118,33 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
     progress: ProgressOut | None = Field(
         default=None, description="Set by `ctx.progress()`; null until the attempt reports"
     )
+    after: list[str] = Field(
+        default_factory=list,
+        description="The tasks this one runs after (`after=`); empty when none",
+    )
+    waiting_on: int | None = Field(
+        default=0,
+        description="How many of those have not succeeded yet (queued until 0). "
+        + _UNREADABLE_NULL,
+    )
+    parent_id: str | None = Field(
+        default=None,
+        description="The task whose success enqueued this one (`ctx.add_task`); null for a"
+        " task enqueued from outside",
+    )
+
+    @field_validator("after", mode="wrap")
+    @classmethod
+    def _ids_or_empty(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # Null when none; written by hand in some other shape: no stored row may make a
+        # read fail.
+        if value is None:
+            return []
+        try:
+            return escaped(handler(value))
+        except ValidationError:
+            return []
+
     unreadable: dict[str, str] | None = Field(default=None, description=_UNREADABLE)
 
     @field_validator("progress", mode="wrap")
@@ -148,7 +182,16 @@ class TaskOut(BaseModel):  # type: ignore[no-redef]
 
 _SHOWN = tuple(name for name in TaskOut.model_fields if name != "unreadable")
 # The values shown as they are stored, escaped when they need it.
-_TEXT = ("id", "name", "queue", "result", "last_error", "idempotency_key", "unique_key")
+_TEXT = (
+    "id",
+    "name",
+    "queue",
+    "result",
+    "last_error",
+    "idempotency_key",
+    "unique_key",
+    "parent_id",
+)
 # The values that may not be of their type in a row written by hand, and the type each
 # must be to be shown (a time that is not one is read as an `UnreadableTime`).
 _CHECKED: dict[str, type | tuple[type, ...]] = {
@@ -156,6 +199,7 @@ _CHECKED: dict[str, type | tuple[type, ...]] = {
     "priority": int,
     "attempts": int,
     "max_attempts": int,
+    "waiting_on": int,
     "created_at": datetime,
     "scheduled_at": datetime,
     "started_at": (datetime, type(None)),

@@ -33,7 +33,9 @@ async def create_task(
     With an `Idempotency-Key` header, the same key and body again answer 200 with the first
     task and store nothing; the same key with another body is refused with 422. With a
     `unique_key`, while a task with that key is queued, running or retrying, the answer is
-    200 with that task, and nothing is stored.
+    200 with that task, and nothing is stored. With `after`, the task waits until each named
+    task has succeeded (`waiting_on` counts those left), and is cancelled when one fails or
+    is cancelled; an unknown id is refused (422).
     """
     new, now = tasks.prepare(
         body.name,
@@ -46,9 +48,16 @@ async def create_task(
         body.max_attempts,
         idempotency_key,
         unique_key=body.unique_key,
+        after=body.after,
     )
     existing = await tasks.store_async(new, now)
-    task = TaskOut.queued(new, now) if existing is None else TaskOut.of(existing)
+    if existing is not None:
+        task = TaskOut.of(existing)
+    elif new.after:
+        # It may wait on its parents, or be stored cancelled already (a parent failed).
+        task = await run_in_threadpool(lambda: TaskOut.of(tasks.get(new.id)))
+    else:
+        task = TaskOut.queued(new, now)
     # The path this was posted to, under whatever prefix the app mounted the router at.
     response.headers["Location"] = f"{request.url.path.rstrip('/')}/{task.id}"
     if existing is not None:

@@ -107,6 +107,8 @@ def task_grid(task: TaskOut) -> Table:
         ("result", json.dumps(task.result, ensure_ascii=False)),
         ("progress", progress_text(task.progress)),
         ("last error", task.last_error or "-"),
+        ("after", after_text(task)),
+        ("follows", task.parent_id or "-"),
     ]
     # Values the row holds that are not of their type (written by hand), shown as stored.
     rows += [
@@ -115,6 +117,14 @@ def task_grid(task: TaskOut) -> Table:
     for label, value in rows:
         grid.add_row(label, value if isinstance(value, Text) else Text(value))
     return grid
+
+
+def after_text(task: TaskOut) -> str:
+    """The tasks it runs after, and how many it still waits on: `-` when none."""
+    if not task.after:
+        return "-"
+    waiting = f" (waiting on {task.waiting_on})" if task.waiting_on else ""
+    return " ".join(task.after) + waiting
 
 
 def progress_text(progress: ProgressOut | None) -> str:

@@ -231,6 +231,15 @@ def enqueue_task(
             "of enqueueing another."
         ),
     ] = None,
+    after: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--after",
+            metavar="ID",
+            help="Run only once this task succeeded (repeat for several).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the task as POST /tasks answers it.")
     ] = False,
@@ -247,6 +256,7 @@ def enqueue_task(
             "run_at": run_at,
             "max_attempts": max_attempts,
             "unique_key": unique_key,
+            "after": after or None,
         }
     )
     with existing_service() as backstop:
@@ -261,6 +271,7 @@ def enqueue_task(
             max_attempts=body.max_attempts,
             idempotency_key=idempotency_key,
             unique_key=body.unique_key,
+            after=body.after,
         )
     task = TaskOut.of(stored)
     if as_json:

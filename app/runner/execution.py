@@ -8,15 +8,17 @@ transaction that records it holds SQLite's lock for the statements alone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic_core import to_jsonable_python
 
 from app import logs
+from app.enqueue import prepare_task
 from app.errors import TaskSwitchedOff, UnreadableArguments
 from app.observability.tracing import Tracing, attempt_span, ended
 from app.settings import Settings
@@ -26,6 +28,7 @@ from app.tasks.retry import DEFAULT_POLICY, next_run_at
 from store import jsonvalues
 from store.models import Claim, Task, TaskStatus
 from store.outcomes import Outcome
+from store.tasks import NewTask
 from store.timeutil import utcnow
 
 if TYPE_CHECKING:
@@ -73,11 +76,46 @@ class Executor:
         spec = self.spec_of(claim)
         grants = {kind: self._grant(kind) for kind in spec.grants} if spec is not None else {}
         ctx = TaskContext(
-            task_id=claim.id, attempt=claim.attempts, settings=self._task_settings, grants=grants
+            task_id=claim.id,
+            attempt=claim.attempts,
+            settings=self._task_settings,
+            grants=grants,
+            planner=functools.partial(self._follow_up, claim.id),
         )
         if reporter is not None:
             ctx.reporter = reporter
         return ctx
+
+    def _follow_up(
+        self,
+        parent_id: str,
+        fn: Callable[..., Any] | str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        *,
+        delay: float | None,
+        run_at: datetime | None,
+        queue: str | None,
+        priority: int | None,
+        max_attempts: int | None,
+        after: Sequence[str] | None,
+    ) -> NewTask:
+        """A follow-up of `parent_id` (`TaskContext.add_task`), checked as `add_task` checks."""
+        new, _now = prepare_task(
+            self.registry,
+            fn,
+            args,
+            kwargs,
+            delay,
+            run_at,
+            queue,
+            priority,
+            max_attempts,
+            None,
+            after=after,
+            parent_id=parent_id,
+        )
+        return new
 
     def _grant(self, kind: type[Grant]) -> Grant:
         # Built once per process (a race builds it twice, harmlessly).
@@ -112,7 +150,9 @@ class Executor:
             result = _json_result(value)
         except Exception as error:
             return self.failed(claim, spec, error, now=now)
-        return Outcome(claim.lease, claim.attempts, now or utcnow(), result=result)
+        return Outcome(
+            claim.lease, claim.attempts, now or utcnow(), result=result, follow_ups=ctx.follow_ups()
+        )
 
     def call_async(
         self, claim: Claim, ctx: TaskContext, *, now: datetime | None = None
@@ -156,7 +196,9 @@ class Executor:
             return self.failed(claim, spec, asyncio.CancelledError("cancelled"), now=now)
         except Exception as error:
             return self.failed(claim, spec, error, now=now)
-        return Outcome(claim.lease, claim.attempts, now or utcnow(), result=result)
+        return Outcome(
+            claim.lease, claim.attempts, now or utcnow(), result=result, follow_ups=ctx.follow_ups()
+        )
 
     def failed(
         self,

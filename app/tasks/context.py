@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from threading import Event, Lock
 from typing import Any, Protocol, Self, TypeVar
 
 from app.settings import Settings
+from store.tasks import NewTask
 
 G = TypeVar("G")
+
+
+class Planner(Protocol):
+    """Checks a follow-up as `add_task` checks a task, and gives the row to store: what the
+    runner gives a context (`app.runner.execution.Executor`)."""
+
+    def __call__(
+        self,
+        fn: Callable[..., Any] | str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        *,
+        delay: float | None,
+        run_at: datetime | None,
+        queue: str | None,
+        priority: int | None,
+        max_attempts: int | None,
+        after: Sequence[str] | None,
+    ) -> NewTask: ...
+
 
 # A progress message longer than this is cut: progress is a status line, not a log.
 MAX_MESSAGE = 500
@@ -117,6 +139,53 @@ class TaskContext:
     grants: Mapping[type[Any], Any] = field(default_factory=dict, repr=False)
     # Where `progress` hands its checked value: the runner's `ProgressKeeper`.
     reporter: Callable[[dict[str, Any]], None] = field(default=lambda value: None, repr=False)
+    # Where `add_task` has a follow-up checked; None: this context cannot add any.
+    planner: Planner | None = field(default=None, repr=False)
+    _follow_ups: list[NewTask] = field(default_factory=list, repr=False)
+    _adding: Lock = field(default_factory=Lock, repr=False)
+
+    def add_task(
+        self,
+        fn: Callable[..., Any] | str,
+        /,
+        *args: Any,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        after: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Enqueue a follow-up `fn(*args, **kwargs)` with this attempt's success, and return
+        its id (fixed now, so the function may return it or name it in another follow-up's
+        `after=`). It is stored in the transaction that records the success, so it exists
+        once if this attempt succeeds, and not at all if it fails, is cancelled, loses its
+        lease or its runner dies (a retry adds its own). Checked here as `add_task` checks
+        (an unknown task, arguments that do not fit raise now, failing the attempt); the
+        options are `add_task`'s, but for the idempotency key: a follow-up is created once
+        already. Its `parent_id` is this task's id."""
+        if self.planner is None:
+            raise RuntimeError("this context cannot add tasks: it was not made by a runner")
+        new = self.planner(
+            fn,
+            args,
+            kwargs,
+            delay=delay,
+            run_at=run_at,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            after=after,
+        )
+        with self._adding:
+            self._follow_ups.append(new)
+        return new.id
+
+    def follow_ups(self) -> tuple[NewTask, ...]:
+        """The follow-ups added so far, in order."""
+        with self._adding:
+            return tuple(self._follow_ups)
 
     def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
         """Record how far this attempt got: `done` of `total` (in the task's own unit),

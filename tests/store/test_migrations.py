@@ -105,7 +105,7 @@ INDEXES = {
 PARTIAL_INDEXES = {
     "sqlite": {
         CLAIMABLE_INDEX: "CREATE INDEX ix_task_claimable ON task (priority DESC, scheduled_at)"
-        " WHERE status IN ('queued', 'retrying')",
+        " WHERE status IN ('queued', 'retrying') AND waiting_on = 0",
         "ix_task_lease_expiry": "CREATE INDEX ix_task_lease_expiry ON task (lease_expires_at)"
         " WHERE status = 'running'",
         "uq_task_unique_key_active": "CREATE UNIQUE INDEX uq_task_unique_key_active ON task"
@@ -114,8 +114,9 @@ PARTIAL_INDEXES = {
     },
     "postgresql": {
         CLAIMABLE_INDEX: "CREATE INDEX ix_task_claimable ON public.task USING btree"
-        " (priority DESC, scheduled_at) WHERE ((status)::text = ANY"
-        " ((ARRAY['queued'::character varying, 'retrying'::character varying])::text[]))",
+        " (priority DESC, scheduled_at) WHERE (((status)::text = ANY"
+        " ((ARRAY['queued'::character varying, 'retrying'::character varying])::text[]))"
+        " AND (waiting_on = 0))",
         "ix_task_lease_expiry": "CREATE INDEX ix_task_lease_expiry ON public.task USING btree"
         " (lease_expires_at) WHERE ((status)::text = 'running'::text)",
         "uq_task_unique_key_active": "CREATE UNIQUE INDEX uq_task_unique_key_active ON"
@@ -257,11 +258,18 @@ def test_0002_downgrades_to_0001_and_back(empty: Database) -> None:
 
 def _enqueue_before_0003(conn: sa.Connection, name: str, now: datetime) -> Task:
     """A task stored in a schema older than 0003, which has no `trace_context` column (nor
-    0004's `progress`, 0007's `unique_key`)."""
+    0004's `progress`, nor 0005's links, 0007's `unique_key`)."""
     row = stored_row(NewTask(name=name), now)
-    del row["trace_context"]
-    row.pop("progress", None)
-    row.pop("unique_key", None)
+    for later in (
+        "trace_context",
+        "progress",
+        "parent_id",
+        "after",
+        "waiting_on",
+        "has_dependants",
+        "unique_key",
+    ):
+        del row[later]
     conn.execute(sa.insert(task_table).values(row))
     return stored_task(NewTask(name=name, id=row["id"]), now)
 

@@ -209,9 +209,10 @@ def test_the_metrics_overview_reads_the_partial_indexes_not_the_history(
         leases.claim_due(conn, "w", 5, lease_seconds=30)
     with _plans(history) as plans, history.read() as conn:
         queue_overview(conn, finished=False)
-    names, claimable, running = plans
+    names, claimable, waiting, running = plans
     assert "ix_task_queue_created (queue>?)" in names
     assert "SCAN task USING INDEX ix_task_claimable" in claimable
+    assert "SCAN task USING INDEX ix_task_waiting" in waiting
     assert "SCAN task USING INDEX ix_task_lease_expiry" in running
 
 

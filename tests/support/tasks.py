@@ -266,3 +266,40 @@ async def async_chatty(word: str) -> str:
 
 async def _echo_later(word: str) -> None:
     chatter.info("still saying %s", word)
+
+
+@task(name="test.fan_out")
+def fan_out(count: int, ctx: TaskContext) -> list[str]:
+    """Adds `count` follow-ups (`test.noop`) and one `test.noop` after all of them, then
+    marks under `returned/` that its function returned (the test then knows that whatever
+    follows is the runner's, not the function's); returns the follow-ups' ids."""
+    ids = [ctx.add_task(noop) for _ in range(count)]
+    ids.append(ctx.add_task("test.noop", after=ids))
+    _mark(ctx, "returned", f"attempt {ctx.attempt}")
+    return ids
+
+
+@task(name="test.add_then_fail", max_attempts=1)
+def add_then_fail(ctx: TaskContext) -> None:
+    """Adds a follow-up, then fails for good: the follow-up must never exist."""
+    ctx.add_task(noop)
+    raise Fatal("after adding a follow-up")
+
+
+@task(name="test.add_unknown", max_attempts=1)
+def add_unknown(ctx: TaskContext) -> None:
+    """Adds a follow-up of a task nobody registered: the attempt fails at that call."""
+    ctx.add_task("test.nobody_registered_this")
+
+
+@task(name="test.fan_out_gated")
+def fan_out_gated(count: int, gate: str, ctx: TaskContext) -> list[str]:
+    """`test.fan_out` once the file `gate` exists (a test holds it shut until it is ready
+    for the function to return), marking under `started/` that it waits."""
+    _mark(ctx, "started", f"attempt {ctx.attempt}")
+    deadline = time.monotonic() + 30
+    while not Path(gate).exists():
+        if time.monotonic() > deadline:
+            raise Flaky(f"the gate {gate} never opened")
+        time.sleep(0.01)
+    return fan_out(count, ctx)

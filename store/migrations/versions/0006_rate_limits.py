@@ -1,7 +1,7 @@
 """the starts of rate-limited queues, counted by every runner
 
 Revision ID: 0006_rate_limits
-Revises: 0004_progress
+Revises: 0005_dependencies
 Create Date: 2026-12-03
 """
 
@@ -15,7 +15,7 @@ from alembic import op
 import store.timeutil
 
 revision: str = "0006_rate_limits"
-down_revision: str | None = "0004_progress"
+down_revision: str | None = "0005_dependencies"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -760,3 +760,25 @@ def test_the_installed_command_lists_the_task_commands(tmp_path: Path) -> None:
     for command in ("list", "show", "retry", "cancel", "enqueue", "stats"):
         assert command in done.stdout
     assert "tasks" in backstop(tmp_path / "data", "--help").stdout
+
+
+# -- after= ------------------------------------------------------------------------------------
+
+
+def test_enqueue_after_waits_on_its_parents_and_show_says_so(cli: Run, client: TestClient) -> None:
+    first, second = enqueue(cli, "test.noop"), enqueue(cli, "test.noop")
+    child = enqueue(cli, "test.noop", "--after", first["id"], "--after", second["id"])
+    assert (child["after"], child["waiting_on"]) == ([first["id"], second["id"]], 2)
+    shown = cli("tasks", "show", child["id"])
+    assert shown.code == 0, shown.err
+    assert f"{first['id']} {second['id']} (waiting on 2)" in " ".join(shown.out.split())
+    drain(client)
+    assert cli("tasks", "show", child["id"], "--json").json()["task"]["status"] == "succeeded"
+
+
+def test_enqueue_after_an_unknown_task_is_one_line_and_stores_nothing(
+    cli: Run, client: TestClient
+) -> None:
+    done = cli("tasks", "enqueue", "test.noop", "--after", "nope")
+    assert done.error_line() == "backstop: after: no task 'nope'"
+    assert count_tasks(client) == 0
