@@ -42,6 +42,9 @@ TASK_KEYS = {
     "last_error",
     "idempotency_key",
     "progress",
+    "after",
+    "waiting_on",
+    "parent_id",
 }
 ATTEMPT_KEYS = {"number", "started_at", "finished_at", "outcome", "error", "traceback", "worker"}
 TASK_TIMES = ("created_at", "scheduled_at", "started_at", "finished_at")
