@@ -43,6 +43,9 @@ TASK_KEYS = {
     "idempotency_key",
     "unique_key",
     "progress",
+    "after",
+    "waiting_on",
+    "parent_id",
     "unreadable",
 }
 ATTEMPT_KEYS = {
