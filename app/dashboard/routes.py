@@ -22,8 +22,9 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from app.api.deps import Service
+from app.api.schemas import TaskOut
 from app.backstop import Backstop
-from app.cli.output import duration
+from app.cli.output import duration, progress_text
 from app.dashboard.auth import (
     CSRF_COOKIE,
     CSRF_FIELD,
@@ -43,7 +44,13 @@ from app.runner.periodic import read_schedules
 from store import attempts as store_attempts
 from store import stats as store_stats
 from store import tasks as store_tasks
-from store.errors import InvalidCursor, InvalidTransition, TaskNotFound
+from store.errors import (
+    InvalidCursor,
+    InvalidTransition,
+    ParentNotSucceeded,
+    TaskNotFound,
+    UniqueKeyTaken,
+)
 from store.jsonvalues import escaped_text
 from store.models import TaskStatus
 from store.timeutil import UnreadableTime, stored_text, utcnow
@@ -248,6 +255,9 @@ def _task_page(
     except TaskNotFound:
         return _not_found(request, service, task_id)
     known = isinstance(task.status, TaskStatus)
+    # As the JSON API shows them: a progress or links written by hand in another shape
+    # are left out there, not raised on.
+    shown = TaskOut.of(task)
     return render(
         request,
         service,
@@ -258,6 +268,10 @@ def _task_page(
         task=task,
         attempts=attempts,
         error=error,
+        progress=None if shown.progress is None else progress_text(shown.progress),
+        after=shown.after,
+        waiting_on=shown.waiting_on,
+        parent_id=shown.parent_id,
         # A state written by hand that is not one is shown as stored, and offers no action.
         state=task.status.value if known else _unreadable(task.status),
         terminal=known and task.status.terminal,
@@ -284,7 +298,7 @@ async def _act(
         await run_in_threadpool(act, task_id)
     except TaskNotFound:
         return _not_found(request, service, task_id)
-    except InvalidTransition as error:
+    except (InvalidTransition, UniqueKeyTaken, ParentNotSucceeded) as error:
         return await run_in_threadpool(
             _task_page, request, service, task_id, status_code=409, error=str(error)
         )

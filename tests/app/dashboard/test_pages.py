@@ -339,3 +339,37 @@ def test_in_a_team_app_the_dashboard_sits_under_its_prefix_behind_its_auth(
     answer = post_form(team, f"/jobs/dashboard/tasks/{task_id}/cancel")
     assert answer.headers["location"] == f"/jobs/dashboard/tasks/{task_id}"
     assert status(team, task_id, prefix="/jobs") == "cancelled"
+
+
+def test_the_task_page_shows_progress_and_the_links_between_tasks(client: TestClient) -> None:
+    reported = enqueue(client, "test.progress_storm", args=[10])
+    fan = enqueue(client, "test.fan_out", args=[1])
+    drain(client)
+    follow_ups = client.get(f"/tasks/{fan}").json()["result"]
+    gated = enqueue(client, "test.noop", after=[reported, follow_ups[0]], delay=3600)
+    waiting = enqueue(client, "test.noop", after=[enqueue(client, "test.noop", delay=3600)])
+
+    assert (
+        '<dd id="progress">10/10 (100%) storming</dd>'
+        in client.get(f"/dashboard/tasks/{reported}").text
+    )
+    child = client.get(f"/dashboard/tasks/{follow_ups[-1]}").text
+    assert f'<dd id="follows"><a class="mono" href="/dashboard/tasks/{fan}">' in child
+    page = client.get(f"/dashboard/tasks/{gated}").text
+    assert page.count('<a class="mono" href="/dashboard/tasks/') == 2
+    assert "(waiting on" not in page
+    assert "(waiting on 1)" in client.get(f"/dashboard/tasks/{waiting}").text
+
+
+def test_a_retry_the_task_api_refuses_answers_409_with_the_reason(client: TestClient) -> None:
+    parent = enqueue(client, "test.fatal")
+    child = enqueue(client, "test.noop", after=[parent])
+    drain(client)
+    assert status(client, child) == "cancelled"
+    client.get("/dashboard")
+
+    refused = post_form(client, f"/dashboard/tasks/{child}/retry")
+
+    assert refused.status_code == 409
+    assert parent in refused.text
+    assert status(client, child) == "cancelled"
