@@ -28,7 +28,7 @@ from store import migrate
 from store.engine import Database, same_database
 from store.errors import StoreError
 from store.models import TaskStatus, attempt_table, schedule_table, task_table
-from store.timeutil import utcnow
+from store.timeutil import UnreadableTime, stored_text, utcnow
 
 t, a, s = task_table, attempt_table, schedule_table
 
@@ -118,6 +118,7 @@ def copy_rows(source: Connection, target: Connection, *, batch_size: int = BATCH
         (s, [s.c.name]),
     ):
         for rows in _batches(source, table, keys, batch_size):
+            _refuse_unreadable_times(table, keys[-1].name, rows)
             target.execute(sa.insert(table), rows)
     if target.dialect.name == "postgresql":
         # Attempt ids were copied, not drawn from the sequence: move it past them, or the
@@ -128,6 +129,18 @@ def copy_rows(source: Connection, target: Connection, *, batch_size: int = BATCH
                 " COALESCE((SELECT max(id) FROM attempt), 0) + 1, false)"
             )
         )
+
+
+def _refuse_unreadable_times(table: sa.Table, key: str, rows: list[dict[str, Any]]) -> None:
+    """Refuse a row with a time that is not one (SQLite holds what a hand wrote there):
+    PostgreSQL would refuse it too, in a line naming neither the row nor the column."""
+    for row in rows:
+        for column, value in row.items():
+            if isinstance(value, UnreadableTime):
+                raise CopyRefused(
+                    f"{table.name} {row[key]}: {column} holds {stored_text(value.stored)!r},"
+                    " which is not a time; correct or delete the row on the source first"
+                )
 
 
 def _refuse_target(conn: Connection, where: str) -> None:

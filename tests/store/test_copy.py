@@ -145,3 +145,21 @@ def test_the_source_itself_is_refused(migrated: Database) -> None:
             copy_database(migrated, same, now=AT)
     finally:
         same.dispose()
+
+
+@pytest.mark.sqlite_only(reason="PostgreSQL holds only times in a time column")
+def test_a_time_that_is_not_one_is_refused_naming_its_row(db: Database, migrated: Database) -> None:
+    """SQLite holds what a hand wrote; PostgreSQL's timestamptz takes no such value. The copy
+    names the row and its column instead of the driver's line on an unnamed parameter."""
+    one_of_each(db, AT)
+    with db.write() as conn:
+        task = enqueue(conn, NewTask(name="test.noop"), now=AT)
+        conn.execute(
+            sa.text("UPDATE task SET finished_at = 'garbage' WHERE id = :id"), {"id": task.id}
+        )
+
+    with pytest.raises(
+        CopyRefused, match=f"task {task.id}: finished_at holds 'garbage', which is not a time"
+    ):
+        copy_database(db, migrated, now=AT)
+    assert rows(migrated) == {"task": [], "attempt": [], "schedule": []}
