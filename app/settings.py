@@ -16,6 +16,10 @@ from store.ratelimits import RateLimit
 
 # The units a rate limit's period may be written in, as seconds.
 PERIOD_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# The longest rate-limit period, a leap year: every claim computes now minus the period and
+# the last start plus it, and a period in timedelta's range can still put those outside
+# datetime's (years 1 to 9999), which would fail every claim and read of the queue.
+MAX_PERIOD = timedelta(hours=8784)
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -227,6 +231,8 @@ def parse_rate(queue: str, rate: str) -> RateLimit:
         raise ValueError(
             f"queue {queue!r}: period {period!r} is not a duration like 500ms, 10s, 1m or 1h"
         )
+    if length > MAX_PERIOD:
+        raise ValueError(f"queue {queue!r}: period {period!r} is longer than 8784h")
     return RateLimit(int(starts), length)
 
 

@@ -31,10 +31,11 @@ from store.models import (
     TaskStatus,
     attempt_table,
     dependency_table,
+    queue_start_table,
     schedule_table,
     task_table,
 )
-from store.timeutil import utcnow
+from store.timeutil import UnreadableTime, stored_text, utcnow
 
 t, a, s, d = task_table, attempt_table, schedule_table, dependency_table
 
@@ -117,7 +118,7 @@ def _batches(
 
 def copy_rows(source: Connection, target: Connection, *, batch_size: int = BATCH_SIZE) -> None:
     """Insert every task, attempt, schedule and `after=` link of `source` into `target`,
-    every column as is."""
+    every column as is, and the starts that rate limits count."""
     # Tasks before attempts and links: they refer to tasks.
     for table, keys in (
         (t, [t.c.created_at, t.c.id]),
@@ -126,7 +127,19 @@ def copy_rows(source: Connection, target: Connection, *, batch_size: int = BATCH
         (d, [d.c.child_id, d.c.parent_id]),
     ):
         for rows in _batches(source, table, keys, batch_size):
+            _refuse_unreadable_times(table, keys[-1].name, rows)
             target.execute(sa.insert(table), rows)
+    # The starts that rate-limited queues' windows still count, or the first window after
+    # the move would let a limit's worth more through. Their ids are the target's own; a
+    # start that is not a time counts in no window, and is left behind.
+    for rows in _batches(source, queue_start_table, [queue_start_table.c.id], batch_size):
+        starts = [
+            {"queue": row["queue"], "started_at": row["started_at"]}
+            for row in rows
+            if not isinstance(row["started_at"], UnreadableTime)
+        ]
+        if starts:
+            target.execute(sa.insert(queue_start_table), starts)
     if target.dialect.name == "postgresql":
         # Attempt ids were copied, not drawn from the sequence: move it past them, or the
         # first attempt written on the target would collide with a copied one.
@@ -136,6 +149,18 @@ def copy_rows(source: Connection, target: Connection, *, batch_size: int = BATCH
                 " COALESCE((SELECT max(id) FROM attempt), 0) + 1, false)"
             )
         )
+
+
+def _refuse_unreadable_times(table: sa.Table, key: str, rows: list[dict[str, Any]]) -> None:
+    """Refuse a row with a time that is not one (SQLite holds what a hand wrote there):
+    PostgreSQL would refuse it too, in a line naming neither the row nor the column."""
+    for row in rows:
+        for column, value in row.items():
+            if isinstance(value, UnreadableTime):
+                raise CopyRefused(
+                    f"{table.name} {row[key]}: {column} holds {stored_text(value.stored)!r},"
+                    " which is not a time; correct or delete the row on the source first"
+                )
 
 
 def _refuse_target(conn: Connection, where: str) -> None:

@@ -102,8 +102,13 @@ def claim_limited(
     lock_queue(conn, queue)
     now = now or utcnow()
     cut = now - rate.period
-    conn.execute(sa.delete(qs).where(qs.c.queue == queue, qs.c.started_at <= cut))
-    started = _count(conn, queue, cut)
+    conn.execute(
+        sa.delete(qs).where(
+            qs.c.queue == queue,
+            sa.or_(qs.c.started_at <= cut, qs.c.started_at > cut + 2 * rate.period),
+        )
+    )
+    started = _count(conn, queue, cut, rate)
     allowed = min(limit, rate.starts - started)
     if allowed <= 0:
         return LimitedClaim([], _reopens(conn, queue, cut, started, rate))
@@ -123,7 +128,7 @@ def queue_use(
     used: dict[str, QueueUse] = {}
     for queue, rate in sorted(limits.items()):
         cut = now - rate.period
-        started = _count(conn, queue, cut)
+        started = _count(conn, queue, cut, rate)
         full = started >= rate.starts
         used[queue] = QueueUse(
             rate, started, _reopens(conn, queue, cut, started, rate) if full else None
@@ -143,10 +148,20 @@ def _has_due(conn: Connection, queue: str, now: datetime) -> bool:
     return conn.execute(_DUE, {"queue": queue, "now": now}).first() is not None
 
 
-def _count(conn: Connection, queue: str, cut: datetime) -> int:
-    """The starts of `queue` after `cut`."""
+def _in_window(queue: str, cut: datetime, rate: RateLimit) -> sa.ColumnElement[bool]:
+    """The starts of `queue` in the window after `cut`. Bounded above too, at a period past
+    now: a later start (written by hand, by a clock far off, or on SQLite a value that is
+    not a time, which compares as text after every time) would otherwise fill every window
+    and never leave one. The claim prunes such starts with the old ones."""
+    return sa.and_(
+        qs.c.queue == queue, qs.c.started_at > cut, qs.c.started_at <= cut + 2 * rate.period
+    )
+
+
+def _count(conn: Connection, queue: str, cut: datetime, rate: RateLimit) -> int:
+    """The starts of `queue` in the window after `cut`."""
     count: int = conn.execute(
-        sa.select(sa.func.count()).where(qs.c.queue == queue, qs.c.started_at > cut)
+        sa.select(sa.func.count()).where(_in_window(queue, cut, rate))
     ).scalar_one()
     return count
 
@@ -158,7 +173,7 @@ def _reopens(
     must leave it first, plus the period."""
     first: datetime | None = conn.execute(
         sa.select(qs.c.started_at)
-        .where(qs.c.queue == queue, qs.c.started_at > cut)
+        .where(_in_window(queue, cut, rate))
         .order_by(qs.c.started_at)
         .offset(started - rate.starts)
         .limit(1)

@@ -15,7 +15,13 @@ from store import migrate
 from store.copy import CopyRefused, copy_database, copy_rows, count_rows
 from store.engine import Database, temporary_database
 from store.leases import claim_due, reclaim_expired
-from store.models import TaskStatus, attempt_table, schedule_table, task_table
+from store.models import (
+    TaskStatus,
+    attempt_table,
+    queue_start_table,
+    schedule_table,
+    task_table,
+)
 from store.tasks import NewTask, enqueue
 from tests.support.states import one_of_each
 
@@ -145,3 +151,38 @@ def test_the_source_itself_is_refused(migrated: Database) -> None:
             copy_database(migrated, same, now=AT)
     finally:
         same.dispose()
+
+
+@pytest.mark.sqlite_only(reason="PostgreSQL holds only times in a time column")
+def test_a_time_that_is_not_one_is_refused_naming_its_row(db: Database, migrated: Database) -> None:
+    """SQLite holds what a hand wrote; PostgreSQL's timestamptz takes no such value. The copy
+    names the row and its column instead of the driver's line on an unnamed parameter."""
+    one_of_each(db, AT)
+    with db.write() as conn:
+        task = enqueue(conn, NewTask(name="test.noop"), now=AT)
+        conn.execute(
+            sa.text("UPDATE task SET finished_at = 'garbage' WHERE id = :id"), {"id": task.id}
+        )
+
+    with pytest.raises(
+        CopyRefused, match=f"task {task.id}: finished_at holds 'garbage', which is not a time"
+    ):
+        copy_database(db, migrated, now=AT)
+    assert rows(migrated) == {"task": [], "attempt": [], "schedule": []}
+
+
+def test_the_starts_a_rate_limit_counts_arrive_too(db: Database, migrated: Database) -> None:
+    one_of_each(db, AT)
+    starts = [AT - timedelta(seconds=n) for n in range(3)]
+    with db.write() as conn:
+        conn.execute(
+            sa.insert(queue_start_table), [{"queue": "email", "started_at": at} for at in starts]
+        )
+
+    copy_database(db, migrated, batch_size=2, now=AT)
+
+    with migrated.read() as conn:
+        copied = conn.execute(
+            sa.select(queue_start_table.c.queue, queue_start_table.c.started_at)
+        ).all()
+    assert sorted(copied) == sorted(("email", at) for at in starts)

@@ -172,3 +172,25 @@ def test_an_idle_limited_queue_is_neither_locked_nor_counted(db: Database) -> No
     assert idle == LimitedClaim([], None)
     assert len([s for s in statements if "FROM task" in s]) == 1
     assert not [s for s in statements if "queue_start" in s or "advisory" in s]
+
+
+def test_a_start_that_no_window_can_hold_blocks_no_queue(db: Database) -> None:
+    """A start later than a period from now (written by hand, by a clock far off, or on
+    SQLite a value that is not a time, which compares as text after every time) would fill
+    every window and never leave one: the claim prunes it with the old ones."""
+    _enqueue(db, 3)
+    with db.write() as conn:
+        conn.execute(
+            sa.insert(queue_start_table),
+            [{"queue": "email", "started_at": T + timedelta(days=400)}] * 3,
+        )
+        if conn.dialect.name == "sqlite":
+            conn.execute(
+                sa.text("INSERT INTO queue_start (queue, started_at) VALUES ('email', 'junk')")
+            )
+    with db.read() as conn:
+        assert queue_use(conn, {"email": THREE_IN_10S}, T)["email"].started == 0
+    assert len(_claim(db, 5, T).claims) == 3
+    with db.read() as conn:
+        kept = conn.execute(sa.select(sa.func.count()).select_from(queue_start_table)).scalar()
+    assert kept == 3  # the claim's own starts

@@ -63,6 +63,10 @@ def test_rate_limits_are_read_from_the_environment(monkeypatch: pytest.MonkeyPat
         ("email=4/-1m", "queue 'email': period '-1m' is not a duration"),
         ("email=4/nanh", "queue 'email': period 'nanh' is not a duration"),
         ("email=4/1e300h", "queue 'email': period '1e300h' is not a duration"),
+        # A timedelta, but the window's start (now minus it) is before year 1: every claim
+        # and every read of the queue's use would fail on it.
+        ("email=4/1e8h", "queue 'email': period '1e8h' is longer than 8784h"),
+        ("email=4/8785h", "queue 'email': period '8785h' is longer than 8784h"),
         ("email=1/s,email=2/s", "queue 'email' has two rate limits"),
     ],
 )
