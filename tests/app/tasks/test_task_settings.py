@@ -95,7 +95,17 @@ def test_a_task_sees_the_data_folder_and_nothing_else_of_the_settings(
 
     assert done["status"] == "succeeded", done["last_error"]
     seen = done["result"]
-    assert seen["fields"] == ["attempt", "grants", "reporter", "settings", "stop", "task_id"]
+    assert seen["fields"] == [
+        "_adding",
+        "_follow_ups",
+        "attempt",
+        "grants",
+        "planner",
+        "reporter",
+        "settings",
+        "stop",
+        "task_id",
+    ]
     assert seen["settings"].startswith("TaskSettings(data_dir=")
     assert seen["grants"] == []
     assert TOKEN not in str(seen)
